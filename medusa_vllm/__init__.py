@@ -1,0 +1,29 @@
+"""medusa-vllm: Medusa speculative decoding (tree attention, typical acceptance,
+lossless tree rejection sampling, training) as a vLLM plugin."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+__all__ = ["MedusaConfig", "MedusaHeads", "MedusaTree"]
+
+if TYPE_CHECKING:
+    from medusa_vllm.heads import MedusaConfig, MedusaHeads
+    from medusa_vllm.tree import MedusaTree
+
+_LAZY = {
+    "MedusaConfig": "medusa_vllm.heads",
+    "MedusaHeads": "medusa_vllm.heads",
+    "MedusaTree": "medusa_vllm.tree",
+}
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy so that `import medusa_vllm.plugin` (run by vLLM in every process)
+    # stays cheap and does not depend on optional modules.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'medusa_vllm' has no attribute {name!r}")
