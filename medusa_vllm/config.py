@@ -1,0 +1,488 @@
+"""One validated configuration object for Medusa tree decoding.
+
+:class:`MedusaTreeConfig` holds every engine-wide Medusa option; it is built
+once (from the user's ``speculative_config`` by :mod:`medusa_vllm.plugin`),
+validated once, and travels to every vLLM process as a plain dict in
+``vllm_config.additional_config["medusa"]`` (:data:`ADDITIONAL_CONFIG_KEY`).
+
+Options (defaults in brackets):
+
+- ``heads``: path of the Medusa heads folder (must exist and hold a
+  ``config.json`` naming the number of heads).
+- ``tree`` [``"auto"``]: ``"auto"`` = ``medusa_tree.json`` saved beside the
+  heads if present, else a preset sized to the number of heads
+  (:func:`default_tree_spec`); a preset name (``"sparse-16"``, ``"chain-3"``,
+  ...); an explicit ``medusa_choices`` list (or its JSON string); or the path
+  of a JSON file.
+- ``acceptance`` [``"rejection"``]: ``"rejection"`` (lossless tree rejection
+  sampling), ``"typical"`` (the paper's typical acceptance) or ``"greedy"``.
+  Requests with temperature 0 are always verified with exact greedy matching.
+- ``posterior_threshold`` ε [0.09], in (0, 1): typical acceptance's hard
+  threshold.
+- ``posterior_alpha`` δ [0.3], >= 0: typical acceptance's entropy factor.
+- ``max_nodes`` [None]: cap on the tree size; a larger tree keeps its first
+  ``max_nodes`` nodes in BFS order (always a valid tree, the same cut the
+  engine makes near ``max_model_len``). ``tree="auto"`` picks a preset no
+  larger than the cap first; for a tuned small tree, pass it explicitly.
+
+Per request, ``SamplingParams.extra_args`` may override the acceptance options
+(:func:`request_overrides`, keys :data:`REQUEST_KEYS`).
+
+Every error is a :class:`MedusaConfigError` (a ``ValueError``) that names the
+field, what was expected and what was found.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
+
+from medusa_vllm.tree import PRESETS, MedusaTree, normalize_choices
+
+__all__ = [
+    "ACCEPTANCE_MODES",
+    "ADDITIONAL_CONFIG_KEY",
+    "HeadsInfo",
+    "MedusaConfigError",
+    "MedusaTreeConfig",
+    "REQUEST_KEYS",
+    "RequestOverrides",
+    "TREE_FILE",
+    "default_tree_spec",
+    "read_heads_info",
+    "request_overrides",
+]
+
+ACCEPTANCE_MODES = ("greedy", "typical", "rejection")
+ADDITIONAL_CONFIG_KEY = "medusa"  # vllm_config.additional_config[...] holds to_dict()
+TREE_FILE = "medusa_tree.json"  # calibrated tree saved beside the heads
+HEADS_CONFIG_FILE = "config.json"
+REQUEST_KEY_PREFIX = "medusa_"
+# SamplingParams.extra_args key -> MedusaTreeConfig field
+REQUEST_KEYS = {
+    "medusa_acceptance": "acceptance",
+    "medusa_posterior_threshold": "posterior_threshold",
+    "medusa_posterior_alpha": "posterior_alpha",
+}
+
+# What each field expects, for error messages.
+_EXPECTED = {
+    "heads": "the path of a Medusa heads folder",
+    "tree": (
+        f'"auto", a preset ({", ".join(sorted(PRESETS))}), a medusa_choices list such '
+        "as [[0], [1], [0, 0]], or the path of a JSON file"
+    ),
+    "medusa_choices": "a list of paths such as [[0], [1], [0, 0]]",
+    "acceptance": " or ".join(repr(m) for m in ACCEPTANCE_MODES),
+    "posterior_threshold": "a number in the open interval (0, 1)",
+    "posterior_alpha": "a number >= 0",
+    "max_nodes": "an integer >= 1, or null for no cap",
+}
+
+
+class MedusaConfigError(ValueError):
+    """A Medusa option is invalid; the message names the field and the fix."""
+
+
+def _lower(value: Any) -> Any:
+    return value.strip().lower() if isinstance(value, str) else value
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, found the boolean {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"expected a finite number, found {value!r}")
+    return value
+
+
+def _no_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError(f"expected an integer, found the boolean {value!r}")
+    return value
+
+
+Acceptance = Annotated[Literal["greedy", "typical", "rejection"], BeforeValidator(_lower)]
+PosteriorThreshold = Annotated[float, BeforeValidator(_finite), Field(gt=0.0, lt=1.0)]
+PosteriorAlpha = Annotated[float, BeforeValidator(_finite), Field(ge=0.0)]
+MaxNodes = Annotated[int, BeforeValidator(_no_bool), Field(ge=1)]
+
+
+def _errors_to_message(
+    exc: ValidationError, source: str, labels: Mapping[str, str]
+) -> str:
+    """Turn a pydantic error into "source: field: expected X, found Y" lines."""
+    lines = []
+    for err in exc.errors(include_url=False):
+        loc = err.get("loc") or ("",)
+        field = str(loc[0])
+        label = labels.get(field, field)
+        kind = err.get("type", "")
+        found = err.get("input")
+        if kind == "extra_forbidden":
+            valid = ", ".join(labels.get(f, f) for f in MedusaTreeConfig.model_fields)
+            lines.append(f"unknown option {label!r} (valid options: {valid})")
+        elif kind == "missing":
+            lines.append(f"{label}: required, expected {_EXPECTED.get(field, 'a value')}")
+        elif kind == "value_error":
+            # Our own validators already say what was expected and found.
+            msg = str(err.get("ctx", {}).get("error", err.get("msg", "")))
+            lines.append(f"{label}: {msg}")
+        else:
+            lines.append(
+                f"{label}: expected {_EXPECTED.get(field, err.get('msg', 'a valid value'))}, "
+                f"found {found!r}"
+            )
+    where = f"{source}: " if source else ""
+    if len(lines) == 1:
+        return f"{where}{lines[0]}"
+    return where + "invalid Medusa options:\n" + "\n".join(f"  - {line}" for line in lines)
+
+
+# --------------------------------------------------------------------- heads
+@dataclass(frozen=True)
+class HeadsInfo:
+    """What the heads folder's ``config.json`` says about the heads."""
+
+    path: Path  # absolute heads folder
+    num_heads: int
+    hidden_size: int | None  # None when the config does not say
+    vocab_size: int | None  # full vocabulary the heads were trained for
+
+
+def _first_int(cfg: Mapping[str, Any], keys: tuple[str, ...]) -> tuple[str, Any] | None:
+    for key in keys:
+        if key in cfg and cfg[key] is not None:
+            return key, cfg[key]
+    return None
+
+
+def read_heads_info(heads: str | Path) -> HeadsInfo:
+    """Read ``<heads>/config.json`` (ours, vLLM's or FasterDecoding's layout).
+
+    The number of heads is ``num_heads`` or ``medusa_num_heads``; ``hidden_size``
+    and ``vocab_size`` are read when present.
+    """
+    path = Path(heads).expanduser()
+    if not path.is_dir():
+        what = "a file" if path.exists() else "nothing"
+        raise MedusaConfigError(
+            f"heads: expected the path of a Medusa heads folder, found {what} at "
+            f"{str(path)!r}; pass the folder written by `medusa-vllm convert`/`train` "
+            "(it holds config.json and the weights)"
+        )
+    cfg_file = path / HEADS_CONFIG_FILE
+    if not cfg_file.is_file():
+        raise MedusaConfigError(
+            f"heads: expected {cfg_file} (the heads' config.json), found no such file; "
+            "is this a Medusa heads folder?"
+        )
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise MedusaConfigError(f"heads: cannot read {cfg_file} as JSON: {exc}") from exc
+    if not isinstance(cfg, dict):
+        raise MedusaConfigError(
+            f"heads: {cfg_file} must hold a JSON object, found {type(cfg).__name__}"
+        )
+
+    def positive_int(keys: tuple[str, ...], required: bool) -> int | None:
+        hit = _first_int(cfg, keys)
+        if hit is None:
+            if required:
+                raise MedusaConfigError(
+                    f"heads: {cfg_file} must give the number of heads as "
+                    f"{' or '.join(repr(k) for k in keys)}, found keys {sorted(cfg)}"
+                )
+            return None
+        key, value = hit
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise MedusaConfigError(
+                f"heads: {cfg_file}: {key!r} must be an integer >= 1, found {value!r}"
+            )
+        return value
+
+    return HeadsInfo(
+        path=path.resolve(),
+        num_heads=positive_int(("num_heads", "medusa_num_heads"), required=True),  # type: ignore[arg-type]
+        hidden_size=positive_int(("hidden_size",), required=False),
+        vocab_size=positive_int(("vocab_size",), required=False),
+    )
+
+
+def default_tree_spec(num_heads: int, max_nodes: int | None = None) -> str:
+    """The preset used by ``tree="auto"`` without a saved tree: 4 nodes per head,
+    at most 16 (``sparse-4`` for 1 head, ``sparse-8`` for 2, ``sparse-16`` for
+    3+), and no larger than ``max_nodes`` allows (never below ``sparse-4``)."""
+    if num_heads < 1:
+        raise MedusaConfigError(f"num_heads: expected an integer >= 1, found {num_heads}")
+    size = min(16, 4 * 2 ** (min(num_heads, 3) - 1))
+    while max_nodes is not None and size > max(4, max_nodes):
+        size //= 2
+    return f"sparse-{size}"
+
+
+# -------------------------------------------------------------------- config
+class MedusaTreeConfig(BaseModel):
+    """All engine-wide Medusa options, validated on construction (see module doc).
+
+    Build with :meth:`from_dict` to get :class:`MedusaConfigError` messages;
+    :meth:`resolved` pins ``tree`` to an explicit ``medusa_choices`` list.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    heads: str
+    tree: str | list[list[int]] = "auto"
+    acceptance: Acceptance = "rejection"
+    posterior_threshold: PosteriorThreshold = 0.09
+    posterior_alpha: PosteriorAlpha = 0.3
+    max_nodes: MaxNodes | None = None
+
+    @field_validator("heads", mode="before")
+    @classmethod
+    def _check_heads(cls, value: Any) -> str:
+        if isinstance(value, Path):
+            value = str(value)
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(
+                f"expected the path of a Medusa heads folder, found {value!r}"
+            )
+        try:
+            return str(read_heads_info(value).path)
+        except MedusaConfigError as exc:  # re-raised as this field's error
+            raise ValueError(str(exc).removeprefix("heads: ")) from None
+
+    @field_validator("tree", mode="before")
+    @classmethod
+    def _check_tree(cls, value: Any) -> Any:
+        if isinstance(value, Path):
+            value = str(value)
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                try:
+                    value = json.loads(text)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(
+                        f"expected a JSON list of paths such as [[0], [1], [0, 0]], "
+                        f"found {text!r} ({exc})"
+                    ) from exc
+            elif text != "auto" and text not in PRESETS and not Path(text).expanduser().is_file():
+                raise ValueError(f"expected {_EXPECTED['tree']}, found {value!r}")
+            else:
+                return text if text in ("auto", *PRESETS) else str(Path(text).expanduser().resolve())
+        if isinstance(value, (list, tuple)):
+            try:
+                return [list(p) for p in normalize_choices(value)]
+            except ValueError as exc:
+                raise ValueError(str(exc)) from None
+        raise ValueError(f"expected {_EXPECTED['tree']}, found {value!r}")
+
+    # ------------------------------------------------------------ building
+    @classmethod
+    def from_dict(
+        cls,
+        data: Mapping[str, Any],
+        *,
+        source: str = "medusa config",
+        labels: Mapping[str, str] | None = None,
+    ) -> MedusaTreeConfig:
+        """Validate ``data``; raise :class:`MedusaConfigError` naming the fields.
+
+        ``medusa_choices`` (the explicit tree :meth:`to_dict` also writes) is
+        accepted in place of, or consistently with, ``tree``. ``source`` and
+        ``labels`` (field -> the user's name for it) shape the error text.
+        """
+        if not isinstance(data, Mapping):
+            raise MedusaConfigError(
+                f"{source}: expected a dict of Medusa options, found {type(data).__name__}"
+            )
+        data = dict(data)
+        choices = data.pop("medusa_choices", None)
+        if choices is not None:
+            if data.get("tree", "auto") in ("auto", None):
+                data["tree"] = choices
+            elif _as_choices(data["tree"]) != _as_choices(choices):
+                raise MedusaConfigError(
+                    f"{source}: 'tree' and 'medusa_choices' disagree ({data['tree']!r} vs "
+                    f"{choices!r}); give only one of them"
+                )
+        try:
+            return cls(**data)
+        except ValidationError as exc:
+            raise MedusaConfigError(_errors_to_message(exc, source, labels or {})) from None
+
+    @classmethod
+    def from_vllm_config(cls, vllm_config: Any) -> MedusaTreeConfig:
+        """The config the plugin stored in ``vllm_config.additional_config``."""
+        extra = getattr(vllm_config, "additional_config", None) or {}
+        data = extra.get(ADDITIONAL_CONFIG_KEY) if isinstance(extra, Mapping) else None
+        if not data:
+            raise MedusaConfigError(
+                f"additional_config[{ADDITIONAL_CONFIG_KEY!r}]: expected the Medusa options "
+                "written by the medusa-vllm plugin, found none; enable Medusa with "
+                "speculative_config={'method': 'medusa_tree', 'model': HEADS_DIR}"
+            )
+        return cls.from_dict(data, source=f"additional_config[{ADDITIONAL_CONFIG_KEY!r}]")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able options; for a resolved config also ``medusa_choices``.
+
+        ``MedusaTreeConfig.from_dict(cfg.to_dict()) == cfg``.
+        """
+        out = self.model_dump()
+        if isinstance(self.tree, list):
+            out["medusa_choices"] = [list(p) for p in self.tree]
+        return out
+
+    # ------------------------------------------------------------- derived
+    def heads_info(self) -> HeadsInfo:
+        """Re-read the heads' ``config.json`` (number of heads, sizes)."""
+        return read_heads_info(self.heads)
+
+    def load_tree(self, num_heads: int | None = None) -> MedusaTree:
+        """Resolve ``tree`` (default ``num_heads``: read from the heads) and
+        apply ``max_nodes``; raise :class:`MedusaConfigError` naming ``tree``."""
+        if num_heads is None:
+            num_heads = self.heads_info().num_heads
+        spec: Any = self.tree
+        origin = repr(spec) if not isinstance(spec, list) else "the medusa_choices list"
+        if spec == "auto":
+            saved = Path(self.heads) / TREE_FILE
+            if saved.is_file():
+                spec, origin = str(saved), f"'auto' ({saved})"
+            else:
+                spec = default_tree_spec(num_heads, self.max_nodes)
+                origin = f"'auto' (preset {spec})"
+        try:
+            tree = MedusaTree.load(spec, num_heads)
+        except (ValueError, OSError) as exc:
+            raise MedusaConfigError(
+                f"tree: {origin} is not a valid tree for {num_heads} Medusa heads in "
+                f"{self.heads}: {exc}"
+            ) from None
+        if self.max_nodes is not None and tree.num_nodes > self.max_nodes:
+            tree = tree.truncate(self.max_nodes)
+        return tree
+
+    def resolved(self, num_heads: int | None = None) -> MedusaTreeConfig:
+        """A copy whose ``tree`` is the explicit BFS ``medusa_choices`` list."""
+        tree = self.load_tree(num_heads)
+        return self.model_copy(update={"tree": tree.to_list()})
+
+    @property
+    def num_speculative_tokens(self) -> int:
+        """vLLM's ``num_speculative_tokens``: the number of tree nodes."""
+        return self.load_tree().num_nodes
+
+    def check_backbone(
+        self, hidden_size: int, vocab_size: int, model: str = "the backbone"
+    ) -> None:
+        """Raise if the heads were built for another hidden or vocabulary size."""
+        info = self.heads_info()
+        for name, mine, theirs in (
+            ("hidden_size", info.hidden_size, hidden_size),
+            ("vocab_size", info.vocab_size, vocab_size),
+        ):
+            if mine is not None and mine != theirs:
+                raise MedusaConfigError(
+                    f"heads: {info.path / HEADS_CONFIG_FILE} has {name}={mine}, but "
+                    f"{model} has {name}={theirs}; these heads were trained for another "
+                    "model: train or convert Medusa heads for this backbone "
+                    "(`medusa-vllm train`)"
+                )
+
+
+def _as_choices(value: Any) -> Any:
+    if isinstance(value, str) and value.strip().startswith("["):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    if isinstance(value, (list, tuple)):
+        try:
+            return normalize_choices(value)
+        except ValueError:
+            return value
+    return value
+
+
+# ---------------------------------------------------------------- requests
+class _Overrides(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    acceptance: Acceptance | None = None
+    posterior_threshold: PosteriorThreshold | None = None
+    posterior_alpha: PosteriorAlpha | None = None
+
+
+@dataclass(frozen=True)
+class RequestOverrides:
+    """Per-request acceptance options from ``SamplingParams.extra_args``
+    (``None`` = use the engine-wide :class:`MedusaTreeConfig` value)."""
+
+    acceptance: str | None = None
+    posterior_threshold: float | None = None
+    posterior_alpha: float | None = None
+
+    def resolve(self, config: MedusaTreeConfig) -> RequestOverrides:
+        """All three options, falling back to ``config``."""
+        return RequestOverrides(
+            acceptance=self.acceptance or config.acceptance,
+            posterior_threshold=(
+                config.posterior_threshold
+                if self.posterior_threshold is None
+                else self.posterior_threshold
+            ),
+            posterior_alpha=(
+                config.posterior_alpha if self.posterior_alpha is None else self.posterior_alpha
+            ),
+        )
+
+
+def request_overrides(extra_args: Mapping[str, Any] | None) -> RequestOverrides:
+    """Validate the ``medusa_*`` keys of ``SamplingParams.extra_args``.
+
+    Keys (:data:`REQUEST_KEYS`): ``medusa_acceptance``,
+    ``medusa_posterior_threshold``, ``medusa_posterior_alpha``; same rules as
+    :class:`MedusaTreeConfig`. Other keys are left to their owners, but an
+    unknown ``medusa_*`` key is an error (a typo would otherwise be ignored).
+    """
+    if not extra_args:
+        return RequestOverrides()
+    if not isinstance(extra_args, Mapping):
+        raise MedusaConfigError(
+            f"SamplingParams.extra_args: expected a dict, found {type(extra_args).__name__}"
+        )
+    data: dict[str, Any] = {}
+    for key, value in extra_args.items():
+        if not isinstance(key, str) or not key.startswith(REQUEST_KEY_PREFIX):
+            continue
+        if key not in REQUEST_KEYS:
+            raise MedusaConfigError(
+                f"SamplingParams.extra_args: unknown Medusa key {key!r}; expected one of "
+                f"{sorted(REQUEST_KEYS)}"
+            )
+        data[REQUEST_KEYS[key]] = value
+    try:
+        parsed = _Overrides(**data)
+    except ValidationError as exc:
+        labels = {v: k for k, v in REQUEST_KEYS.items()}
+        raise MedusaConfigError(
+            _errors_to_message(exc, "SamplingParams.extra_args", labels)
+        ) from None
+    return RequestOverrides(**parsed.model_dump())
