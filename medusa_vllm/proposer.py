@@ -1,0 +1,82 @@
+"""Medusa tree proposer: heads on the backbone's hidden state -> tree drafts.
+
+Registered with vLLM as a ``custom_class`` proposer (the plugin translates
+``method: "medusa_tree"`` into that). vLLM's custom_class call path passes no
+hidden states, so :class:`medusa_vllm.runner.MedusaTreeCPUModelRunner` calls
+:meth:`MedusaTreeProposer.propose_tree` itself with the hidden state of each
+request's last accepted tree node.
+
+Per request and step: K heads -> per-head top-k (over the draft vocabulary,
+mapped to full ids) -> tree nodes in BFS order (``MedusaTree.node_tokens``).
+The node list is the request's speculative tokens; the scheduler may keep
+only a BFS prefix of it, which is still a valid tree.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from medusa_vllm.tree import MedusaTree
+
+
+def medusa_options(vllm_config) -> dict[str, Any]:
+    """The validated Medusa options the plugin stored in ``additional_config``."""
+    extra = getattr(vllm_config, "additional_config", None) or {}
+    opts = extra.get("medusa") if isinstance(extra, dict) else None
+    if not opts:
+        raise ValueError(
+            "medusa_tree: no Medusa options found in vllm_config.additional_config['medusa']; "
+            "enable it with speculative_config={'method': 'medusa_tree', 'model': HEADS_DIR} "
+            "(the medusa-vllm plugin translates that), not with custom_class by hand"
+        )
+    return opts
+
+
+class MedusaTreeProposer:
+    """Drafts a static Medusa tree per request from the heads' top-k."""
+
+    def __init__(self, vllm_config) -> None:
+        self.vllm_config = vllm_config
+        self.options = medusa_options(vllm_config)
+        self.tree = MedusaTree(self.options["medusa_choices"])
+        self.heads = None
+        self.dtype = vllm_config.model_config.dtype
+
+    # vLLM's CPUModelRunner.load_model calls this with the loaded backbone.
+    def load_model(self, target_model: torch.nn.Module) -> None:
+        from medusa_vllm.heads import MedusaHeads
+
+        lm_weight = None
+        lm_head = getattr(target_model, "lm_head", None)
+        if lm_head is not None and getattr(lm_head, "weight", None) is not None:
+            lm_weight = lm_head.weight
+        heads = MedusaHeads.from_pretrained(self.options["heads"], lm_head_weight=lm_weight)
+        if heads.config.num_heads < self.tree.max_depth:
+            raise ValueError(
+                f"medusa_tree: the tree is {self.tree.max_depth} deep but the heads in "
+                f"{self.options['heads']} have only {heads.config.num_heads} heads"
+            )
+        param = next(target_model.parameters())
+        self.heads = heads.to(device=param.device, dtype=self.dtype).eval()
+
+    @torch.inference_mode()
+    def propose_tree(self, hidden_states: torch.Tensor, eligible: list[bool]) -> list[list[int]]:
+        """``hidden_states [B, H]`` at each request's last accepted position ->
+        one BFS list of ``num_nodes`` tree tokens per eligible request."""
+        assert self.heads is not None, "load_model() was not called"
+        out: list[list[int]] = [[] for _ in eligible]
+        rows = [i for i, ok in enumerate(eligible) if ok]
+        if not rows:
+            return out
+        h = hidden_states[rows].to(self.dtype)
+        topk = self.heads.topk(h, self.tree.topk)  # [b, num_heads, k] full-vocab ids
+        nodes = self.tree.node_tokens(topk, torch.zeros(len(rows), dtype=torch.long))[:, 1:]
+        for i, toks in zip(rows, nodes.tolist()):
+            out[i] = toks
+        return out
+
+    # The custom_class interface vLLM checks for; the tree runner never calls it.
+    def propose(self, sampled_token_ids, *args, **kwargs) -> list[list[int]]:
+        return [[] for _ in sampled_token_ids]

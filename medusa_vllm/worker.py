@@ -1,0 +1,32 @@
+"""Worker classes that install the Medusa tree runner.
+
+The plugin sets ``parallel_config.worker_cls`` to :class:`MedusaTreeCPUWorker`
+for ``method: "medusa_tree"`` runs only; every other run keeps vLLM's worker.
+A GPU port would add ``MedusaTreeGPUWorker`` subclassing vLLM's GPU worker
+with a ``GPUModelRunner`` subclass carrying the same four overrides as
+:class:`medusa_vllm.runner.MedusaTreeCPUModelRunner` and a tree-attention
+backend for the GPU's attention kernels.
+"""
+
+from __future__ import annotations
+
+import vllm.v1.worker.cpu_worker as _cpu_worker
+from vllm.v1.worker.cpu_worker import CPUWorker
+
+
+class MedusaTreeCPUWorker(CPUWorker):
+    def init_device(self) -> None:
+        from medusa_vllm.runner import MedusaTreeCPUModelRunner
+
+        if getattr(self, "use_v2_model_runner", False):
+            raise RuntimeError(
+                "medusa_tree needs vLLM's V1 CPU model runner; unset VLLM_USE_V2_MODEL_RUNNER"
+            )
+        # CPUWorker.init_device builds `CPUModelRunner(...)` by module-global
+        # name; point that name at the tree runner for this call only.
+        original = _cpu_worker.CPUModelRunner
+        _cpu_worker.CPUModelRunner = MedusaTreeCPUModelRunner
+        try:
+            super().init_device()
+        finally:
+            _cpu_worker.CPUModelRunner = original
