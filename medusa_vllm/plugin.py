@@ -54,7 +54,8 @@ __all__ = [
     "translate_engine_args",
 ]
 
-logger = logging.getLogger(__name__)
+# Under vLLM's logger namespace so that vLLM's logging set-up shows our lines.
+logger = logging.getLogger("vllm.plugins.medusa_vllm")
 
 METHOD = "medusa_tree"
 PROPOSER_CLASS = "medusa_vllm.proposer.MedusaTreeProposer"
@@ -182,7 +183,10 @@ def translate(
             "disagree; give only max_nodes (the tree size sets num_speculative_tokens)"
         )
     medusa = MedusaTreeConfig.from_dict(options, source=source, labels=labels)
-    tree = medusa.load_tree()
+    try:
+        tree = medusa.load_tree()
+    except MedusaConfigError as exc:
+        raise MedusaConfigError(f"{source}: {exc}") from None
     if cap is not None:
         if cap > tree.num_nodes:
             raise MedusaConfigError(
@@ -314,8 +318,11 @@ def check_backbone(
         extra.get(ADDITIONAL_CONFIG_KEY) or {},
         source=f"additional_config[{ADDITIONAL_CONFIG_KEY!r}]",
     )
-    medusa.check_backbone(
-        hidden_size=target_model_config.get_hidden_size(),
-        vocab_size=target_model_config.get_vocab_size(),
-        model=f"the backbone {target_model_config.model!r}",
-    )
+    try:
+        medusa.check_backbone(
+            hidden_size=target_model_config.get_hidden_size(),
+            vocab_size=target_model_config.get_vocab_size(),
+            model=f"the backbone {target_model_config.model!r}",
+        )
+    except MedusaConfigError as exc:
+        raise MedusaConfigError(f"{METHOD}: {exc}") from None

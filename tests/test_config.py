@@ -1,0 +1,231 @@
+"""MedusaTreeConfig: validation, tree resolution, dict round trip, request overrides."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from medusa_vllm.config import (
+    ACCEPTANCE_MODES,
+    MedusaConfigError,
+    MedusaTreeConfig,
+    RequestOverrides,
+    default_tree_spec,
+    read_heads_info,
+    request_overrides,
+)
+from medusa_vllm.tree import MedusaTree
+from tests.utils_tiny import write_medusa_heads_config
+
+
+@pytest.fixture
+def heads(tmp_path):
+    return write_medusa_heads_config(tmp_path / "heads", num_heads=3, hidden_size=64, vocab_size=512)
+
+
+def test_defaults(heads):
+    cfg = MedusaTreeConfig.from_dict({"heads": str(heads)})
+    assert cfg.acceptance == "rejection"
+    assert cfg.posterior_threshold == 0.09
+    assert cfg.posterior_alpha == 0.3
+    assert cfg.tree == "auto"
+    assert cfg.max_nodes is None
+    assert cfg.heads == str(heads.resolve())
+
+
+def test_auto_tree_uses_preset_sized_to_heads(tmp_path):
+    for num_heads, preset in ((1, "sparse-4"), (2, "sparse-8"), (3, "sparse-16"), (5, "sparse-16")):
+        h = write_medusa_heads_config(tmp_path / f"h{num_heads}", num_heads=num_heads)
+        tree = MedusaTreeConfig.from_dict({"heads": h}).load_tree()
+        assert default_tree_spec(num_heads) == preset
+        assert tree == MedusaTree.load(preset, num_heads)
+        assert tree.max_depth <= num_heads
+
+
+def test_auto_tree_prefers_saved_tree(heads):
+    saved = MedusaTree([[0], [0, 0], [1]])
+    saved.save(heads / "medusa_tree.json", note="calibrated")
+    cfg = MedusaTreeConfig.from_dict({"heads": heads})
+    assert cfg.load_tree() == saved
+    assert cfg.num_speculative_tokens == 3
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("chain-2", [[0], [0, 0]]),
+        ([[1], [0], [0, 0]], [[0], [1], [0, 0]]),  # re-sorted to BFS order
+        ("[[0], [0, 0], [0, 0, 0]]", [[0], [0, 0], [0, 0, 0]]),
+    ],
+)
+def test_explicit_trees(heads, spec, expected):
+    cfg = MedusaTreeConfig.from_dict({"heads": heads, "tree": spec})
+    assert cfg.load_tree().to_list() == expected
+    assert cfg.num_speculative_tokens == len(expected)
+
+
+def test_tree_from_json_file(heads, tmp_path):
+    f = tmp_path / "t.json"
+    f.write_text(json.dumps([[0], [1], [0, 0]]))
+    cfg = MedusaTreeConfig.from_dict({"heads": heads, "tree": str(f)})
+    assert cfg.load_tree().to_list() == [[0], [1], [0, 0]]
+
+
+def test_max_nodes_truncates_in_bfs_order(heads):
+    full = MedusaTreeConfig.from_dict({"heads": heads, "tree": "sparse-16"}).load_tree()
+    cut = MedusaTreeConfig.from_dict({"heads": heads, "tree": "sparse-16", "max_nodes": 6})
+    assert cut.load_tree().to_list() == full.to_list()[:6]
+    assert cut.num_speculative_tokens == 6
+    # auto with a cap picks a preset no larger than the cap
+    auto = MedusaTreeConfig.from_dict({"heads": heads, "max_nodes": 8}).load_tree()
+    assert auto == MedusaTree.load("sparse-8", 3)
+
+
+def test_resolved_round_trip(heads):
+    cfg = MedusaTreeConfig.from_dict(
+        {"heads": heads, "tree": "sparse-8", "acceptance": "Typical", "posterior_alpha": 0.5}
+    )
+    res = cfg.resolved()
+    d = res.to_dict()
+    assert d["tree"] == d["medusa_choices"] == MedusaTree.load("sparse-8", 3).to_list()
+    assert d["acceptance"] == "typical"
+    assert json.loads(json.dumps(d)) == d
+    assert MedusaTreeConfig.from_dict(d) == res
+    assert MedusaTreeConfig.from_dict(cfg.to_dict()) == cfg
+    # medusa_choices alone is accepted as the explicit tree
+    only = {k: v for k, v in d.items() if k != "tree"}
+    assert MedusaTreeConfig.from_dict(only) == res
+
+
+def test_medusa_choices_conflicting_with_tree(heads):
+    with pytest.raises(MedusaConfigError, match="disagree"):
+        MedusaTreeConfig.from_dict({"heads": heads, "tree": "chain-2", "medusa_choices": [[0], [1]]})
+
+
+@pytest.mark.parametrize(
+    "field, value, needle",
+    [
+        ("acceptance", "optimistic", "acceptance: expected 'greedy' or 'typical' or 'rejection', found 'optimistic'"),
+        ("posterior_threshold", 0.0, "posterior_threshold: expected a number in the open interval (0, 1), found 0.0"),
+        ("posterior_threshold", 1.0, "posterior_threshold: expected a number in the open interval (0, 1), found 1.0"),
+        ("posterior_threshold", float("nan"), "posterior_threshold: expected a finite number"),
+        ("posterior_threshold", True, "posterior_threshold: expected a number, found the boolean True"),
+        ("posterior_alpha", -0.1, "posterior_alpha: expected a number >= 0, found -0.1"),
+        ("posterior_alpha", "lots", "posterior_alpha: expected a number >= 0, found 'lots'"),
+        ("max_nodes", 0, "max_nodes: expected an integer >= 1"),
+        ("tree", "sparse-17", "tree: expected \"auto\", a preset"),
+        ("tree", [[0], [0, 0, 1, 0]], "its prefix [0, 0] is missing"),
+        ("tree", "[[0], [1", "tree: expected a JSON list of paths"),
+        ("tree", 7, "tree: expected \"auto\""),
+        ("acceptence", "greedy", "unknown option 'acceptence'"),
+    ],
+)
+def test_bad_option_names_field_expected_and_found(heads, field, value, needle):
+    with pytest.raises(MedusaConfigError) as err:
+        MedusaTreeConfig.from_dict({"heads": heads, field: value})
+    assert needle in str(err.value)
+
+
+def test_several_errors_listed_together(heads):
+    with pytest.raises(MedusaConfigError) as err:
+        MedusaTreeConfig.from_dict({"heads": heads, "acceptance": "x", "posterior_alpha": -1})
+    msg = str(err.value)
+    assert "acceptance:" in msg and "posterior_alpha:" in msg
+
+
+def test_tree_too_deep_for_heads(tmp_path):
+    h = write_medusa_heads_config(tmp_path / "h", num_heads=2)
+    cfg = MedusaTreeConfig.from_dict({"heads": h, "tree": "chain-3"})
+    with pytest.raises(MedusaConfigError, match=r"tree: 'chain-3' is not a valid tree for 2 Medusa heads.*depth 3"):
+        cfg.load_tree()
+
+
+def test_heads_errors(tmp_path):
+    with pytest.raises(MedusaConfigError, match=r"heads: expected the path of a Medusa heads folder, found nothing"):
+        MedusaTreeConfig.from_dict({"heads": str(tmp_path / "missing")})
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MedusaConfigError, match=r"heads: expected .*config.json"):
+        MedusaTreeConfig.from_dict({"heads": str(tmp_path / "empty")})
+    with pytest.raises(MedusaConfigError, match=r"heads: required"):
+        MedusaTreeConfig.from_dict({})
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"hidden_size": 64}))
+    with pytest.raises(MedusaConfigError, match=r"number of heads as 'num_heads' or 'medusa_num_heads'"):
+        read_heads_info(bad)
+    (bad / "config.json").write_text(json.dumps({"num_heads": 0}))
+    with pytest.raises(MedusaConfigError, match=r"'num_heads' must be an integer >= 1, found 0"):
+        read_heads_info(bad)
+    (bad / "config.json").write_text("{not json")
+    with pytest.raises(MedusaConfigError, match="cannot read"):
+        read_heads_info(bad)
+
+
+def test_heads_info_layouts(tmp_path):
+    ours = write_medusa_heads_config(tmp_path / "ours", num_heads=4, hidden_size=32, vocab_size=100)
+    info = read_heads_info(ours)
+    assert (info.num_heads, info.hidden_size, info.vocab_size) == (4, 32, 100)
+    fd = tmp_path / "fd"  # FasterDecoding layout: medusa_num_heads, no sizes
+    fd.mkdir()
+    (fd / "config.json").write_text(json.dumps({"medusa_num_heads": 5, "medusa_num_layers": 1}))
+    info = read_heads_info(fd)
+    assert (info.num_heads, info.hidden_size, info.vocab_size) == (5, None, None)
+
+
+def test_check_backbone(heads):
+    cfg = MedusaTreeConfig.from_dict({"heads": heads})
+    cfg.check_backbone(hidden_size=64, vocab_size=512)  # matches: no error
+    with pytest.raises(MedusaConfigError, match=r"hidden_size=64, but the backbone has hidden_size=128"):
+        cfg.check_backbone(hidden_size=128, vocab_size=512)
+    with pytest.raises(MedusaConfigError, match=r"vocab_size=512, but .* has vocab_size=1000"):
+        cfg.check_backbone(hidden_size=64, vocab_size=1000, model="tiny")
+
+
+def test_frozen(heads):
+    cfg = MedusaTreeConfig.from_dict({"heads": heads})
+    with pytest.raises(Exception):
+        cfg.acceptance = "greedy"  # type: ignore[misc]
+
+
+class _FakeVllmConfig:
+    def __init__(self, extra):
+        self.additional_config = extra
+
+
+def test_from_vllm_config(heads):
+    res = MedusaTreeConfig.from_dict({"heads": heads, "tree": "chain-2"}).resolved()
+    assert MedusaTreeConfig.from_vllm_config(_FakeVllmConfig({"medusa": res.to_dict()})) == res
+    with pytest.raises(MedusaConfigError, match=r"additional_config\['medusa'\]: expected"):
+        MedusaTreeConfig.from_vllm_config(_FakeVllmConfig({}))
+
+
+# ------------------------------------------------------------ request overrides
+def test_request_overrides_parse_and_resolve(heads):
+    cfg = MedusaTreeConfig.from_dict({"heads": heads, "acceptance": "typical", "posterior_alpha": 0.5})
+    assert request_overrides(None) == RequestOverrides()
+    assert request_overrides({"other_plugin": 1}) == RequestOverrides()
+    ov = request_overrides({"medusa_acceptance": "GREEDY", "medusa_posterior_threshold": 0.2, "x": 3})
+    assert ov == RequestOverrides("greedy", 0.2, None)
+    assert ov.resolve(cfg) == RequestOverrides("greedy", 0.2, 0.5)
+    assert RequestOverrides().resolve(cfg) == RequestOverrides("typical", 0.09, 0.5)
+    # an explicit 0 alpha must not fall back to the engine value
+    assert request_overrides({"medusa_posterior_alpha": 0}).resolve(cfg).posterior_alpha == 0.0
+    for mode in ACCEPTANCE_MODES:
+        assert request_overrides({"medusa_acceptance": mode}).acceptance == mode
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        ({"medusa_acceptance": "fast"}, "medusa_acceptance: expected 'greedy' or 'typical' or 'rejection', found 'fast'"),
+        ({"medusa_posterior_threshold": 1.5}, "medusa_posterior_threshold: expected a number in the open interval (0, 1), found 1.5"),
+        ({"medusa_posterior_alpha": -2}, "medusa_posterior_alpha: expected a number >= 0, found -2"),
+        ({"medusa_threshold": 0.1}, "unknown Medusa key 'medusa_threshold'"),
+    ],
+)
+def test_request_overrides_errors(extra, needle):
+    with pytest.raises(MedusaConfigError) as err:
+        request_overrides(extra)
+    assert "SamplingParams.extra_args" in str(err.value)
+    assert needle in str(err.value)

@@ -1,0 +1,267 @@
+"""The medusa_tree translation, checked through vLLM's own EngineArgs.
+
+Each test builds the engine config exactly as ``LLM(...)`` does
+(``EngineArgs(...).create_engine_config()``) against a tiny random Llama built
+at test time; no engine is started.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from vllm.engine.arg_utils import EngineArgs  # noqa: E402
+
+from medusa_vllm import plugin  # noqa: E402
+from medusa_vllm.config import MedusaConfigError, MedusaTreeConfig  # noqa: E402
+from medusa_vllm.plugin import (  # noqa: E402
+    METHOD,
+    PROPOSER_CLASS,
+    WORKER_CLASSES,
+    is_medusa_tree,
+    register,
+    translate,
+)
+from medusa_vllm.tree import MedusaTree  # noqa: E402
+from tests.utils_tiny import build_tiny_llama, write_medusa_heads_config  # noqa: E402
+
+CPU_WORKER = WORKER_CLASSES["cpu"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return str(build_tiny_llama(tmp_path_factory.mktemp("tiny"), vocab=512, hidden=64, layers=2))
+
+
+@pytest.fixture
+def heads(tmp_path):
+    return str(write_medusa_heads_config(tmp_path / "heads", num_heads=3, hidden_size=64, vocab_size=512))
+
+
+def _engine_config(model, **kwargs):
+    return EngineArgs(model=model, max_model_len=256, **kwargs).create_engine_config()
+
+
+def _expected_medusa(heads, **options):
+    return MedusaTreeConfig.from_dict({"heads": heads, **options}).resolved().to_dict()
+
+
+def _assert_translated(cfg, heads, num_nodes, **options):
+    sc = cfg.speculative_config
+    assert sc is not None
+    assert sc.method == "custom_class"
+    assert sc.model == PROPOSER_CLASS
+    assert sc.num_speculative_tokens == num_nodes
+    assert cfg.parallel_config.worker_cls == CPU_WORKER
+    medusa = cfg.additional_config["medusa"]
+    assert medusa == _expected_medusa(heads, **options)
+    assert len(medusa["medusa_choices"]) == num_nodes
+
+
+# ------------------------------------------------------------- the surfaces
+def test_offline_dict(tiny, heads):
+    user = {
+        "method": METHOD,
+        "model": heads,
+        "tree": "sparse-8",
+        "acceptance": "typical",
+        "posterior_threshold": 0.2,
+        "posterior_alpha": 0.4,
+    }
+    before = copy.deepcopy(user)
+    cfg = _engine_config(tiny, speculative_config=user)
+    _assert_translated(
+        cfg, heads, 8, tree="sparse-8", acceptance="typical", posterior_threshold=0.2, posterior_alpha=0.4
+    )
+    assert user == before, "the user's dict must not be mutated"
+
+
+def test_offline_defaults_auto_tree(tiny, heads):
+    cfg = _engine_config(tiny, speculative_config={"method": METHOD, "model": heads})
+    auto = MedusaTree.load("sparse-16", 3)
+    _assert_translated(cfg, heads, auto.num_nodes)
+    assert cfg.additional_config["medusa"]["acceptance"] == "rejection"
+
+
+def test_spec_shorthands(tiny, heads):
+    """``LLM(spec_method="medusa_tree", spec_model=HEADS, spec_tokens=5)``."""
+    cfg = _engine_config(tiny, spec_method=METHOD, spec_model=heads, spec_tokens=5)
+    assert cfg.speculative_config.num_speculative_tokens == 5
+    full = MedusaTree.load("sparse-16", 3)
+    assert cfg.additional_config["medusa"]["medusa_choices"] == full.to_list()[:5]
+    assert cfg.parallel_config.worker_cls == CPU_WORKER
+
+
+def test_num_speculative_tokens_caps_the_tree(tiny, heads):
+    cfg = _engine_config(
+        tiny, speculative_config={"method": METHOD, "model": heads, "tree": "sparse-8", "num_speculative_tokens": 3}
+    )
+    assert cfg.speculative_config.num_speculative_tokens == 3
+    assert cfg.additional_config["medusa"]["medusa_choices"] == MedusaTree.load("sparse-8", 3).to_list()[:3]
+
+
+def test_hand_written_custom_class_form_is_validated_and_completed(tiny, heads):
+    cfg = _engine_config(
+        tiny,
+        speculative_config={"method": "custom_class", "model": PROPOSER_CLASS},
+        additional_config={"medusa": {"heads": heads, "tree": "chain-2"}},
+    )
+    _assert_translated(cfg, heads, 2, tree="chain-2")
+
+
+def test_other_additional_config_kept_and_not_mutated(tiny, heads):
+    extra = {"something_else": {"a": 1}, "medusa": {"acceptance": "greedy"}}
+    before = copy.deepcopy(extra)
+    cfg = _engine_config(tiny, speculative_config={"method": METHOD, "model": heads}, additional_config=extra)
+    assert extra == before
+    assert cfg.additional_config["something_else"] == {"a": 1}
+    assert cfg.additional_config["medusa"]["acceptance"] == "greedy"
+
+
+def test_translation_is_idempotent(tiny, heads):
+    args = EngineArgs(model=tiny, max_model_len=256, speculative_config={"method": METHOD, "model": heads})
+    assert plugin.translate_engine_args(args) is True
+    first = (copy.deepcopy(args.speculative_config), copy.deepcopy(args.additional_config), args.worker_cls)
+    plugin.translate_engine_args(args)  # the custom_class form again
+    assert (args.speculative_config, args.additional_config, args.worker_cls) == first
+    cfg = args.create_engine_config()  # translates a third time inside
+    _assert_translated(cfg, heads, MedusaTree.load("sparse-16", 3).num_nodes)
+    t1 = translate({"method": METHOD, "model": heads}, device_type="cpu")
+    t2 = translate(t1.speculative_config, t1.additional_config, t1.worker_cls, device_type="cpu")
+    assert t1 == t2
+
+
+def test_builtin_medusa_untouched(tiny, heads):
+    spec = {"method": "medusa", "model": heads, "num_speculative_tokens": 2}
+    assert translate(spec) is None and not is_medusa_tree(spec)
+    cfg = _engine_config(tiny, speculative_config=dict(spec))
+    assert cfg.speculative_config.method == "medusa"
+    assert cfg.speculative_config.num_speculative_tokens == 2
+    assert cfg.parallel_config.worker_cls == "vllm.v1.worker.cpu_worker.CPUWorker"
+    assert "medusa" not in cfg.additional_config
+
+
+def test_no_speculation_untouched(tiny):
+    cfg = _engine_config(tiny)
+    assert cfg.speculative_config is None
+    assert cfg.parallel_config.worker_cls == "vllm.v1.worker.cpu_worker.CPUWorker"
+
+
+def test_passthrough_of_vllm_speculative_keys(heads):
+    t = translate(
+        {"method": METHOD, "model": heads, "tree": "chain-2", "disable_padded_drafter_batch": True},
+        device_type="cpu",
+    )
+    assert t.speculative_config == {
+        "disable_padded_drafter_batch": True,
+        "method": "custom_class",
+        "model": PROPOSER_CLASS,
+        "num_speculative_tokens": 2,
+    }
+
+
+def test_user_worker_cls_is_kept(heads):
+    t = translate({"method": METHOD, "model": heads}, worker_cls="my.pkg.Worker", device_type="cpu")
+    assert t.worker_cls == "my.pkg.Worker"
+
+
+def test_unsupported_platform_is_refused(heads):
+    with pytest.raises(MedusaConfigError, match=r"supports the platforms \['cpu'\], found 'cuda'"):
+        translate({"method": METHOD, "model": heads}, device_type="cuda")
+
+
+def test_gpu_hook(heads, monkeypatch):
+    monkeypatch.setitem(WORKER_CLASSES, "cuda", "medusa_vllm.worker.MedusaTreeGPUWorker")
+    t = translate({"method": METHOD, "model": heads}, device_type="cuda")
+    assert t.worker_cls == "medusa_vllm.worker.MedusaTreeGPUWorker"
+
+
+# ------------------------------------------------- start-up errors (create_engine_config)
+def _bad_heads(tmp_path, **sizes):
+    return str(write_medusa_heads_config(tmp_path / "bad_heads", **{"num_heads": 3, "hidden_size": 64, "vocab_size": 512, **sizes}))
+
+
+@pytest.mark.parametrize(
+    "options, needle",
+    [
+        ({"acceptance": "fast"}, "acceptance: expected 'greedy' or 'typical' or 'rejection', found 'fast'"),
+        ({"posterior_threshold": 1.2}, "posterior_threshold: expected a number in the open interval (0, 1), found 1.2"),
+        ({"posterior_threshold": 0}, "posterior_threshold: expected a number in the open interval (0, 1), found 0"),
+        ({"posterior_alpha": -1}, "posterior_alpha: expected a number >= 0"),
+        ({"tree": [[0], [1, 1]]}, "its prefix [1] is missing"),
+        ({"tree": "[[0], [0,"}, "tree: expected a JSON list of paths"),
+        ({"tree": "chain-4"}, "depth 4 exceeds the number of Medusa heads (3)"),
+        ({"tree": "sparse-1000"}, "tree: expected \"auto\", a preset"),
+        ({"accept": "greedy"}, "unknown key(s) ['accept']"),
+        ({"num_speculative_tokens": 99, "tree": "chain-2"}, "num_speculative_tokens=99 exceeds the tree's 2 nodes"),
+        ({"max_nodes": 4, "num_speculative_tokens": 3}, "disagree"),
+    ],
+)
+def test_bad_options_fail_at_startup(tiny, heads, options, needle):
+    with pytest.raises(MedusaConfigError) as err:
+        _engine_config(tiny, speculative_config={"method": METHOD, "model": heads, **options})
+    assert needle in str(err.value)
+    assert "speculative_config (method 'medusa_tree')" in str(err.value)
+
+
+def test_missing_heads_dir_fails(tiny, tmp_path):
+    with pytest.raises(MedusaConfigError, match=r"model: expected the path of a Medusa heads folder, found nothing"):
+        _engine_config(tiny, speculative_config={"method": METHOD, "model": str(tmp_path / "nope")})
+    with pytest.raises(MedusaConfigError, match=r"model: required"):
+        _engine_config(tiny, speculative_config={"method": METHOD})
+
+
+@pytest.mark.parametrize(
+    "sizes, needle",
+    [
+        ({"hidden_size": 128}, "hidden_size=128, but the backbone"),
+        ({"vocab_size": 1000}, "vocab_size=1000, but the backbone"),
+    ],
+)
+def test_heads_not_matching_backbone_fail(tiny, tmp_path, sizes, needle):
+    bad = _bad_heads(tmp_path, **sizes)
+    with pytest.raises(MedusaConfigError) as err:
+        _engine_config(tiny, speculative_config={"method": METHOD, "model": bad})
+    assert needle in str(err.value)
+    assert tiny in str(err.value) and "train or convert Medusa heads" in str(err.value)
+
+
+def test_custom_class_without_options_fails(tiny):
+    with pytest.raises(MedusaConfigError, match=r"needs the Medusa options in additional_config\['medusa'\]"):
+        _engine_config(tiny, speculative_config={"method": "custom_class", "model": PROPOSER_CLASS})
+
+
+def test_conflicting_option_sources_fail(tiny, heads):
+    with pytest.raises(MedusaConfigError, match=r"'acceptance' is set both"):
+        _engine_config(
+            tiny,
+            speculative_config={"method": METHOD, "model": heads, "acceptance": "typical"},
+            additional_config={"medusa": {"acceptance": "greedy"}},
+        )
+
+
+# ------------------------------------------------------------------ register
+def test_register_is_idempotent():
+    register()
+    ece, csc, cli = (EngineArgs.create_engine_config, EngineArgs.create_speculative_config, EngineArgs.add_cli_args)
+    plugin._REGISTERED = False  # force a second full pass, as a re-import would
+    register()
+    register()
+    assert EngineArgs.create_engine_config is ece
+    assert EngineArgs.create_speculative_config is csc
+    assert EngineArgs.add_cli_args is cli
+    # exactly one wrapper layer around vLLM's originals
+    for fn in (ece, csc, cli):
+        assert getattr(fn, "__medusa_vllm_patch__", False)
+        assert not getattr(fn.__wrapped__, "__medusa_vllm_patch__", False)
+
+
+def test_entry_point_declared():
+    from importlib.metadata import entry_points
+
+    eps = [e for e in entry_points(group="vllm.general_plugins") if e.name == "medusa_vllm"]
+    assert eps and eps[0].value == "medusa_vllm.plugin:register"
+    assert eps[0].load() is register
