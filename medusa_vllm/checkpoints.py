@@ -67,7 +67,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from medusa_vllm.heads import MedusaConfig, MedusaHeads
+from medusa_vllm.heads import MedusaConfig, MedusaHeads, strip_vocab_padding
 
 __all__ = [
     "FORMAT_VERSION",
@@ -639,7 +639,7 @@ def _build(
 
     if supplied_lm:
         assert lm_head_weight is not None
-        weight = lm_head_weight.detach()
+        weight = strip_vocab_padding(lm_head_weight.detach(), config.vocab_size)
         dv = config.draft_vocab_size
         if (
             weight.dim() != 2
@@ -700,7 +700,9 @@ def load_heads(
     Args:
         path: the heads directory.
         lm_head_weight: the backbone's ``lm_head`` weight ``[vocab_size, H]``.
-            Used only for heads that share the backbone's LM layer
+            A vLLM ``ParallelLMHead`` weight padded to a multiple of 64 rows
+            is accepted (the padding is dropped). Used only for heads that
+            share the backbone's LM layer
             (``original_lm_head``): required if the checkpoint omits
             ``lm_head.weight``, and preferred over the stored copy if both exist
             (no copy is made when dtype/device already match, so the heads stay

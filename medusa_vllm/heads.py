@@ -45,6 +45,7 @@ __all__ = [
     "MedusaConfig",
     "MedusaHeads",
     "ResidualBlock",
+    "strip_vocab_padding",
     "token_map_from_counts",
     "truncate_lm_head",
 ]
@@ -185,6 +186,22 @@ def truncate_lm_head(weight: torch.Tensor, token_map: torch.Tensor) -> torch.Ten
             f"{list(weight.shape)}"
         )
     return weight.index_select(0, token_map.to(device=weight.device, dtype=torch.long))
+
+
+VOCAB_PADDING = 64  # vLLM's DEFAULT_VOCAB_PADDING_SIZE for ParallelLMHead
+
+
+def strip_vocab_padding(weight: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Drop the padding rows of a vLLM ``ParallelLMHead`` weight (single rank).
+
+    vLLM pads the LM head to a multiple of 64 rows (zeros past ``vocab_size``);
+    such a weight is returned as the view ``weight[:vocab_size]`` (storage is
+    shared). Any other weight is returned unchanged.
+    """
+    padded = -(-vocab_size // VOCAB_PADDING) * VOCAB_PADDING
+    if weight.dim() == 2 and weight.shape[0] == padded and padded != vocab_size:
+        return weight[:vocab_size]
+    return weight
 
 
 class ResidualBlock(nn.Module):
@@ -341,6 +358,7 @@ class MedusaHeads(nn.Module):
                 f"{what} must have shape [{cfg.vocab_size}, {cfg.hidden_size}] "
                 f"(vocab_size, hidden_size), found {list(weight.shape)}"
             )
+        weight = strip_vocab_padding(weight, cfg.vocab_size)
         rows = weight.shape[0]
         if rows == cfg.draft_vocab_size:
             return weight
@@ -377,6 +395,7 @@ class MedusaHeads(nn.Module):
         """
         if freeze is None:
             freeze = self.config.original_lm_head
+        weight = strip_vocab_padding(weight, self.config.vocab_size)
         if tie:
             if self.lm_head is None:
                 raise ValueError(

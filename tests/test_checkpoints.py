@@ -371,6 +371,12 @@ def test_shared_lm_head_may_be_omitted_and_supplied_at_load(tmp_path):
     assert loaded.lm_head.weight.data_ptr() == backbone_lm.data_ptr()
     assert not loaded.lm_head.weight.requires_grad
 
+    # vLLM's ParallelLMHead weight (rows padded to 64) is accepted, still tied.
+    padded = torch.cat([backbone_lm, torch.zeros(64 - V, H)])
+    tied = load_heads(d, lm_head_weight=padded)
+    assert_same_heads(heads, tied)
+    assert tied.lm_head.weight.data_ptr() == padded.data_ptr()
+
     with pytest.raises(
         MedusaCheckpointError, match=r"lm_head_weight: expected shape \[24, 8\]"
     ):

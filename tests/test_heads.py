@@ -8,6 +8,7 @@ import torch
 from medusa_vllm.heads import (
     MedusaConfig,
     MedusaHeads,
+    strip_vocab_padding,
     token_map_from_counts,
     truncate_lm_head,
 )
@@ -304,3 +305,24 @@ def test_gradients_reach_trainable_parameters():
     heads(torch.randn(3, 4)).sum().backward()
     for name, p in heads.named_parameters():
         assert p.grad is not None, name
+
+
+def test_vllm_padded_lm_head_weight_is_accepted():
+    """vLLM's ParallelLMHead pads rows to a multiple of 64 (zeros)."""
+    V, H = 70, 4
+    real = torch.randn(V, H)
+    padded = torch.cat([real, torch.zeros(128 - V, H)])
+    assert strip_vocab_padding(padded, V).data_ptr() == padded.data_ptr()
+    assert torch.equal(strip_vocab_padding(padded, V), real)
+    assert strip_vocab_padding(torch.randn(100, H), V).shape[0] == 100  # not padding
+    shared = MedusaHeads(
+        MedusaConfig(hidden_size=H, vocab_size=V, num_heads=2, original_lm_head=True)
+    )
+    shared.init_lm_head_from(padded, tie=True)
+    assert shared.lm_head.weight.shape == (V, H)
+    assert shared.lm_head.weight.data_ptr() == padded.data_ptr()
+    per_head = MedusaHeads(MedusaConfig(hidden_size=H, vocab_size=V, num_heads=2))
+    per_head.init_lm_head_from(padded)
+    torch.testing.assert_close(per_head.lm_heads[1].weight, real)
+    with pytest.raises(ValueError, match=r"\[70, 4\].*found \[100, 4\]"):
+        per_head.init_lm_head_from(torch.randn(100, H))
