@@ -77,7 +77,7 @@ def register() -> None:
         return
     import patches
 
-    patches.apply_all()
+    patches.apply_all(strict=False)
     _REGISTERED = True
 
 

@@ -15,8 +15,11 @@ needed, and exposes ``apply()`` (idempotent) and ``is_applied()``.
 from __future__ import annotations
 
 import importlib
+import logging
 
 __all__ = ["PATCHES", "apply_all"]
+
+logger = logging.getLogger("vllm.plugins.medusa_vllm")
 
 PATCHES = (
     "patches.vllm_version_alias",
@@ -25,8 +28,21 @@ PATCHES = (
 )
 
 
-def apply_all() -> list[str]:
-    """Apply every patch (each is idempotent); return the module names."""
+def apply_all(strict: bool = True) -> list[str]:
+    """Apply every patch (each is idempotent); return the applied module names.
+
+    ``strict=False`` logs a failing patch (e.g. a vLLM whose internals moved)
+    instead of raising, so vLLM itself still starts; Medusa then reports
+    itself unavailable rather than breaking unrelated runs.
+    """
+    applied = []
     for name in PATCHES:
-        importlib.import_module(name).apply()
-    return list(PATCHES)
+        try:
+            importlib.import_module(name).apply()
+        except Exception:
+            if strict:
+                raise
+            logger.exception("medusa-vllm: could not apply %s; tree Medusa is unavailable", name)
+            continue
+        applied.append(name)
+    return applied
