@@ -34,6 +34,7 @@ field, what was expected and what was found.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Mapping
@@ -170,11 +171,19 @@ def _first_int(cfg: Mapping[str, Any], keys: tuple[str, ...]) -> tuple[str, Any]
     return None
 
 
-def read_heads_info(heads: str | Path) -> HeadsInfo:
-    """Read ``<heads>/config.json`` (ours, vLLM's or FasterDecoding's layout).
+# config.json key for the number of heads: ours and vLLM's, FasterDecoding's,
+# TensorRT-LLM's (see medusa_vllm.checkpoints for the layouts).
+_NUM_HEADS_KEYS = ("num_heads", "medusa_num_heads", "num_medusa_heads")
 
-    The number of heads is ``num_heads`` or ``medusa_num_heads``; ``hidden_size``
-    and ``vocab_size`` are read when present.
+
+def read_heads_info(heads: str | Path) -> HeadsInfo:
+    """Read ``<heads>/config.json`` only (no weights: cheap in the API server).
+
+    The number of heads is ``num_heads`` (ours, vLLM), ``medusa_num_heads``
+    (FasterDecoding) or ``num_medusa_heads`` (TensorRT-LLM); ``hidden_size``
+    and ``vocab_size`` are read when present (FasterDecoding's config has
+    neither: such heads are checked against the backbone when the worker loads
+    their weights with :mod:`medusa_vllm.checkpoints`).
     """
     path = Path(heads).expanduser()
     if not path.is_dir():
@@ -217,7 +226,7 @@ def read_heads_info(heads: str | Path) -> HeadsInfo:
 
     return HeadsInfo(
         path=path.resolve(),
-        num_heads=positive_int(("num_heads", "medusa_num_heads"), required=True),  # type: ignore[arg-type]
+        num_heads=positive_int(_NUM_HEADS_KEYS, required=True),  # type: ignore[arg-type]
         hidden_size=positive_int(("hidden_size",), required=False),
         vocab_size=positive_int(("vocab_size",), required=False),
     )
@@ -438,6 +447,14 @@ class RequestOverrides:
     acceptance: str | None = None
     posterior_threshold: float | None = None
     posterior_alpha: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """Only the overridden options, by :class:`MedusaTreeConfig` field name."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    def get(self, field: str, default: Any = None) -> Any:
+        """``field``'s override, or ``default`` when the request did not set it."""
+        return self.as_dict().get(field, default)
 
     def resolve(self, config: MedusaTreeConfig) -> RequestOverrides:
         """All three options, falling back to ``config``."""

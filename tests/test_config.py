@@ -152,7 +152,7 @@ def test_heads_errors(tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "config.json").write_text(json.dumps({"hidden_size": 64}))
-    with pytest.raises(MedusaConfigError, match=r"number of heads as 'num_heads' or 'medusa_num_heads'"):
+    with pytest.raises(MedusaConfigError, match=r"number of heads as 'num_heads' or 'medusa_num_heads' or 'num_medusa_heads'"):
         read_heads_info(bad)
     (bad / "config.json").write_text(json.dumps({"num_heads": 0}))
     with pytest.raises(MedusaConfigError, match=r"'num_heads' must be an integer >= 1, found 0"):
@@ -171,6 +171,12 @@ def test_heads_info_layouts(tmp_path):
     (fd / "config.json").write_text(json.dumps({"medusa_num_heads": 5, "medusa_num_layers": 1}))
     info = read_heads_info(fd)
     assert (info.num_heads, info.hidden_size, info.vocab_size) == (5, None, None)
+    trt = tmp_path / "trt"  # TensorRT-LLM converted layout
+    trt.mkdir()
+    (trt / "config.json").write_text(json.dumps(
+        {"architecture": "MedusaForCausalLM", "num_medusa_heads": 2, "hidden_size": 48, "vocab_size": 77}))
+    info = read_heads_info(trt)
+    assert (info.num_heads, info.hidden_size, info.vocab_size) == (2, 48, 77)
 
 
 def test_check_backbone(heads):
@@ -208,6 +214,8 @@ def test_request_overrides_parse_and_resolve(heads):
     ov = request_overrides({"medusa_acceptance": "GREEDY", "medusa_posterior_threshold": 0.2, "x": 3})
     assert ov == RequestOverrides("greedy", 0.2, None)
     assert ov.resolve(cfg) == RequestOverrides("greedy", 0.2, 0.5)
+    assert ov.as_dict() == {"acceptance": "greedy", "posterior_threshold": 0.2}
+    assert ov.get("posterior_alpha", 0.7) == 0.7 and ov.get("acceptance", "x") == "greedy"
     assert RequestOverrides().resolve(cfg) == RequestOverrides("typical", 0.09, 0.5)
     # an explicit 0 alpha must not fall back to the engine value
     assert request_overrides({"medusa_posterior_alpha": 0}).resolve(cfg).posterior_alpha == 0.0
