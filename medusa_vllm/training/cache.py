@@ -1,0 +1,146 @@
+"""Backbone hidden states: computed once, reused every epoch (Medusa-1).
+
+With a frozen backbone the heads only ever see the backbone's last hidden
+states, so they can be computed once per row and kept in memory or in a
+memory-mapped file (``cache_hidden="memory"|"disk"``). Rows are computed in a
+fixed order (so a resumed run reads the very same numbers) and stored
+back-to-back in one ``[total_tokens, H]`` tensor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from medusa_vllm.training.data import EncodedData, collate
+
+__all__ = ["HiddenCache", "backbone_hidden", "data_fingerprint"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def backbone_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                    ) -> torch.Tensor:
+    """The backbone's last hidden states ``[B, T, H]`` (after its final norm:
+    what its ``lm_head`` consumes), without computing the vocabulary logits."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if decoder is not None and decoder is not model:
+        out = decoder(input_ids=input_ids, attention_mask=attention_mask)
+        return out.last_hidden_state
+    out = model(input_ids=input_ids, attention_mask=attention_mask,
+                output_hidden_states=True, logits_to_keep=1)
+    return out.hidden_states[-1]
+
+
+def data_fingerprint(data: EncodedData, *parts: object) -> str:
+    """SHA-256 of the rows' token ids and ``parts`` (model path, dtypes...)."""
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(repr(p).encode())
+    for ids in data.input_ids:
+        h.update(len(ids).to_bytes(4, "little"))
+        h.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class HiddenCache:
+    """Hidden states of every row of a dataset.
+
+    Args:
+        storage: ``[total_tokens, H]`` rows back to back.
+        offsets: start row in ``storage`` of each dataset row.
+        lengths: tokens of each dataset row.
+    """
+
+    def __init__(self, storage: torch.Tensor, offsets: Sequence[int], lengths: Sequence[int]):
+        self.storage = storage
+        self.offsets = list(offsets)
+        self.lengths = list(lengths)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.storage.shape[1]
+
+    def batch(self, indices: Sequence[int], width: int, dtype: torch.dtype = torch.float32
+              ) -> torch.Tensor:
+        """``[len(indices), width, H]`` hidden states, zero past each row's end."""
+        out = torch.zeros(len(indices), width, self.hidden_size, dtype=dtype)
+        for r, i in enumerate(indices):
+            n = min(self.lengths[i], width)
+            o = self.offsets[i]
+            out[r, :n] = self.storage[o: o + n].to(dtype)
+        return out
+
+    @classmethod
+    @torch.no_grad()
+    def build(
+        cls,
+        model: nn.Module,
+        data: EncodedData,
+        *,
+        pad_id: int,
+        batch_size: int,
+        mode: str = "memory",
+        path: str | Path | None = None,
+        dtype: str = "float32",
+        fingerprint: str = "",
+        progress: bool = False,
+    ) -> "HiddenCache":
+        """Compute (or, for ``mode="disk"``, reuse a complete matching file at
+        ``path``) the hidden states of every row of ``data``."""
+        from tqdm.auto import tqdm
+
+        if mode not in ("memory", "disk"):
+            raise ValueError(f"cache mode must be 'memory' or 'disk', found {mode!r}")
+        lengths = [len(x) for x in data.input_ids]
+        offsets = [0]
+        for n in lengths[:-1]:
+            offsets.append(offsets[-1] + n)
+        total = sum(lengths)
+        param = next(model.parameters())
+        hidden_size = int(model.config.hidden_size)
+        tdtype = _DTYPES[dtype]
+        meta = {"fingerprint": fingerprint, "total": total, "hidden": hidden_size, "dtype": dtype}
+        if mode == "disk":
+            if path is None:
+                raise ValueError("cache mode 'disk' needs a path")
+            file = Path(path)
+            meta_file = file.with_suffix(".json")
+            if file.is_file() and meta_file.is_file():
+                saved = json.loads(meta_file.read_text())
+                if saved == {**meta, "complete": True}:
+                    storage = torch.from_file(str(file), shared=False, size=total * hidden_size,
+                                              dtype=tdtype).view(total, hidden_size)
+                    return cls(storage, offsets, lengths)
+            file.parent.mkdir(parents=True, exist_ok=True)
+            meta_file.unlink(missing_ok=True)
+            nbytes = total * hidden_size * torch.empty((), dtype=tdtype).element_size()
+            with open(file, "wb") as f:
+                f.truncate(nbytes)
+            storage = torch.from_file(str(file), shared=True, size=total * hidden_size,
+                                      dtype=tdtype).view(total, hidden_size)
+        else:
+            storage = torch.empty(total, hidden_size, dtype=tdtype)
+        was_training = model.training
+        model.eval()
+        starts = range(0, len(data), batch_size)
+        for s in tqdm(starts, desc="caching hidden states", disable=not progress, unit="batch"):
+            idx = list(range(s, min(s + batch_size, len(data))))
+            b = collate(data, idx, pad_id)
+            hidden = backbone_hidden(model, b.input_ids.to(param.device),
+                                     b.attention_mask.to(param.device))
+            for r, i in enumerate(idx):
+                storage[offsets[i]: offsets[i] + lengths[i]] = hidden[r, : lengths[i]].to(
+                    "cpu", tdtype)
+        model.train(was_training)
+        if mode == "disk":
+            del storage  # flush the shared mapping
+            meta_file.write_text(json.dumps({**meta, "complete": True}))
+            storage = torch.from_file(str(file), shared=False, size=total * hidden_size,
+                                      dtype=tdtype).view(total, hidden_size)
+        return cls(storage, offsets, lengths)
