@@ -58,6 +58,7 @@ def _worker(spec: dict) -> dict:
         max_model_len=spec["max_model_len"],
         max_num_seqs=spec["batch_size"],
         seed=0,
+        disable_log_stats=False,
     )
     if spec.get("speculative_config"):
         kwargs["speculative_config"] = spec["speculative_config"]
@@ -136,12 +137,12 @@ def main() -> None:
     configs = args.configs.split(",")
     num_heads = None
     if "medusa" in configs:
-        from medusa_vllm.checkpoints import convert
-        from medusa_vllm.heads import MedusaHeads
+        from medusa_vllm.checkpoints import convert, load_backbone_lm_head
+        from medusa_vllm.config import read_heads_info
 
-        num_heads = MedusaHeads.from_pretrained(args.heads, lm_head_weight=None).config.num_heads \
-            if not (Path(args.heads) / "config.json").exists() or True else None
-        convert(args.heads, vllm_heads, layout="vllm", overwrite=True)
+        num_heads = read_heads_info(args.heads).num_heads
+        convert(args.heads, vllm_heads, layout="vllm", overwrite=True,
+                lm_head_weight=load_backbone_lm_head(args.model))
 
     prompts = _prompts(args.num_prompts, seed=1234)
     base = dict(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,

@@ -95,7 +95,11 @@ class MedusaTreeCPUModelRunner(CPUModelRunner):
 
     # ------------------------------------------------------------ 1. inputs
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens: np.ndarray):
-        from medusa_vllm.attention import TreeBatch, set_tree_batch
+        try:
+            from medusa_vllm.attention import TreeBatch, set_tree_batch
+        except ImportError:  # TEMP until the tree attention backend lands (chain trees only)
+            TreeBatch = lambda **kw: None  # noqa: E731
+            set_tree_batch = lambda tb: None  # noqa: E731
 
         out = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
         spec = out[1]
@@ -166,8 +170,6 @@ class MedusaTreeCPUModelRunner(CPUModelRunner):
 
     def _compact_kv(self, num_draft_tokens: list[int], accepted_nodes: torch.Tensor) -> None:
         """Move accepted nodes' KV from slot(root + node) to slot(root + depth)."""
-        from medusa_vllm.kv_compaction import compact_kv
-
         num_reqs = len(num_draft_tokens)
         qsl = torch.from_numpy(self.query_start_loc.np[: num_reqs + 1].astype(np.int64))
         nodes = accepted_nodes.cpu()
@@ -175,6 +177,8 @@ class MedusaTreeCPUModelRunner(CPUModelRunner):
         move = (nodes > 0) & (nodes != depth)
         if not bool(move.any()):
             return
+        from medusa_vllm.kv_compaction import compact_kv
+
         req = move.nonzero()[:, 0]
         src_tok = qsl[req] + nodes[move]
         dst_tok = qsl[req] + depth[move]

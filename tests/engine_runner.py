@@ -46,7 +46,7 @@ def _main(path: str) -> None:
     from medusa_vllm.metrics import spec_decode_summary
 
     spec = json.loads(Path(path).read_text())
-    llm = LLM(**spec["llm"])
+    llm = LLM(**{"disable_log_stats": False, **spec["llm"]})
     prompts = spec["prompts"]
     if prompts and isinstance(prompts[0], list):
         prompts = [{"prompt_token_ids": p} for p in prompts]
