@@ -1,70 +1,57 @@
 """``medusa-vllm`` command line: one subcommand per job.
 
 Each subcommand's module is imported only when that subcommand runs, so
-``medusa-vllm --help`` stays fast.
+``medusa-vllm --help`` stays fast. Each module owns its arguments
+(``add_*_args``) and its entry point (``*_main(args) -> exit code``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import sys
 from collections.abc import Sequence
 
+# name -> (module, add-arguments function, main function, help)
+SUBCOMMANDS: dict[str, tuple[str, str, str, str]] = {
+    "convert": (
+        "medusa_vllm.checkpoints", "add_convert_args", "convert_main",
+        "convert Medusa heads between checkpoint layouts (ours, vLLM, FasterDecoding, TensorRT-LLM)",
+    ),
+    "train": (
+        "medusa_vllm.training.cli", "add_train_args", "train_main",
+        "train Medusa heads (Medusa-1, Medusa-2, self-distillation)",
+    ),
+    "default-model": (
+        "medusa_vllm.default_model", "add_default_model_args", "default_model_main",
+        'print {"model": DIR, "heads": DIR} of the embedded default model (builds it if missing)',
+    ),
+}
 
-def _convert(args: argparse.Namespace) -> int:
-    from medusa_vllm.checkpoints import convert
 
-    convert(args.src, args.dst, layout=args.layout, overwrite=args.overwrite)
-    print(f"wrote {args.layout} layout to {args.dst}")
-    return 0
-
-
-def _default_model(args: argparse.Namespace) -> int:
-    from medusa_vllm.default_model import default_model_info
-
-    print(json.dumps(default_model_info()))
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="medusa-vllm",
-        description="Medusa speculative decoding for vLLM: convert, train, calibrate, bench, eval.",
+        description="Medusa speculative decoding for vLLM.",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    c = sub.add_parser(
-        "convert",
-        help="convert Medusa heads between checkpoint layouts",
-        description=(
-            "Load Medusa heads from SRC (layout auto-detected: medusa_vllm, FasterDecoding/Medusa, "
-            "vLLM built-in, TensorRT-LLM) and write them to DST in the chosen layout."
-        ),
-    )
-    c.add_argument("src", help="heads folder (or file) to read")
-    c.add_argument("dst", help="output folder (must not exist or be empty, unless --overwrite)")
-    c.add_argument(
-        "--layout",
-        default="medusa_vllm",
-        choices=["medusa_vllm", "vllm"],
-        help="output layout: ours, or vLLM's built-in medusa (for method='medusa')",
-    )
-    c.add_argument("--overwrite", action="store_true", help="replace files in a non-empty DST")
-    c.set_defaults(func=_convert)
-
-    d = sub.add_parser(
-        "default-model",
-        help='print {"model": DIR, "heads": DIR} of the embedded default model (builds it if missing)',
-    )
-    d.set_defaults(func=_default_model)
+    for name, (module, add_args, _, help_text) in SUBCOMMANDS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        if only is None or only == name:  # import only the module that runs
+            mod = importlib.import_module(module)
+            adder = getattr(mod, add_args, None)
+            if adder is not None:
+                adder(sp)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(only=command if command in SUBCOMMANDS else None).parse_args(argv)
+    module, _, main_fn, _ = SUBCOMMANDS[args.command]
     try:
-        return int(args.func(args) or 0)
+        return int(getattr(importlib.import_module(module), main_fn)(args) or 0)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"medusa-vllm {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -43,7 +43,7 @@ def _random_heads(root, model, num_heads=3, seed=1):
     return out
 
 
-def _distilled_heads(root, model, num_heads=3, steps=300):
+def _distilled_heads(root, model, num_heads=3, steps=400):
     """Heads trained for a few seconds on the backbone's own greedy continuations."""
     out = root / "heads_distilled"
     if out.exists():
@@ -52,22 +52,23 @@ def _distilled_heads(root, model, num_heads=3, steps=300):
 
     torch.manual_seed(0)
     lm = AutoModelForCausalLM.from_pretrained(model).eval()
-    prompts = torch.randint(3, VOCAB, (64, 8))
+    prompts = torch.randint(3, VOCAB, (512, 4))
     with torch.no_grad():
-        seqs = lm.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=56,
+        seqs = lm.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=60,
                            do_sample=False, pad_token_id=2, eos_token_id=None)
         hidden = lm.model(seqs).last_hidden_state  # [B, T, H]
     heads = MedusaHeads(MedusaConfig(hidden_size=HIDDEN, vocab_size=VOCAB, num_heads=num_heads),
                         lm_head_weight=lm.lm_head.weight.detach())
     opt = torch.optim.Adam(heads.parameters(), lr=3e-3)
     t = seqs.shape[1]
-    for _ in range(steps):
-        logits = heads(hidden)  # [K, B, T, V]
+    for step in range(steps):
+        rows = torch.randint(0, seqs.shape[0], (64,), generator=torch.Generator().manual_seed(step))
+        logits = heads(hidden[rows])  # [K, b, T, V]
         loss = 0.0
         for k in range(num_heads):
             shift = k + 2  # head k at position i predicts token i+k+2
             pred = logits[k, :, : t - shift].reshape(-1, VOCAB)
-            tgt = seqs[:, shift:].reshape(-1)
+            tgt = seqs[rows, shift:].reshape(-1)
             loss = loss + 0.8**k * torch.nn.functional.cross_entropy(pred, tgt)
         opt.zero_grad()
         loss.backward()
