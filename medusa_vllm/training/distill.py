@@ -77,7 +77,11 @@ def builtin_prompts(n: int, seed: int) -> list[list[dict[str, str]]]:
             "self-distillation without --data needs medusa_vllm.data.build_prompts, which "
             f"is not available ({exc}); pass --data PROMPTS.jsonl"
         ) from exc
-    prompts = build_prompts(n, seed=seed)
+    try:
+        prompts = build_prompts(n, seed=seed)
+    except (RuntimeError, ValueError) as exc:  # MissingCorpus names the apt-get fix
+        raise TrainingError(f"built-in prompts for self-distillation: {exc}; or pass "
+                            f"--data PROMPTS.jsonl") from exc
     out = []
     for p in prompts:
         if isinstance(p, str):
