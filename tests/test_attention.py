@@ -1,0 +1,389 @@
+"""Tree attention over vLLM 0.32's real CPU paged KV cache vs a brute-force reference.
+
+The cache is allocated by vLLM's own ``allocate_kv_cache`` (the layout vLLM
+uses on this machine), prefix K/V are written by vLLM's own
+``cpu_attn_reshape_and_cache``, and the step runs through a real vLLM
+``Attention`` layer (backend picked by vLLM's selector after
+``register_tree_backend``), so ``do_kv_cache_update`` + ``forward`` run exactly
+as in a model forward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from vllm import _custom_ops as ops  # noqa: E402
+from vllm.v1.attention.backends import cpu_attn  # noqa: E402
+
+from medusa_vllm.attention import (  # noqa: E402
+    TreeBatch,
+    TreeCPUAttentionBackend,
+    TreeCPUAttentionBackendImpl,
+    TreeCPUAttentionMetadataBuilder,
+    gather_kv,
+    plan_tree_batch,
+    probe_cache_layout,
+    register_tree_backend,
+    set_tree_batch,
+    tree_attention_reference,
+    tree_batch_context,
+)
+
+HEADS, KV_HEADS, HEAD_SIZE, BLOCK = 4, 2, 64, 32
+NUM_BLOCKS = 40
+LAYER = "model.layers.0.self_attn.attn"
+
+
+# ------------------------------------------------------------------ helpers
+def random_tree_mask(num_nodes: int, gen: torch.Generator) -> torch.Tensor:
+    """Ancestor-or-self mask of a random tree whose parents precede children."""
+    parents = [-1] + [int(torch.randint(0, i, (1,), generator=gen)) for i in range(1, num_nodes + 1)]
+    m = torch.zeros(num_nodes + 1, num_nodes + 1, dtype=torch.bool)
+    for i in range(num_nodes + 1):
+        j = i
+        while j >= 0:
+            m[i, j] = True
+            j = parents[j]
+    return m
+
+
+def make_kv_cache(dtype: torch.dtype, head_size: int = HEAD_SIZE, kv_heads: int = KV_HEADS):
+    """One layer's KV cache exactly as vLLM 0.32 allocates it (LBHNC layer view)."""
+    from vllm.v1.kv_cache_interface import (
+        FullAttentionSpec,
+        KVCacheConfig,
+        KVCacheGroupSpec,
+        KVCacheTensor,
+    )
+    from vllm.v1.kv_cache_layout import KVCacheLayout
+    from vllm.v1.worker.utils import allocate_kv_cache
+
+    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=kv_heads, head_size=head_size, dtype=dtype)
+    page = spec.page_size_bytes
+    cfg = KVCacheConfig(
+        num_blocks=NUM_BLOCKS,
+        kv_cache_tensors=[KVCacheTensor(size=page * NUM_BLOCKS, layers=[LAYER], layer_stride=page * NUM_BLOCKS, block_stride=page)],
+        kv_cache_groups=[KVCacheGroupSpec([LAYER], spec)],
+    )
+    kv = allocate_kv_cache(cfg, torch.device("cpu"), KVCacheLayout.LBHNC, [BLOCK])[LAYER]
+    assert tuple(kv.shape) == (NUM_BLOCKS, kv_heads, BLOCK, 2 * head_size)
+    return kv, spec
+
+
+def write_cache(kv, key, value, slots, isa):
+    key_cache, value_cache = kv.view(kv.shape[0], kv.shape[1], 2 * kv.shape[2], -1).chunk(2, dim=2)
+    ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slots, isa)
+
+
+@pytest.fixture(scope="module", params=[torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def env(request, tmp_path_factory):
+    """A real VllmConfig + vLLM Attention layer served by the tree backend."""
+    from transformers import LlamaConfig
+    from vllm.config import set_current_vllm_config
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.model_executor.layers.attention import Attention
+    from vllm.v1.attention import selector
+
+    dtype = request.param
+    d = tmp_path_factory.mktemp("tinycfg")
+    LlamaConfig(
+        vocab_size=128, hidden_size=HEADS * HEAD_SIZE, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_SIZE,
+        max_position_embeddings=2048,
+    ).save_pretrained(d)
+    cfg = EngineArgs(
+        model=str(d), skip_tokenizer_init=True, dtype=str(dtype).split(".")[-1],
+        block_size=BLOCK, max_model_len=2048, enforce_eager=True,
+    ).create_engine_config()
+    register_tree_backend()
+    selector._cached_get_attn_backend.cache_clear()
+    with set_current_vllm_config(cfg):
+        layer = Attention(
+            num_heads=HEADS, head_size=HEAD_SIZE, scale=HEAD_SIZE**-0.5,
+            num_kv_heads=KV_HEADS, prefix=LAYER,
+        )
+        kv, spec = make_kv_cache(dtype)
+        builder = TreeCPUAttentionMetadataBuilder(spec, [LAYER], cfg, torch.device("cpu"))
+    layer.kv_cache = kv
+    yield dict(cfg=cfg, layer=layer, kv=kv, spec=spec, builder=builder, dtype=dtype)
+    set_tree_batch(None)
+
+
+@dataclasses.dataclass
+class Req:
+    prefix: int  # tokens already in the cache
+    qlen: int  # scheduled query tokens this step
+    tree: torch.Tensor | None = None  # [qlen, qlen] ancestor mask for tree requests
+
+
+def run_step(env, reqs: list[Req], seed: int = 0, publish: bool = True, impl_cls=None):
+    """Fill prefixes, run one batch through the layer; return (output, expected, batch)."""
+    from vllm.config import set_current_vllm_config
+    from vllm.forward_context import set_forward_context
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    dtype, kv, layer = env["dtype"], env["kv"], env["layer"]
+    gen = torch.Generator().manual_seed(seed)
+    kv.zero_()
+    free = torch.randperm(NUM_BLOCKS - 1, generator=gen) + 1  # block 0 = null block
+    width = 2048 // BLOCK
+    block_table = torch.zeros(len(reqs), width, dtype=torch.int32)
+    used = 0
+    prefixes, slots, q, k, v, qsl = [], [], [], [], [], [0]
+    for r, req in enumerate(reqs):
+        n = math.ceil((req.prefix + req.qlen) / BLOCK)
+        block_table[r, :n] = free[used : used + n].to(torch.int32)
+        used += n
+        pos = torch.arange(req.prefix + req.qlen)
+        slot = block_table[r, pos // BLOCK].long() * BLOCK + pos % BLOCK
+        pk = torch.randn(req.prefix, KV_HEADS, HEAD_SIZE, generator=gen).to(dtype)
+        pv = torch.randn(req.prefix, KV_HEADS, HEAD_SIZE, generator=gen).to(dtype)
+        write_cache(kv, pk, pv, slot[: req.prefix], layer.isa)
+        prefixes.append((pk, pv))
+        slots.append(slot[req.prefix :])
+        q.append(torch.randn(req.qlen, HEADS, HEAD_SIZE, generator=gen).to(dtype))
+        k.append(torch.randn(req.qlen, KV_HEADS, HEAD_SIZE, generator=gen).to(dtype))
+        v.append(torch.randn(req.qlen, KV_HEADS, HEAD_SIZE, generator=gen).to(dtype))
+        qsl.append(qsl[-1] + req.qlen)
+    query, key, value = torch.cat(q), torch.cat(k), torch.cat(v)
+    slot_mapping = torch.cat(slots)
+    qsl_t = torch.tensor(qsl, dtype=torch.int32)
+    seq_lens = torch.tensor([r.prefix + r.qlen for r in reqs], dtype=torch.int32)
+    cm = CommonAttentionMetadata(
+        query_start_loc=qsl_t, query_start_loc_cpu=qsl_t, seq_lens=seq_lens,
+        num_reqs=len(reqs), num_actual_tokens=int(qsl[-1]),
+        max_query_len=max(r.qlen for r in reqs), max_seq_len=int(seq_lens.max()),
+        block_table_tensor=block_table, slot_mapping=slot_mapping, causal=True,
+    )
+    trees = [i for i, r in enumerate(reqs) if r.tree is not None]
+    tree_batch = None
+    if trees and publish:
+        big = max(reqs[i].tree.shape[0] for i in trees)
+        mask = torch.zeros(big, big, dtype=torch.bool)
+        for i in trees:  # all trees are prefixes of one static tree: use the largest
+            t = reqs[i].tree
+            mask[: t.shape[0], : t.shape[0]] = t
+        tree_batch = TreeBatch(
+            query_start=torch.tensor([qsl[i] for i in trees]),
+            num_tokens=torch.tensor([reqs[i].qlen for i in trees]),
+            prefix_lens=torch.tensor([reqs[i].prefix for i in trees]),
+            tree_mask=mask,
+        )
+    builder = env["builder"]
+    with tree_batch_context(tree_batch):
+        meta = builder.build(0, cm)
+    impl = layer.impl
+    if impl_cls is not None:
+        impl = impl_cls.__new__(impl_cls)
+        impl.__dict__.update(layer.impl.__dict__)
+    with set_current_vllm_config(env["cfg"]), set_forward_context({LAYER: meta}, env["cfg"], slot_mapping={LAYER: slot_mapping}):
+        if impl_cls is None:
+            out = layer(query.clone(), key.clone(), value.clone()).view(-1, HEADS, HEAD_SIZE)
+        else:  # a plain vLLM impl on the same metadata (after the same cache update)
+            layer.impl.do_kv_cache_update(layer, key, value, kv, slot_mapping)
+            out = torch.empty_like(query)
+            impl.forward(layer, query, key, value, kv, meta, out)
+    expected = torch.empty(query.shape, dtype=dtype)
+    for i, req in enumerate(reqs):
+        rows = slice(qsl[i], qsl[i + 1])
+        mask = req.tree if req.tree is not None else torch.ones(req.qlen, req.qlen, dtype=torch.bool).tril()
+        expected[rows] = tree_attention_reference(
+            query[rows], key[rows], value[rows], *prefixes[i], mask, HEAD_SIZE**-0.5
+        )
+    return out, expected, meta, qsl
+
+
+def tol(dtype):
+    return dict(atol=2e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=2e-2)
+
+
+# -------------------------------------------------------------------- layout
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_size,isa", [(64, "vec"), (80, "vec16")])
+def test_probe_learns_the_documented_vec_layout(dtype, head_size, isa):
+    assert cpu_attn._get_attn_isa(dtype, BLOCK, head_size) == isa
+    layout = probe_cache_layout(isa, dtype, BLOCK, head_size)
+    t = torch.arange(BLOCK).view(-1, 1)
+    d = torch.arange(head_size).view(1, -1)
+    assert torch.equal(layout.k_offsets, d * BLOCK + t)  # K transposed [D, BS]
+    assert torch.equal(layout.v_offsets, BLOCK * head_size + t * head_size + d)  # V [BS, D]
+    assert layout.k_transposed
+
+
+def test_probe_refuses_isa_that_cannot_run_here():
+    if torch.cpu._is_amx_tile_supported():
+        pytest.skip("host has AMX")
+    with pytest.raises(RuntimeError, match="isa='amx'"):
+        probe_cache_layout("amx", torch.bfloat16, BLOCK, 64)
+
+
+@pytest.mark.parametrize("head_size", [64, 80])
+def test_gather_kv_reads_what_vllm_wrote(head_size):
+    dtype = torch.bfloat16
+    kv, _ = make_kv_cache(dtype, head_size)
+    isa = cpu_attn._get_attn_isa(dtype, BLOCK, head_size)
+    gen = torch.Generator().manual_seed(1)
+    blocks = torch.tensor([[5, 2, 9], [7, 3, 0]])
+    n = [3 * BLOCK, 2 * BLOCK - 5]
+    ks, vs = [], []
+    for r in range(2):
+        pos = torch.arange(n[r])
+        k = torch.randn(n[r], KV_HEADS, head_size, generator=gen).to(dtype)
+        v = torch.randn(n[r], KV_HEADS, head_size, generator=gen).to(dtype)
+        write_cache(kv, k, v, blocks[r, pos // BLOCK] * BLOCK + pos % BLOCK, isa)
+        ks.append(k)
+        vs.append(v)
+    layout = probe_cache_layout(isa, dtype, BLOCK, head_size)
+    generic = dataclasses.replace(layout, k_transposed=False)
+    for lay in (layout, generic):  # strided fast path and index path
+        k_out, v_out = gather_kv(kv, blocks, lay)
+        assert k_out.shape == (2, KV_HEADS, 3 * BLOCK, head_size)
+        for r in range(2):
+            assert torch.equal(k_out[r, :, : n[r]].transpose(0, 1), ks[r])
+            assert torch.equal(v_out[r, :, : n[r]].transpose(0, 1), vs[r])
+
+
+def test_reference_is_causal_attention_on_a_chain():
+    gen = torch.Generator().manual_seed(2)
+    t, p = 5, 7
+    q = torch.randn(t, HEADS, HEAD_SIZE, generator=gen, dtype=torch.float64)
+    k = torch.randn(p + t, KV_HEADS, HEAD_SIZE, generator=gen, dtype=torch.float64)
+    v = torch.randn(p + t, KV_HEADS, HEAD_SIZE, generator=gen, dtype=torch.float64)
+    chain = torch.ones(t, t, dtype=torch.bool).tril()
+    ref = tree_attention_reference(q, k[p:], v[p:], k[:p], v[:p], chain, 0.3)
+    causal = torch.ones(t, p + t, dtype=torch.bool).tril(diagonal=p)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1), k.repeat_interleave(2, 1).transpose(0, 1),
+        v.repeat_interleave(2, 1).transpose(0, 1), attn_mask=causal, scale=0.3,
+    ).transpose(0, 1)
+    torch.testing.assert_close(ref, sdpa)
+    # a branching tree must differ from the chain for some node
+    star = torch.eye(t, dtype=torch.bool)
+    star[:, 0] = True
+    assert not torch.allclose(tree_attention_reference(q, k[p:], v[p:], k[:p], v[:p], star, 0.3), ref)
+
+
+# --------------------------------------------------------- backend in vLLM
+def test_vllm_selects_the_tree_backend(env):
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    assert AttentionBackendEnum.CPU_ATTN.get_class() is TreeCPUAttentionBackend
+    assert isinstance(env["layer"].impl, TreeCPUAttentionBackendImpl)
+    assert TreeCPUAttentionBackend.get_name() == "CPU_ATTN"
+    assert env["layer"].isa == "vec"
+
+
+def test_tree_rows_match_reference_in_a_mixed_batch(env):
+    gen = torch.Generator().manual_seed(3)
+    big = random_tree_mask(12, gen)  # one static tree; requests use prefixes of it
+    reqs = [
+        Req(prefix=0, qlen=9),  # first prefill chunk
+        Req(prefix=37, qlen=13, tree=big),  # full tree
+        Req(prefix=130, qlen=1),  # plain decode
+        Req(prefix=95, qlen=6, tree=big[:6, :6]),  # truncated tree crossing a block edge
+        Req(prefix=50, qlen=4),  # chunked prefill continuation
+        Req(prefix=3, qlen=1, tree=big[:1, :1]),  # tree request with only the root
+        Req(prefix=200, qlen=8, tree=big[:8, :8]),
+    ]
+    out, expected, meta, qsl = run_step(env, reqs, seed=4)
+    assert meta.tree is not None and meta.tree.plain_metadata is not None
+    assert not isinstance(meta.tree.plain_rows, slice)  # interleaved plain rows
+    torch.testing.assert_close(out, expected, **tol(env["dtype"]))
+    # the tree really matters: causal attention differs on tree rows
+    chain_out, chain_exp, _, _ = run_step(env, [dataclasses.replace(r, tree=None) for r in reqs], seed=4)
+    rows = slice(qsl[1], qsl[2])
+    assert not torch.allclose(out[rows].float(), chain_out[rows].float(), **tol(env["dtype"]))
+
+
+def test_plain_rows_equal_vllm_kernel_output(env):
+    gen = torch.Generator().manual_seed(5)
+    tree = random_tree_mask(7, gen)
+    reqs = [Req(prefix=40, qlen=1), Req(prefix=33, qlen=8, tree=tree), Req(prefix=0, qlen=12)]
+    out, _, _, qsl = run_step(env, reqs, seed=6)
+    base_out, _, base_meta, _ = run_step(env, reqs, seed=6, publish=False)
+    assert base_meta.tree is None
+    for i in (0, 2):
+        rows = slice(qsl[i], qsl[i + 1])
+        torch.testing.assert_close(out[rows], base_out[rows], atol=1e-6, rtol=1e-6)
+
+
+def test_all_tree_batch_skips_the_kernel(env):
+    gen = torch.Generator().manual_seed(7)
+    tree = random_tree_mask(10, gen)
+    reqs = [Req(prefix=p, qlen=n, tree=tree[:n, :n]) for p, n in [(31, 11), (64, 5), (1, 9)]]
+    out, expected, meta, _ = run_step(env, reqs, seed=8)
+    assert meta.tree.plain_metadata is None
+    torch.testing.assert_close(out, expected, **tol(env["dtype"]))
+
+
+def test_contiguous_plain_rows_use_views(env):
+    gen = torch.Generator().manual_seed(9)
+    tree = random_tree_mask(5, gen)
+    reqs = [Req(prefix=20, qlen=6, tree=tree), Req(prefix=10, qlen=3), Req(prefix=70, qlen=1)]
+    out, expected, meta, _ = run_step(env, reqs, seed=10)
+    assert meta.tree.plain_rows == slice(6, 10)
+    torch.testing.assert_close(out, expected, **tol(env["dtype"]))
+
+
+def test_without_tree_batch_the_metadata_is_vllms(env):
+    reqs = [Req(prefix=12, qlen=1), Req(prefix=0, qlen=7)]
+    out, expected, meta, _ = run_step(env, reqs, seed=11)
+    assert meta.tree is None
+    base, _, _, _ = run_step(env, reqs, seed=11, impl_cls=cpu_attn.CPUAttentionBackendImpl)
+    assert torch.equal(out, base)
+    torch.testing.assert_close(out, expected, **tol(env["dtype"]))
+
+
+def test_stale_or_bad_tree_batch_is_refused(env):
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    qsl = torch.tensor([0, 1, 6], dtype=torch.int32)
+    seq = torch.tensor([10, 25], dtype=torch.int32)
+    cm = CommonAttentionMetadata(
+        query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=seq, num_reqs=2,
+        num_actual_tokens=6, max_query_len=5, max_seq_len=25,
+        block_table_tensor=torch.arange(1, 5, dtype=torch.int32).view(2, 2),
+        slot_mapping=torch.zeros(6, dtype=torch.long),
+    )
+    mask = torch.ones(5, 5, dtype=torch.bool).tril()
+    ok = TreeBatch(torch.tensor([1]), torch.tensor([5]), torch.tensor([20]), mask)
+    plan = plan_tree_batch(ok, cm, BLOCK)
+    assert plan.req_indices.tolist() == [1] and plan.rows.tolist() == [1, 2, 3, 4, 5]
+    with pytest.raises(ValueError, match="stale"):  # wrong row
+        plan_tree_batch(dataclasses.replace(ok, query_start=torch.tensor([0])), cm, BLOCK)
+    with pytest.raises(ValueError, match="prefix_lens"):
+        plan_tree_batch(dataclasses.replace(ok, prefix_lens=torch.tensor([19])), cm, BLOCK)
+    with pytest.raises(ValueError, match="num_tokens"):
+        plan_tree_batch(dataclasses.replace(ok, tree_mask=mask[:4, :4]), cm, BLOCK)
+    with pytest.raises(ValueError, match="BFS"):
+        plan_tree_batch(dataclasses.replace(ok, tree_mask=mask | mask.T), cm, BLOCK)
+    with pytest.raises(ValueError, match="bool"):
+        plan_tree_batch(dataclasses.replace(ok, tree_mask=mask.float()), cm, BLOCK)
+
+
+def test_unsupported_layer_features_are_refused(env):
+    gen = torch.Generator().manual_seed(12)
+    reqs = [Req(prefix=20, qlen=4, tree=random_tree_mask(3, gen))]
+    impl = env["layer"].impl
+    impl.sliding_window = 16
+    try:
+        with pytest.raises(NotImplementedError, match="sliding_window"):
+            run_step(env, reqs, seed=13)
+    finally:
+        impl.sliding_window = -1
+
+
+def test_builder_falls_back_to_vec_when_layout_unreadable(env, monkeypatch):
+    if torch.cpu._is_amx_tile_supported():
+        pytest.skip("host has AMX: amx is readable here")
+    builder, layer = env["builder"], env["layer"]
+    monkeypatch.setattr(builder, "isa", "amx")
+    monkeypatch.setattr(layer, "isa", "amx")
+    layout = builder._tree_layout_or_fallback([LAYER])
+    assert builder.isa == "vec" and layer.isa == "vec" and layout.isa == "vec"
