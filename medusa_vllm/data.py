@@ -36,9 +36,9 @@ import re
 import subprocess
 import tempfile
 import textwrap
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Sequence
 
 # --------------------------------------------------------------------------------------
 # Packages, paths, errors
@@ -251,7 +251,7 @@ def clean_rst_inline(text: str) -> str:
 
     def role(m: re.Match[str]) -> str:
         body = m.group(2)
-        title = re.match(r"^(.*?)\s*<[^<>]+>$", body, flags=re.S)
+        title = re.match(r"^(.*?)\s*<[^<>]+>$", body, flags=re.DOTALL)
         if title and title.group(1):
             return title.group(1)
         body = body.lstrip("!")
@@ -266,13 +266,13 @@ def clean_rst_inline(text: str) -> str:
         return f"`{body}`" if code_like else body
 
     text = re.sub(r":([\w:+-]+):`([^`]+)`", role, text)
-    text = re.sub(r"``(.+?)``", r"`\1`", text, flags=re.S)
+    text = re.sub(r"``(.+?)``", r"`\1`", text, flags=re.DOTALL)
     text = re.sub(r"`([^`<]+?)\s*<[^`>]+>`__?", r"\1", text)
     text = re.sub(r"`([^`]+)`__?(?=\W|$)", r"\1", text)
     text = re.sub(r"\s*\[(?:#\w*|\*|\d+)\]_", "", text)
     text = re.sub(r"\|(\w[\w-]*)\|", r"\1", text)
     text = text.replace("\\ ", "").replace("\\*", "*").replace("\\`", "`")
-    text = re.sub(r"\*\*(.+?)\*\*", r"\1", text, flags=re.S)
+    text = re.sub(r"\*\*(.+?)\*\*", r"\1", text, flags=re.DOTALL)
     return text
 
 
@@ -294,7 +294,7 @@ def _indent(line: str) -> int:
 
 def _is_table(block: Sequence[str]) -> bool:
     first = block[0].strip()
-    return first.startswith("+-") or first.startswith("+=") or bool(re.match(r"^=+( +=+)+$", first))
+    return first.startswith(("+-", "+=")) or bool(re.match(r"^=+( +=+)+$", first))
 
 
 def _prose_text(block: Sequence[str]) -> str:
@@ -530,9 +530,9 @@ def clean_osis(raw: str) -> str:
     """
     text = re.split(r'<div\b[^>]*type="glossary"', raw, maxsplit=1)[0]
     text = re.sub(r"<note\b[^>]*/>", "", text)
-    text = re.sub(r"<note\b.*?</note>", "\x00", text, flags=re.S)
-    text = re.sub(r'<title\b(?![^>]*canonical="true")[^>]*>.*?</title>', " ", text, flags=re.S)
-    text = re.sub(r"<speaker\b.*?</speaker>", " ", text, flags=re.S)
+    text = re.sub(r"<note\b.*?</note>", "\x00", text, flags=re.DOTALL)
+    text = re.sub(r'<title\b(?![^>]*canonical="true")[^>]*>.*?</title>', " ", text, flags=re.DOTALL)
+    text = re.sub(r"<speaker\b.*?</speaker>", " ", text, flags=re.DOTALL)
     text = re.sub(r"</w>(?=<w\b[^>]*>\w)", "</w> ", text)
     text = _BLOCK_TAGS.sub(" ", text)
     text = re.sub(r"<[^>]*>", "", text)
@@ -939,9 +939,27 @@ def corpus_stats() -> dict[str, int]:
 
 
 __all__ = [
-    "APT_PACKAGES", "SOURCES", "MissingCorpus", "Passage", "Prompt", "build_prompts",
-    "build_prompt_records", "extract_bible_pairs", "load_bible_pairs", "split_of",
-    "split_passages", "clean_osis", "rst_passages", "parse_fortunes", "clean_rst_inline",
-    "align_pairs", "bible_passages", "translation_passages", "prompts_from_passages",
-    "sword_verses", "write_prompts", "corpus_stats", "data_cache_dir",
+    "APT_PACKAGES",
+    "SOURCES",
+    "MissingCorpus",
+    "Passage",
+    "Prompt",
+    "align_pairs",
+    "bible_passages",
+    "build_prompt_records",
+    "build_prompts",
+    "clean_osis",
+    "clean_rst_inline",
+    "corpus_stats",
+    "data_cache_dir",
+    "extract_bible_pairs",
+    "load_bible_pairs",
+    "parse_fortunes",
+    "prompts_from_passages",
+    "rst_passages",
+    "split_of",
+    "split_passages",
+    "sword_verses",
+    "translation_passages",
+    "write_prompts",
 ]

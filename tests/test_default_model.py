@@ -66,7 +66,7 @@ def test_missing_wheel_error_names_pip_command(monkeypatch):
 
 def test_wheel_without_gguf_error(monkeypatch, tmp_path):
     class Spec:
-        submodule_search_locations = [str(tmp_path)]
+        submodule_search_locations = (str(tmp_path),)
 
     monkeypatch.setattr(DM.importlib.util, "find_spec", lambda name: Spec())
     with pytest.raises(DM.DefaultModelUnavailable, match=r"SmolLM2-135M-Instruct\.Q4_1\.gguf.*--force-reinstall"):
