@@ -133,9 +133,7 @@ def _wheel_version() -> str:
         return "unknown"
 
 
-def _expected_marker(gguf: Path) -> BuildMarker:
-    import transformers
-
+def _expected_marker(gguf: Path, transformers_version: str = "") -> BuildMarker:
     return BuildMarker(
         recipe_version=RECIPE_VERSION,
         model=MODEL_NAME,
@@ -144,7 +142,7 @@ def _expected_marker(gguf: Path) -> BuildMarker:
         gguf_file=gguf.name,
         gguf_size=gguf.stat().st_size,
         dtype=SAVE_DTYPE,
-        transformers_version=transformers.__version__,
+        transformers_version=transformers_version,
         seconds=0.0,
     )
 
@@ -286,7 +284,9 @@ def build_default_model(force: bool = False, verbose: bool = True) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{MODEL_NAME}.tmp-", dir=target.parent))
         try:
             convert_gguf(gguf, tmp)
-            marker = _expected_marker(gguf)
+            import transformers
+
+            marker = _expected_marker(gguf, transformers.__version__)
             marker = BuildMarker(**{**asdict(marker), "seconds": round(time.perf_counter() - start, 1)})
             (tmp / MARKER_FILE).write_text(json.dumps(asdict(marker), indent=2) + "\n")
             if target.exists():
