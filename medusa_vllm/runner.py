@@ -27,6 +27,8 @@ from vllm.v1.outputs import SamplerOutput
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
 from medusa_vllm.acceptance import AcceptanceParams, AcceptanceRule
+from medusa_vllm.attention import TreeBatch, tree_batch_context
+from medusa_vllm.kv_compaction import compact_kv
 from medusa_vllm.proposer import MedusaTreeProposer, medusa_options
 from medusa_vllm.tree import MedusaTree
 from medusa_vllm.verifier import MedusaTreeVerifier
@@ -92,19 +94,14 @@ class MedusaTreeCPUModelRunner(CPUModelRunner):
         self.medusa_verifier = MedusaTreeVerifier(self.sampler, self.medusa_tree)
         self._node_depth = self.medusa_tree.position_offsets.numpy()
         self._last_node: torch.Tensor | None = None
+        self._tree_batch: TreeBatch | None = None
 
     # ------------------------------------------------------------ 1. inputs
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens: np.ndarray):
-        try:
-            from medusa_vllm.attention import TreeBatch, set_tree_batch
-        except ImportError:  # TEMP until the tree attention backend lands (chain trees only)
-            TreeBatch = lambda **kw: None  # noqa: E731
-            set_tree_batch = lambda tb: None  # noqa: E731
-
         out = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
         spec = out[1]
         self._last_node = None
-        set_tree_batch(None)
+        self._tree_batch = None
         if spec is None or not any(spec.num_draft_tokens):
             return out
         num_reqs = self.input_batch.num_reqs
@@ -125,15 +122,20 @@ class MedusaTreeCPUModelRunner(CPUModelRunner):
         self.positions[torch.from_numpy(rows)] = torch.from_numpy(base + depth).to(
             self.positions.dtype
         )
-        set_tree_batch(
-            TreeBatch(
-                query_start=torch.from_numpy(qsl[reqs]),
-                num_tokens=torch.from_numpy(counts),
-                prefix_lens=torch.from_numpy(computed[reqs]),
-                tree_mask=self.medusa_tree.tree_mask,
-            )
+        self._tree_batch = TreeBatch(
+            query_start=torch.from_numpy(qsl[reqs]),
+            num_tokens=torch.from_numpy(counts),
+            prefix_lens=torch.from_numpy(computed[reqs]),
+            tree_mask=self.medusa_tree.tree_mask,
+            req_indices=torch.from_numpy(reqs),
         )
         return out
+
+    def _build_attention_metadata(self, *args, **kwargs):
+        # The tree batch is visible to the attention metadata builder for this
+        # one build only, so no dummy/profile run can pick up a stale one.
+        with tree_batch_context(self._tree_batch):
+            return super()._build_attention_metadata(*args, **kwargs)
 
     # ----------------------------------------------------- 2+3. verification
     def _acceptance_params(self, sampling_metadata) -> AcceptanceParams:
@@ -177,8 +179,6 @@ class MedusaTreeCPUModelRunner(CPUModelRunner):
         move = (nodes > 0) & (nodes != depth)
         if not bool(move.any()):
             return
-        from medusa_vllm.kv_compaction import compact_kv
-
         req = move.nonzero()[:, 0]
         src_tok = qsl[req] + nodes[move]
         dst_tok = qsl[req] + depth[move]

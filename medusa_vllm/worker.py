@@ -16,7 +16,12 @@ from vllm.v1.worker.cpu_worker import CPUWorker
 
 class MedusaTreeCPUWorker(CPUWorker):
     def init_device(self) -> None:
+        from medusa_vllm.attention import register_tree_backend
         from medusa_vllm.runner import MedusaTreeCPUModelRunner
+
+        # Tree rows need the tree-attention backend; it must be registered
+        # before the model (and its Attention layers) is built.
+        register_tree_backend()
 
         if getattr(self, "use_v2_model_runner", False):
             raise RuntimeError(
