@@ -41,5 +41,14 @@ if [ "$engine" = cpu ]; then
   # against another torch and break `import vllm` / `import transformers` models.
   pip uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 fi
+# Offline text corpora (Debian packages) for prompt sets, self-distillation and the
+# Spanish-English evaluation. Best effort: only where apt-get runs as root.
+if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  pkgs=$("$VENV/bin/python" -c "from medusa_vllm.data import APT_PACKAGES; print(' '.join(APT_PACKAGES))")
+  if ! dpkg -s $pkgs >/dev/null 2>&1; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $pkgs) \
+      || echo "[setup] warning: could not install the corpora packages ($pkgs); prompt building needs them"
+  fi
+fi
 "$VENV/bin/python" -c "import vllm, medusa_vllm; print('[setup] vllm', vllm.__version__, 'medusa_vllm', medusa_vllm.__version__)"
 echo "$want" > "$stamp"
