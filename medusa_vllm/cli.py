@@ -22,6 +22,10 @@ SUBCOMMANDS: dict[str, tuple[str, str, str, str]] = {
         "medusa_vllm.training.cli", "add_train_args", "train_main",
         "train Medusa heads (Medusa-1, Medusa-2, self-distillation)",
     ),
+    "bench": (
+        "medusa_vllm.bench", "add_bench_args", "bench_main",
+        "benchmark vanilla vLLM vs built-in Medusa vs medusa_tree (tokens/s, acceptance, step cost)",
+    ),
     "default-model": (
         "medusa_vllm.default_model", "add_default_model_args", "default_model_main",
         'print {"model": DIR, "heads": DIR} of the embedded default model (builds it if missing)',

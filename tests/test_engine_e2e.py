@@ -177,3 +177,56 @@ def test_tensor_parallel_2(tiny):
                        "prompts": prompts, "sampling": sampling}, env=env)
     _compare(vanilla, ours)
     assert ours["metrics"]["mean_accepted_length"] > 1.2
+
+
+def _exact_three_token_probs(model_dir, prompt, temperature):
+    """p(t1, t2, t3 | prompt) of the backbone, by brute force with transformers."""
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    v = lm.config.vocab_size
+    with torch.no_grad():
+        p1 = torch.softmax(lm(torch.tensor([prompt])).logits[0, -1] / temperature, -1)  # [V]
+        t1 = torch.arange(v)
+        seq2 = torch.cat([torch.tensor(prompt).expand(v, -1), t1[:, None]], 1)
+        p2 = torch.softmax(lm(seq2).logits[:, -1] / temperature, -1)  # [V(t1), V]
+        t12 = torch.cartesian_prod(t1, t1)
+        seq3 = torch.cat([torch.tensor(prompt).expand(v * v, -1), t12], 1)
+        p3 = torch.softmax(lm(seq3).logits[:, -1] / temperature, -1).reshape(v, v, v)
+    return p1[:, None, None] * p2[:, :, None] * p3  # [V, V, V]
+
+
+@pytest.mark.parametrize("acceptance", ["rejection"])
+def test_rejection_sampling_reproduces_target_distribution(tmp_path, acceptance):
+    """Sampled 3-token continuations through the engine follow the backbone's
+    exact autoregressive distribution (chi-square over >= 20k samples)."""
+    from scipy.stats import chisquare
+
+    vocab = 12
+    model = build_tiny_llama(tmp_path / "m", vocab=vocab, hidden=64, layers=2, seed=3)
+    heads = _random_heads(tmp_path, model, num_heads=2, seed=5)
+    prompt = [3, 4, 5, 6]
+    temperature = 1.0
+    n = 24000
+    spec = {"method": "medusa_tree", "model": str(heads), "tree": "[[0],[1],[2],[0,0],[0,1],[1,0]]",
+            "acceptance": acceptance}
+    res = run_engine({
+        "llm": _llm(model, spec, max_num_seqs=256, max_model_len=64),
+        "prompts": [prompt] * n,
+        "sampling": dict(temperature=temperature, max_tokens=3, ignore_eos=True),
+    }, timeout=1500)
+    m = res["metrics"]
+    assert m["num_drafts"] > 0 and m["mean_accepted_length"] > 1.3, m  # the tree path ran and accepted
+    exact = _exact_three_token_probs(model, prompt, temperature).reshape(-1).double()
+    counts = torch.zeros(vocab**3, dtype=torch.float64)
+    for t in res["outputs"]:
+        assert len(t) == 3
+        counts[(t[0] * vocab + t[1]) * vocab + t[2]] += 1
+    expected = exact * n
+    big = expected >= 5  # merge rare outcomes into one cell
+    obs = torch.cat([counts[big], counts[~big].sum().reshape(1)])
+    exp = torch.cat([expected[big], expected[~big].sum().reshape(1)])
+    exp = exp * obs.sum() / exp.sum()
+    stat, p = chisquare(obs.numpy(), exp.numpy())
+    print(f"rejection through engine: chi2={stat:.1f} over {int(big.sum()) + 1} cells, p={p:.3g}, metrics={m}")
+    assert p > 1e-3, (stat, p)

@@ -1,0 +1,238 @@
+"""End-to-end decoding speed: vanilla vLLM vs vLLM's built-in (chain) Medusa vs
+medusa_tree, side by side in one run, plus the verification-cost curve.
+
+Each configuration runs in its own subprocess (a fresh engine), one after the
+other, with the same prompts and sampling settings; the parent prints a table
+of tokens/s, speedups and acceptance, and writes JSON + PNG.
+
+    medusa-vllm bench                                   # default model + shipped heads
+    medusa-vllm bench --model M --heads H --batch-sizes 1,8
+    medusa-vllm bench --cost-curve 1,4,16,32,64         # step cost vs tree size
+
+Greedy decoding throughout (temperature 0), so every configuration must emit
+the same text; the script checks that and reports any mismatch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _prompts(n: int, seed: int) -> list[str]:
+    try:
+        from medusa_vllm.data import build_prompts
+
+        return build_prompts(n, seed=seed, split="heldout")
+    except Exception:  # data module or its corpora missing: fixed fallback prompts
+        base = [
+            "Explain how a hash table works.",
+            "Write a short story about a lighthouse keeper.",
+            "What are the main causes of the French Revolution?",
+            "Describe the water cycle in simple terms.",
+            "Give three tips for writing clean Python code.",
+            "Summarize the plot of a detective novel you invent.",
+            "Why is the sky blue?",
+            "List the steps to bake bread at home.",
+        ]
+        return [base[i % len(base)] for i in range(n)]
+
+
+def _worker(spec: dict) -> dict:
+    """Run one configuration in this process and return its measurements."""
+    from vllm import LLM, SamplingParams
+
+    from medusa_vllm.metrics import spec_decode_summary
+
+    kwargs = dict(
+        model=spec["model"],
+        dtype=spec["dtype"],
+        enforce_eager=True,
+        gpu_memory_utilization=0.3,
+        max_model_len=spec["max_model_len"],
+        max_num_seqs=spec["batch_size"],
+        seed=0,
+        disable_log_stats=False,
+    )
+    if spec.get("speculative_config"):
+        kwargs["speculative_config"] = spec["speculative_config"]
+    llm = LLM(**kwargs)
+    tok = llm.get_tokenizer()
+    prompts = spec["prompts"]
+    if getattr(tok, "chat_template", None):
+        prompts = [
+            tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in prompts
+        ]
+    sp = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=spec["ignore_eos"])
+    llm.generate(prompts[: spec["batch_size"]], SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)
+    before = spec_decode_summary(llm.get_metrics())
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, sp, use_tqdm=False)
+    wall = time.perf_counter() - t0
+    stats = spec_decode_summary(llm.get_metrics()) - before
+    ntok = sum(len(o.outputs[0].token_ids) for o in outs)
+    return {
+        "name": spec["name"],
+        "batch_size": spec["batch_size"],
+        "wall_s": wall,
+        "output_tokens": ntok,
+        "tokens_per_s": ntok / wall,
+        "spec": stats.to_dict(),
+        "token_ids": [list(o.outputs[0].token_ids) for o in outs],
+        "texts": [o.outputs[0].text for o in outs],
+    }
+
+
+def _run(spec: dict) -> dict:
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(spec, f)
+    out = subprocess.run(
+        [sys.executable, "-m", "medusa_vllm.bench", "--_worker", f.name],
+        capture_output=True, text=True, env={**os.environ, "VLLM_CONFIGURE_LOGGING": "0"},
+    )
+    os.unlink(f.name)
+    for line in reversed(out.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise RuntimeError(f"{spec['name']} (batch {spec['batch_size']}) failed:\n{out.stderr[-4000:]}")
+
+
+def add_bench_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    ap.add_argument("--model")
+    ap.add_argument("--heads", help="Medusa heads folder (our layout); default: the shipped default heads")
+    ap.add_argument("--tree", default="auto")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--num-prompts", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--max-model-len", type=int, default=1024)
+    ap.add_argument("--batch-sizes", default="1,8")
+    ap.add_argument("--ignore-eos", action="store_true")
+    ap.add_argument("--configs", default="vanilla,medusa,medusa_tree")
+    ap.add_argument("--cost-curve", default="", help="tree sizes for the verification-cost curve, e.g. 1,4,16,32,64")
+    ap.add_argument("--out", default="runs/bench_e2e")
+    ap.add_argument("--_worker", help=argparse.SUPPRESS)
+    return ap
+
+
+def bench_main(args: argparse.Namespace) -> int:
+    if args._worker:
+        print(json.dumps(_worker(json.loads(Path(args._worker).read_text()))))
+        return 0
+    rows = run_bench(args)
+    print_table(rows)
+    out_dir = Path(args.out)
+    (out_dir / "results.json").write_text(json.dumps(rows, indent=1))
+    plot(rows, out_dir)
+    print(f"\nwrote {out_dir / 'results.json'} and PNG plots")
+    return 0
+
+
+def run_bench(args: argparse.Namespace) -> list[dict]:
+    """Run every configuration and return one row per (configuration, batch size)."""
+    from tqdm import tqdm
+
+    if args.model is None or args.heads is None:
+        from medusa_vllm.default_model import default_model_info
+
+        info = default_model_info()
+        args.model = args.model or info["model"]
+        args.heads = args.heads or info["heads"]
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vllm_heads = out_dir / "heads_vllm_layout"
+    configs = args.configs.split(",")
+    num_heads = None
+    if "medusa" in configs:
+        from medusa_vllm.checkpoints import convert, load_backbone_lm_head
+        from medusa_vllm.config import read_heads_info
+
+        num_heads = read_heads_info(args.heads).num_heads
+        convert(args.heads, vllm_heads, layout="vllm", overwrite=True,
+                lm_head_weight=load_backbone_lm_head(args.model))
+
+    prompts = _prompts(args.num_prompts, seed=1234)
+    base = dict(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
+                max_tokens=args.max_tokens, ignore_eos=args.ignore_eos, prompts=prompts)
+    specs = []
+    for bs in [int(x) for x in args.batch_sizes.split(",")]:
+        for name in configs:
+            sc = None
+            if name == "medusa":
+                sc = {"method": "medusa", "model": str(vllm_heads), "num_speculative_tokens": num_heads}
+            elif name == "medusa_tree":
+                sc = {"method": "medusa_tree", "model": args.heads, "tree": args.tree}
+            specs.append({**base, "name": name, "batch_size": bs, "speculative_config": sc})
+        for n in [int(x) for x in args.cost_curve.split(",") if x]:
+            tree = "chain-1" if n == 1 else f"sparse-{n}"
+            specs.append({**base, "name": f"tree-{n}", "batch_size": bs, "ignore_eos": True,
+                          "speculative_config": {"method": "medusa_tree", "model": args.heads, "tree": tree}})
+        if args.cost_curve and "vanilla" not in configs:
+            specs.append({**base, "name": "vanilla", "batch_size": bs, "ignore_eos": True, "speculative_config": None})
+
+    results = [_run(s) for s in tqdm(specs, desc="configurations")]
+    rows = []
+    for bs in sorted({r["batch_size"] for r in results}):
+        group = {r["name"]: r for r in results if r["batch_size"] == bs}
+        van = group.get("vanilla")
+        for name, r in group.items():
+            row = {k: v for k, v in r.items() if k not in ("token_ids", "texts")}
+            row["first_text"] = r["texts"][0] if r["texts"] else ""
+            if van:
+                row["speedup_vs_vanilla"] = r["tokens_per_s"] / van["tokens_per_s"]
+                row["same_output_as_vanilla"] = r["token_ids"] == van["token_ids"]
+                # relative cost of one engine step (verification pass) vs a vanilla decode step
+                steps = r["output_tokens"] / max(r["spec"]["mean_accepted_length"], 1.0)
+                row["step_time_vs_vanilla"] = (r["wall_s"] / steps) / (van["wall_s"] / van["output_tokens"])
+            if "medusa" in group:
+                row["speedup_vs_builtin_medusa"] = r["tokens_per_s"] / group["medusa"]["tokens_per_s"]
+            rows.append(row)
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"\n{'config':<14}{'batch':>6}{'tok/s':>9}{'x vanilla':>11}{'x medusa':>10}{'acc.len':>9}{'step cost':>11}  same")
+    for r in rows:
+        print(f"{r['name']:<14}{r['batch_size']:>6}{r['tokens_per_s']:>9.1f}"
+              f"{r.get('speedup_vs_vanilla', float('nan')):>11.2f}{r.get('speedup_vs_builtin_medusa', float('nan')):>10.2f}"
+              f"{r['spec']['mean_accepted_length']:>9.2f}{r.get('step_time_vs_vanilla', float('nan')):>11.2f}"
+              f"  {r.get('same_output_as_vanilla', '')}")
+        if r["spec"]["acceptance_per_depth"]:
+            print(f"{'':<14}per-depth acceptance: " + ", ".join(f"{a:.2f}" for a in r["spec"]["acceptance_per_depth"]))
+
+
+def plot(rows: list[dict], out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for bs in sorted({r["batch_size"] for r in rows}):
+        rs = [r for r in rows if r["batch_size"] == bs and not r["name"].startswith("tree-")]
+        ax.bar([f"{r['name']}\nbs={bs}" for r in rs], [r["tokens_per_s"] for r in rs])
+    ax.set_ylabel("output tokens / s")
+    ax.set_title("Greedy decoding throughput")
+    fig.tight_layout()
+    fig.savefig(out_dir / "throughput.png", dpi=120)
+    curve = [r for r in rows if r["name"].startswith("tree-") and "step_time_vs_vanilla" in r]
+    if curve:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for bs in sorted({r["batch_size"] for r in curve}):
+            pts = sorted((int(r["name"][5:]), r["step_time_vs_vanilla"]) for r in curve if r["batch_size"] == bs)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"batch {bs}")
+        ax.set_xlabel("tree nodes")
+        ax.set_ylabel("verification step time / vanilla decode step")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out_dir / "verify_cost.png", dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(bench_main(add_bench_args(argparse.ArgumentParser(description=__doc__)).parse_args()))
