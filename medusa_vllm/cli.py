@@ -22,6 +22,10 @@ SUBCOMMANDS: dict[str, tuple[str, str, str, str]] = {
         "medusa_vllm.training.cli", "add_train_args", "train_main",
         "train Medusa heads (Medusa-1, Medusa-2, self-distillation)",
     ),
+    "calibrate": (
+        "medusa_vllm.calibrate", "add_calibrate_args", "calibrate_main",
+        "measure head accuracies and this machine's verification cost; write the best tree beside the heads",
+    ),
     "bench": (
         "medusa_vllm.bench", "add_bench_args", "bench_main",
         "benchmark vanilla vLLM vs built-in Medusa vs medusa_tree (tokens/s, acceptance, step cost)",

@@ -1,0 +1,198 @@
+"""``medusa-vllm calibrate``: the paper's optimized sparse tree, sized to this machine.
+
+1. Accuracy: per-head top-k accuracies of the heads on held-out data
+   (teacher-forced; :func:`medusa_vllm.training.evaluate.evaluate_heads`).
+2. Cost: the verification cost curve *through vLLM* on this machine — engine
+   step time with a tree of n nodes relative to a vanilla decode step, at the
+   batch sizes that matter (:mod:`medusa_vllm.bench` runs each size in a fresh
+   engine).
+3. Fit: for every size the greedy tree of :meth:`MedusaTree.from_accuracies`
+   maximises E[accepted length]; :meth:`MedusaTree.best_for_cost` picks the size
+   maximising E[tokens per step] / cost(n) (cost linearly interpolated between
+   measured sizes).
+
+Writes into the heads folder: ``medusa_tree.json`` (picked up by
+``tree: "auto"``), ``calibration.json`` (accuracies, curves, the chosen tree's
+expected accepted length and speedup per batch size) and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from medusa_vllm.tree import MedusaTree
+
+__all__ = [
+    "add_calibrate_args",
+    "calibrate_main",
+    "fit_tree",
+    "interpolate_cost",
+    "measure_accuracies",
+    "measure_cost_curve",
+]
+
+
+def interpolate_cost(curve: dict[int, float]) -> Callable[[int], float]:
+    """Piecewise-linear cost(n) through measured points ``{nodes: relative step time}``
+    (``0`` = vanilla decode = 1.0 unless given); extrapolates the last slope."""
+    pts = sorted({0: 1.0, **{int(k): float(v) for k, v in curve.items()}}.items())
+    if len(pts) < 2:
+        raise ValueError("cost curve: need at least one measured tree size")
+
+    def cost(n: int) -> float:
+        for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+            if n <= x1:
+                return y0 + (y1 - y0) * (n - x0) / (x1 - x0)
+        (x0, y0), (x1, y1) = pts[-2], pts[-1]
+        return y1 + (y1 - y0) * (n - x1) / (x1 - x0)
+
+    return cost
+
+
+def fit_tree(per_rank: Sequence[Sequence[float]] | torch.Tensor, curve: dict[int, float],
+             max_nodes: int) -> tuple[MedusaTree, float, float]:
+    """Best tree for one batch size: (tree, expected accepted length, expected speedup)."""
+    tree, speedup = MedusaTree.best_for_cost(per_rank, interpolate_cost(curve), max_nodes)
+    return tree, tree.expected_accept_length(per_rank), speedup
+
+
+def measure_accuracies(model: str, heads_dir: str, data: Sequence[str], *, max_rows: int = 256,
+                       seq_len: int = 512, batch_size: int = 8, topk: int = 10):
+    """Teacher-forced per-head top-k accuracy on ``data`` (JSONL / text files)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from medusa_vllm.heads import MedusaHeads
+    from medusa_vllm.training.cache import backbone_hidden
+    from medusa_vllm.training.data import EncodedData, collate, encode_file
+    from medusa_vllm.training.evaluate import evaluate_heads
+
+    tok = AutoTokenizer.from_pretrained(model)
+    lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    heads = MedusaHeads.from_pretrained(heads_dir, lm_head_weight=lm.get_output_embeddings().weight)
+    heads = heads.to(torch.float32).eval()
+    enc = EncodedData()
+    for path in data:
+        enc.extend(encode_file(path, tok, seq_len=seq_len, num_heads=heads.config.num_heads,
+                               vocab_size=lm.config.vocab_size))
+    n = min(max_rows, len(enc))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    batches = [collate(enc, range(i, min(n, i + batch_size)), pad) for i in range(0, n, batch_size)]
+    return evaluate_heads(
+        heads, batches, lambda b: backbone_hidden(lm, b.input_ids, b.attention_mask), topk=topk,
+        lm_head=lm.get_output_embeddings(),
+    )
+
+
+def measure_cost_curve(model: str, heads_dir: str, sizes: Sequence[int], batch_size: int, *,
+                       num_prompts: int = 8, max_tokens: int = 64, dtype: str = "float32",
+                       max_model_len: int = 1024) -> dict[int, float]:
+    """Relative engine step time with trees of each size vs vanilla decoding."""
+    from tqdm import tqdm
+
+    from medusa_vllm.bench import _prompts, _run
+
+    base = dict(model=model, dtype=dtype, max_model_len=max_model_len, max_tokens=max_tokens,
+                ignore_eos=True, prompts=_prompts(max(num_prompts, batch_size), seed=99),
+                batch_size=batch_size)
+    van = _run({**base, "name": "vanilla", "speculative_config": None})
+    per_tok = van["wall_s"] / van["output_tokens"]
+    curve: dict[int, float] = {}
+    for n in tqdm(sizes, desc=f"cost curve (batch {batch_size})"):
+        tree = "chain-1" if n == 1 else f"sparse-{n}"
+        r = _run({**base, "name": f"tree-{n}",
+                  "speculative_config": {"method": "medusa_tree", "model": heads_dir, "tree": tree}})
+        steps = r["output_tokens"] / max(r["spec"]["mean_accepted_length"], 1.0)
+        curve[n] = (r["wall_s"] / steps) / per_tok
+    return curve
+
+
+def add_calibrate_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--model", required=True, help="backbone folder")
+    p.add_argument("--heads", required=True, help="heads folder (results are written into it)")
+    p.add_argument("--data", nargs="*", default=[], help="held-out data files for the accuracies "
+                   "(default: reuse accuracies.json/eval.json in the heads folder)")
+    p.add_argument("--sizes", default="1,4,8,16,32,64", help="tree sizes to time through vLLM")
+    p.add_argument("--batch-sizes", default="1", help="batch sizes to calibrate; the tree is fitted "
+                   "for the first one")
+    p.add_argument("--max-nodes", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--max-rows", type=int, default=256)
+    p.add_argument("--dtype", default="float32")
+    return p
+
+
+def _per_rank(heads_dir: Path, data: Sequence[str], args) -> tuple[list[list[float]], dict]:
+    if data:
+        acc = measure_accuracies(args.model, str(heads_dir), data, max_rows=args.max_rows)
+        acc.save(heads_dir)
+        print(acc.table())
+        return acc.per_rank.tolist(), acc.to_dict()
+    ev = heads_dir / "eval.json"
+    if ev.exists():
+        d = json.loads(ev.read_text())
+        return d["per_rank"], d
+    cum_path = heads_dir / "accuracies.json"
+    if not cum_path.exists():
+        raise FileNotFoundError(
+            f"{heads_dir}: no accuracies.json / eval.json; pass --data HELD_OUT.jsonl to measure them"
+        )
+    cum = torch.tensor(json.loads(cum_path.read_text()), dtype=torch.float64)
+    per = torch.cat([cum[:, :1], cum[:, 1:] - cum[:, :-1]], 1)
+    return per.tolist(), {"topk_cumulative": cum.tolist(), "per_rank": per.tolist()}
+
+
+def calibrate_main(args: argparse.Namespace) -> int:
+    heads_dir = Path(args.heads)
+    per_rank, acc_info = _per_rank(heads_dir, args.data, args)
+    sizes = [int(x) for x in args.sizes.split(",") if x]
+    result: dict = {"accuracies": acc_info, "cost_curves": {}, "trees": {}}
+    chosen = None
+    for bs in [int(x) for x in args.batch_sizes.split(",") if x]:
+        curve = measure_cost_curve(args.model, str(heads_dir), sizes, bs, max_tokens=args.max_tokens,
+                                   dtype=args.dtype)
+        tree, exp_len, speed = fit_tree(per_rank, curve, args.max_nodes)
+        result["cost_curves"][str(bs)] = curve
+        result["trees"][str(bs)] = {"num_nodes": tree.num_nodes, "expected_accept_length": exp_len,
+                                    "expected_speedup": speed, "medusa_choices": tree.to_list()}
+        print(f"batch {bs}: cost {curve} -> tree of {tree.num_nodes} nodes, "
+              f"E[accepted length] {exp_len:.2f}, expected speedup {speed:.2f}x")
+        chosen = chosen or (bs, tree, exp_len, speed)
+    assert chosen is not None
+    bs, tree, exp_len, speed = chosen
+    tree.save(heads_dir / "medusa_tree.json", batch_size=bs, expected_accept_length=exp_len,
+              expected_speedup=speed, source="medusa-vllm calibrate")
+    (heads_dir / "calibration.json").write_text(json.dumps(result, indent=1))
+    _plot(per_rank, result, heads_dir)
+    print(f"wrote {heads_dir / 'medusa_tree.json'} ({tree.num_nodes} nodes) and calibration.json")
+    return 0
+
+
+def _plot(per_rank, result: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cum = torch.tensor(per_rank).cumsum(1)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for k in range(cum.shape[0]):
+        ax.plot(range(1, cum.shape[1] + 1), cum[k].tolist(), marker="o", label=f"head {k}")
+    ax.set_xlabel("top-k")
+    ax.set_ylabel("accuracy (held-out)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "accuracy.png", dpi=110)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for bs, curve in result["cost_curves"].items():
+        pts = sorted((int(n), c) for n, c in curve.items())
+        ax.plot([0] + [p[0] for p in pts], [1.0] + [p[1] for p in pts], marker="o", label=f"batch {bs}")
+    ax.set_xlabel("tree nodes")
+    ax.set_ylabel("step time / vanilla decode step")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "cost_curve.png", dpi=110)

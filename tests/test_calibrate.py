@@ -1,0 +1,53 @@
+"""Calibration fit: the tree chosen from accuracies + a cost curve."""
+
+import itertools
+
+import pytest
+import torch
+
+from medusa_vllm.calibrate import fit_tree, interpolate_cost
+from medusa_vllm.tree import MedusaTree, expected_accept_length
+
+ACC = [[0.55, 0.12, 0.05, 0.03], [0.35, 0.1, 0.04, 0.02], [0.25, 0.07, 0.03, 0.02]]
+
+
+def test_interpolate_cost_is_piecewise_linear():
+    cost = interpolate_cost({4: 1.2, 16: 2.0})
+    assert cost(0) == 1.0 and cost(4) == pytest.approx(1.2) and cost(16) == pytest.approx(2.0)
+    assert cost(2) == pytest.approx(1.1)
+    assert cost(10) == pytest.approx(1.6)
+    assert cost(28) == pytest.approx(2.8)  # last slope extrapolated
+    with pytest.raises(ValueError):
+        interpolate_cost({})
+
+
+def _brute_best(acc, cost, max_nodes):
+    """Best prefix-closed tree over ALL shapes of every size (tiny space), by brute force."""
+    universe = [p for d in range(1, 3) for p in itertools.product(range(2), repeat=d)]
+    best = (None, -1.0)
+    for size in range(1, max_nodes + 1):
+        for combo in itertools.combinations(universe, size):
+            s = set(combo)
+            if all(len(p) == 1 or p[:-1] in s for p in combo):
+                sp = expected_accept_length(acc, combo) / cost(size)
+                if sp > best[1] + 1e-12:
+                    best = (combo, sp)
+    return best
+
+
+@pytest.mark.parametrize("slope", [0.01, 0.1, 0.3])
+def test_fit_matches_brute_force(slope):
+    acc = [[0.6, 0.2], [0.4, 0.15]]
+    curve = {n: 1.0 + slope * n for n in (1, 2, 4, 6)}
+    tree, exp_len, speed = fit_tree(acc, curve, max_nodes=6)
+    paths, best_speed = _brute_best(acc, interpolate_cost(curve), 6)
+    assert speed == pytest.approx(best_speed)
+    assert exp_len == pytest.approx(expected_accept_length(acc, paths))
+    assert tree.num_nodes == len(paths)
+
+
+def test_steeper_cost_prefers_smaller_trees():
+    flat = fit_tree(ACC, {1: 1.01, 64: 1.2}, 64)[0]
+    steep = fit_tree(ACC, {1: 1.05, 64: 5.0}, 64)[0]
+    assert isinstance(flat, MedusaTree) and steep.num_nodes < flat.num_nodes
+    assert torch.equal(steep.tree_mask, MedusaTree.from_accuracies(ACC, steep.num_nodes).tree_mask)
