@@ -438,17 +438,23 @@ def plan_tree_batch(
     needed = (total + block_size - 1) // block_size
     blocks[torch.arange(nblk).view(1, -1) >= needed.view(-1, 1)] = 0  # null block, masked out
 
-    pos = torch.arange(length).view(1, 1, -1)
-    rel = pos - plen.view(-1, 1, 1)  # key position relative to the root
-    node = torch.arange(t_max).view(1, -1, 1)
-    in_tree = (rel >= 0) & (rel < ntok.view(-1, 1, 1))
-    anc = mask[:t_max, :t_max][node, rel.clamp(0, t_max - 1)]
-    attn_mask = (rel < 0) | (in_tree & anc)
-    valid = node.view(1, -1) < ntok.view(-1, 1)
+    # prefix columns [0, P) for every query row, then the [T, T] ancestor block
+    # scattered at columns [P, P+T) (only R*T*T elements are indexed)
+    # (T_max spare columns: a short tree right at the end of the gathered
+    # length still scatters its padding columns in bounds; sliced off below)
+    width = length + t_max
+    attn_mask = (torch.arange(width).view(1, 1, -1) < plen.view(-1, 1, 1)).expand(r, t_max, width).clone()
+    node = torch.arange(t_max)
+    valid = node.view(1, -1) < ntok.view(-1, 1)  # [R, T_max]
+    tree = mask[:t_max, :t_max].unsqueeze(0) & valid.unsqueeze(1) & valid.unsqueeze(2)
     # padding query rows only see the root, so no row is fully masked (no NaN)
-    attn_mask |= ~valid.unsqueeze(-1) & (rel == 0)
+    tree[:, :, 0] |= ~valid
+    cols = plen.view(-1, 1, 1) + node.view(1, 1, -1)  # [R, 1, T_max], < length
+    attn_mask.scatter_(2, cols.expand(r, t_max, t_max), tree)
+    attn_mask = attn_mask[:, :, :length]
 
-    rows = torch.cat([torch.arange(int(s), int(s) + int(n)) for s, n in zip(qsl[req], ntok)])
+    offsets = torch.cumsum(ntok, 0) - ntok
+    rows = torch.arange(int(ntok.sum())) + torch.repeat_interleave(qsl[req] - offsets, ntok)
     device = cm.query_start_loc.device
     return TreePlan(
         req_indices=req.to(device),

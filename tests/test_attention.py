@@ -322,6 +322,30 @@ def test_all_tree_batch_skips_the_kernel(env):
     torch.testing.assert_close(out, expected, **tol(env["dtype"]))
 
 
+def test_short_tree_ending_at_a_block_edge_next_to_a_long_tree(env):
+    gen = torch.Generator().manual_seed(14)
+    tree = random_tree_mask(12, gen)
+    # request 0 fills exactly two blocks; request 1's tree is wider
+    reqs = [Req(prefix=2 * BLOCK - 1, qlen=1, tree=tree[:1, :1]), Req(prefix=10, qlen=13, tree=tree)]
+    out, expected, meta, _ = run_step(env, reqs, seed=15)
+    assert meta.tree.attn_mask.shape[-1] == 2 * BLOCK
+    torch.testing.assert_close(out, expected, **tol(env["dtype"]))
+
+
+def test_chain_tree_equals_vllm_causal_kernel(env):
+    """A chain-shaped tree must give what vLLM's own C++ kernel gives causally."""
+    chain = torch.ones(9, 9, dtype=torch.bool).tril()
+    reqs = [Req(prefix=45, qlen=9, tree=chain), Req(prefix=0, qlen=5), Req(prefix=77, qlen=4, tree=chain[:4, :4])]
+    out, _, meta, _ = run_step(env, reqs, seed=16)
+    assert meta.tree is not None
+    kernel, _, base_meta, _ = run_step(
+        env, [dataclasses.replace(r, tree=None) for r in reqs], seed=16,
+        impl_cls=cpu_attn.CPUAttentionBackendImpl,
+    )
+    assert base_meta.tree is None
+    torch.testing.assert_close(out, kernel, **tol(env["dtype"]))
+
+
 def test_contiguous_plain_rows_use_views(env):
     gen = torch.Generator().manual_seed(9)
     tree = random_tree_mask(5, gen)
