@@ -92,7 +92,10 @@ def register_tree_backend() -> None:
     (``Attention.__init__`` resolves the backend and vLLM caches the answer in
     ``vllm.v1.attention.selector._cached_get_attn_backend``).
     """
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+    from vllm.v1.attention.backends.registry import (
+        AttentionBackendEnum,
+        register_backend,
+    )
 
     register_backend(AttentionBackendEnum.CPU_ATTN, TREE_BACKEND_PATH)
 
@@ -192,7 +195,7 @@ def _transposed_layout_offsets(block_size: int, head_size: int) -> tuple[torch.T
     return k, v
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def probe_cache_layout(
     isa: str, dtype: torch.dtype, block_size: int, head_size: int
 ) -> CacheTileLayout:
@@ -228,8 +231,8 @@ def probe_cache_layout(
     found = torch.zeros(tile, dtype=torch.int64)
     try:
         for p in range(num_digits):
-            digit = lambda x: (x // base**p) % base + 1  # noqa: E731 - 0 means "not written"
-            kv = write(digit(k_ids), digit(v_ids))
+            scale = base**p  # digit + 1, so that 0 means "not written"
+            kv = write((k_ids // scale) % base + 1, (v_ids // scale) % base + 1)
             if bool(kv[0].ne(0).any()):
                 raise RuntimeError(f"{where}: the op wrote outside the addressed block")
             got = kv[1].reshape(-1).to(torch.float64).round().to(torch.int64)
@@ -239,7 +242,7 @@ def probe_cache_layout(
                     f"written by one full block of tokens; the layout is not a per-tile "
                     f"permutation"
                 )
-            found += (got - 1) * base**p
+            found += (got - 1) * scale
     except RuntimeError as err:
         if str(err).startswith(where):
             raise
@@ -694,7 +697,7 @@ class TreeCPUAttentionBackendImpl(CPUAttentionBackendImpl):
                     layer, query[rows], key, value, kv_cache, plan.plain_metadata, sub_out
                 )
                 output[rows] = sub_out
-        nb, h, bs, c = kv_cache.shape
+        bs, c = kv_cache.shape[2], kv_cache.shape[3]
         if bs != plan.block_size:
             raise ValueError(
                 f"tree attention: kv_cache block size {bs} != planned block size {plan.block_size}"

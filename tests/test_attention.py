@@ -18,10 +18,10 @@ import torch
 
 pytest.importorskip("vllm")
 
-from vllm import _custom_ops as ops  # noqa: E402
-from vllm.v1.attention.backends import cpu_attn  # noqa: E402
+from vllm import _custom_ops as ops
+from vllm.v1.attention.backends import cpu_attn
 
-from medusa_vllm.attention import (  # noqa: E402
+from medusa_vllm.attention import (
     TreeBatch,
     TreeCPUAttentionBackend,
     TreeCPUAttentionBackendImpl,
@@ -111,7 +111,7 @@ def env(request, tmp_path_factory):
         kv, spec = make_kv_cache(dtype)
         builder = TreeCPUAttentionMetadataBuilder(spec, [LAYER], cfg, torch.device("cpu"))
     layer.kv_cache = kv
-    yield dict(cfg=cfg, layer=layer, kv=kv, spec=spec, builder=builder, dtype=dtype)
+    yield {"cfg": cfg, "layer": layer, "kv": kv, "spec": spec, "builder": builder, "dtype": dtype}
     set_tree_batch(None)
 
 
@@ -200,7 +200,7 @@ def run_step(env, reqs: list[Req], seed: int = 0, publish: bool = True, impl_cls
 
 
 def tol(dtype):
-    return dict(atol=2e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=2e-2)
+    return {"atol": 2e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 3e-2, "rtol": 2e-2}
 
 
 # -------------------------------------------------------------------- layout
@@ -296,7 +296,7 @@ def test_tree_rows_match_reference_in_a_mixed_batch(env):
     assert not isinstance(meta.tree.plain_rows, slice)  # interleaved plain rows
     torch.testing.assert_close(out, expected, **tol(env["dtype"]))
     # the tree really matters: causal attention differs on tree rows
-    chain_out, chain_exp, _, _ = run_step(env, [dataclasses.replace(r, tree=None) for r in reqs], seed=4)
+    chain_out, _, _, _ = run_step(env, [dataclasses.replace(r, tree=None) for r in reqs], seed=4)
     rows = slice(qsl[1], qsl[2])
     assert not torch.allclose(out[rows].float(), chain_out[rows].float(), **tol(env["dtype"]))
 

@@ -17,11 +17,11 @@ import torch
 
 pytest.importorskip("vllm")
 
-from vllm import _custom_ops as ops  # noqa: E402
-from vllm.v1.attention.backends import cpu_attn  # noqa: E402
+from vllm import _custom_ops as ops
+from vllm.v1.attention.backends import cpu_attn
 
-from medusa_vllm.attention import gather_kv, probe_cache_layout  # noqa: E402
-from medusa_vllm.kv_compaction import compact_kv, compact_layer, compaction_slots  # noqa: E402
+from medusa_vllm.attention import gather_kv, probe_cache_layout
+from medusa_vllm.kv_compaction import compact_kv, compact_layer, compaction_slots
 
 BLOCK, KV_HEADS, NUM_BLOCKS = 32, 2, 24
 
@@ -143,7 +143,7 @@ def test_swaps_are_safe_because_all_sources_are_read_first():
     dtype, head_size = torch.bfloat16, 64
     gen = torch.Generator().manual_seed(1)
     kv = make_kv_cache(dtype, head_size)["l0"]
-    isa, qs, sm, key, value = fill_step(kv, dtype, head_size, [10], [6], gen)
+    isa, _, sm, key, value = fill_step(kv, dtype, head_size, [10], [6], gen)
     src, dst = sm[[1, 4]], sm[[4, 1]]
     expected = expected_after(kv, isa, key, value, torch.tensor([1, 4]), dst)
     compact_layer(kv, src, dst, probe_cache_layout(isa, dtype, BLOCK, head_size))
