@@ -495,7 +495,7 @@ def test_medusa2_teacher_with_adapters_disabled_is_the_base_model(tmp_path, tiny
     assert torch.equal(teacher, want)
     assert not torch.allclose(student, want)  # the adapters did learn something
     trainer.config.self_distill = True
-    t = trainer._teacher(batch, None, None)
+    t = trainer._teacher(batch, None)
     assert torch.equal(t.logits, want)
 
 
@@ -620,7 +620,7 @@ def test_self_distill_ce_needs_no_teacher(tmp_path, tiny):
     trainer = MedusaTrainer(_cfg(tmp_path, tiny, data=[str(data)], self_distill=True))
     trainer.setup()
     batch = collate(trainer.train_data, [0, 1], trainer.pad_id)
-    assert trainer._teacher(batch, torch.zeros(2, 3, HIDDEN), None) is None
+    assert trainer._teacher(batch, torch.zeros(2, 3, HIDDEN)) is None
     assert trainer.train_step(0)["heads_loss"] > 0
 
 

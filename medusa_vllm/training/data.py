@@ -143,6 +143,8 @@ class FileStats:
         if dropped:
             out += (f"; dropped {self.bad} malformed, {self.too_short} too short, "
                     f"{self.no_target} without targets")
+            if self.first_error:
+                out += f" (first malformed: {self.first_error})"
         if self.truncated:
             out += f"; truncated {self.truncated}"
         return out

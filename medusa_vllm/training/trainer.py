@@ -357,13 +357,16 @@ class MedusaTrainer:
 
     def _build_optimizer(self) -> None:
         cfg = self.config
-        groups = [{
-            "name": "heads", "lr": cfg.heads_lr,
-            "params": [p for p in self.heads.parameters() if p.requires_grad],
-        }]
+        groups = []
+        hp = [p for p in self.heads.parameters() if p.requires_grad]
+        if hp:
+            groups.append({"name": "heads", "lr": cfg.heads_lr, "params": hp})
         bb = [p for _, p in self.backbone_parameters()]
         if bb:
             groups.append({"name": "backbone", "lr": cfg.backbone_lr, "params": bb})
+        if not groups:
+            raise TrainingError("nothing to train: the heads have no trainable parameter "
+                                "(original_lm_head with num_layers=0) and the backbone is frozen")
         self.optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
@@ -414,8 +417,7 @@ class MedusaTrainer:
             losses.append(float(loss.detach()))
         return losses
 
-    def _teacher(self, batch: Batch, hidden: torch.Tensor | None, student_logits: torch.Tensor | None
-                 ) -> TeacherLogits | None:
+    def _teacher(self, batch: Batch, hidden: torch.Tensor | None) -> TeacherLogits | None:
         """Teacher logits ``[B, T, V]`` for self-distillation (None if unused)."""
         cfg = self.config
         if not cfg.self_distill:
@@ -442,10 +444,7 @@ class MedusaTrainer:
 
         if self.cache is not None:
             return self.cache.batch(batch.index.tolist(), batch.input_ids.shape[1]).to(self.device)
-        with torch.no_grad():
-            if self.config.recipe == "medusa2":
-                return self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                  output_hidden_states=True).hidden_states[-1]
+        with torch.no_grad():  # (a PeftModel's decoder carries its LoRA layers)
             return backbone_hidden(self.model, batch.input_ids, batch.attention_mask)
 
     def micro_step(self, batch: Batch, step: int, scale: float) -> dict[str, Any]:
@@ -455,7 +454,7 @@ class MedusaTrainer:
         labels = batch.labels
         if not self.joint(step):
             hidden = self._hidden_for(batch).detach()
-            teacher = self._teacher(batch, hidden, None) if cfg.distill_heads_loss == "kl" else None
+            teacher = self._teacher(batch, hidden) if cfg.distill_heads_loss == "kl" else None
             head_losses = self._heads_backward(hidden, labels, teacher, scale)
             return {"head_losses": head_losses, "lambda0": 1.0, "stage": "heads"}
         out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
@@ -463,7 +462,7 @@ class MedusaTrainer:
         hidden, logits = out.hidden_states[-1], out.logits
         targets = next_token_targets(labels)
         valid = targets != IGNORE_INDEX
-        teacher = self._teacher(batch, None, logits)
+        teacher = self._teacher(batch, None)
         if cfg.self_distill:
             assert teacher is not None
             lm_loss = kl_from_logits(logits[valid], teacher.select(valid))
@@ -597,9 +596,6 @@ class MedusaTrainer:
         from medusa_vllm.training.cache import backbone_hidden
 
         def hidden_fn(b: Batch) -> torch.Tensor:
-            if cfg.recipe == "medusa2":
-                return self.model(input_ids=b.input_ids, attention_mask=b.attention_mask,
-                                  output_hidden_states=True).hidden_states[-1]
             return backbone_hidden(self.model, b.input_ids, b.attention_mask)
 
         was = self.model.training
