@@ -135,6 +135,15 @@ def test_kl_matches_definition_full_topk_and_draft_vocab():
     got4 = kl_from_logits(s[:, :3], full_k, tm, full_to_draft_map(tm, 7))
     assert got4 == pytest.approx(float(want3), rel=1e-5)
     assert float(kl_from_logits(t, TeacherLogits.from_logits(t))) == pytest.approx(0.0, abs=1e-6)
+    # a top-k teacher entirely outside the draft vocabulary contributes 0, with finite grads
+    far = TeacherLogits(values=torch.tensor([[2.0, 1.0], [3.0, 0.0]]), ids=torch.tensor([[1, 2], [3, 4]]))
+    st = s[:2, :3].clone().requires_grad_(True)
+    loss = kl_from_logits(st, far, tm, full_to_draft_map(tm, 7))
+    loss.backward()
+    assert torch.isfinite(st.grad).all() and st.grad[0].abs().sum() == 0
+    q1 = F.softmax(torch.tensor([3.0]), -1)  # row 1: only id 3 (draft 0) is in the vocabulary
+    assert float(loss.detach()) == pytest.approx(float(-(q1 * F.log_softmax(s[1, :3], -1)[:1]).sum()) / 2,
+                                        rel=1e-5)
 
 
 def test_batch_indices_are_seeded_epochs():

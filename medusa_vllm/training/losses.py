@@ -166,6 +166,7 @@ def kl_from_logits(
         ids = inverse[ids]
         values = values.masked_fill(ids < 0, -math.inf)
     keep = torch.isfinite(values).any(-1)  # rows with some teacher mass
+    values = torch.where(keep.unsqueeze(-1), values, torch.zeros_like(values))  # no NaN grads
     logp_t = F.log_softmax(values, dim=-1)
     p_t = logp_t.exp()
     logp_s_at = logp_s.gather(-1, ids.clamp(min=0))
