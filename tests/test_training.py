@@ -660,3 +660,13 @@ def test_cli_flags_map_to_config_and_run(tmp_path, tiny, capsys):
     assert "--overwrite" in capsys.readouterr().err
     assert p.parse_args(["--model", "m", "--output", "o", "--resume"]).resume is True
     assert p.parse_args(["--model", "m", "--output", "o", "--resume", "ck"]).resume == "ck"
+
+
+def test_grad_accum_uses_consecutive_micro_batches(tmp_path, tiny):
+    trainer = MedusaTrainer(_cfg(tmp_path, tiny, batch_size=2, grad_accum=3, max_steps=2))
+    trainer.setup()
+    n = len(trainer.train_data)
+    want = sum(collate(trainer.train_data, batch_indices(n, 2, 0, m), trainer.pad_id).num_tokens
+               for m in range(3, 6))
+    trainer.train_step(0)
+    assert trainer.train_step(1)["tokens"] == want
