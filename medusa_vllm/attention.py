@@ -452,9 +452,9 @@ def plan_tree_batch(
     tree = mask[:t_max, :t_max].unsqueeze(0) & valid.unsqueeze(1) & valid.unsqueeze(2)
     # padding query rows only see the root, so no row is fully masked (no NaN)
     tree[:, :, 0] |= ~valid
-    cols = plen.view(-1, 1, 1) + node.view(1, 1, -1)  # [R, 1, T_max], < length
+    cols = plen.view(-1, 1, 1) + node.view(1, 1, -1)  # [R, 1, T_max], < width
     attn_mask.scatter_(2, cols.expand(r, t_max, t_max), tree)
-    attn_mask = attn_mask[:, :, :length]
+    attn_mask = attn_mask[:, :, :length].contiguous()  # shared by every layer
 
     offsets = torch.cumsum(ntok, 0) - ntok
     rows = torch.arange(int(ntok.sum())) + torch.repeat_interleave(qsl[req] - offsets, ntok)
