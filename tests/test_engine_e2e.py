@@ -135,7 +135,7 @@ def test_preemption_tiny_kv_cache(tiny):
     heads = _distilled_heads(root, model)
     prompts = _prompts(n=16, seed=2)
     sampling = _greedy(len(prompts), seed=2)
-    kw = dict(num_gpu_blocks_override=12, block_size=16, max_model_len=256, max_num_seqs=16)
+    kw = dict(num_gpu_blocks_override=10, block_size=16, max_model_len=128, max_num_seqs=16)
     vanilla = run_engine({"llm": _llm(model, **kw), "prompts": prompts, "sampling": sampling})
     ours = run_engine({"llm": _llm(model, {"method": "medusa_tree", "model": str(heads), "tree": "sparse-8"}, **kw),
                        "prompts": prompts, "sampling": sampling})
