@@ -525,9 +525,17 @@ def test_medusa2_heads_only_stage_then_joint(tmp_path, tiny):
 
 
 def test_medusa2_outputs_merged_backbone_adapter_and_heads(tmp_path, tiny):
+    import shutil
+
     from transformers import AutoModelForCausalLM
 
-    cfg = _cfg(tmp_path, tiny, recipe="medusa2", max_steps=4, lr=1e-2, lambda0_warmup_steps=1)
+    src = tmp_path / "backbone"
+    shutil.copytree(tiny[1], src)
+    raw = json.loads((src / "config.json").read_text())
+    raw["rope_theta"] = 10000.0  # a top-level key transformers 5 does not write back
+    (src / "config.json").write_text(json.dumps(raw))
+    cfg = _cfg(tmp_path, tiny, model=str(src), recipe="medusa2", max_steps=4, lr=1e-2,
+               lambda0_warmup_steps=1)
     trainer = MedusaTrainer(cfg)
     res = trainer.run()
     assert (res.adapter_dir / "adapter_config.json").is_file()
@@ -541,7 +549,9 @@ def test_medusa2_outputs_merged_backbone_adapter_and_heads(tmp_path, tiny):
         adapted = PeftModel.from_pretrained(_base_model(tiny[1]), str(res.adapter_dir)).eval()(ids).logits
     torch.testing.assert_close(got, adapted, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(got, base(ids).logits)
-    assert (res.model_dir / "tokenizer_config.json").is_file()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (res.model_dir / name).read_bytes() == (src / name).read_bytes()
+    assert json.loads((res.model_dir / "config.json").read_text())["rope_theta"] == 10000.0
     heads = MedusaHeads.from_pretrained(res.heads_dir)
     assert heads.config.base_model_name_or_path == str(res.model_dir)
     assert len(json.loads((res.output / "accuracies.json").read_text())) == 3

@@ -679,10 +679,34 @@ class MedusaTrainer:
                     self.model = merged
                 merged.to(orig_dtype).save_pretrained(str(model_dir), safe_serialization=True)
                 merged.to(_TORCH_DTYPES[cfg.dtype])
-                self.tokenizer.save_pretrained(str(model_dir))
+                self._copy_backbone_files(model_dir)
         self.heads.config.base_model_name_or_path = str(model_dir or cfg.model)
         self.heads.save_pretrained(heads_dir, layout=cfg.heads_layout, overwrite=True)
         return heads_dir, model_dir, adapter_dir
+
+    _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                        "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt",
+                        "tokenizer.model", "added_tokens.json")
+
+    def _copy_backbone_files(self, model_dir: Path) -> None:
+        """Make ``model_dir`` read like the source backbone folder: its tokenizer
+        files verbatim, and the top-level ``config.json`` keys ``save_pretrained``
+        dropped (e.g. a ``rope_theta`` kept for older transformers)."""
+        src = Path(self.config.model)
+        copied = False
+        for name in self._TOKENIZER_FILES:
+            if (src / name).is_file():
+                shutil.copy2(src / name, model_dir / name)
+                copied = True
+        if not copied:
+            self.tokenizer.save_pretrained(str(model_dir))
+        if (src / "config.json").is_file():
+            new_file = model_dir / "config.json"
+            new = json.loads(new_file.read_text())
+            for key, value in json.loads((src / "config.json").read_text()).items():
+                if key not in ("quantization_config", "_name_or_path", "transformers_version"):
+                    new.setdefault(key, value)
+            new_file.write_text(json.dumps(new, indent=2) + "\n")
 
     def _original_dtype(self) -> torch.dtype:
         cfg_file = Path(self.config.model) / "config.json"
