@@ -680,3 +680,23 @@ def test_grad_accum_uses_consecutive_micro_batches(tmp_path, tiny):
                for m in range(3, 6))
     trainer.train_step(0)
     assert trainer.train_step(1)["tokens"] == want
+
+
+@pytest.mark.slow
+def test_medusa2_merged_backbone_runs_in_vllm(tmp_path, tiny):
+    """The merged Medusa-2 backbone is a plain HF folder vLLM loads and decodes like HF."""
+    from medusa_vllm.training.distill import encode_prompts, generate_distill_data
+
+    res = train(_cfg(tmp_path, tiny, recipe="medusa2", max_steps=4, lr=1e-2,
+                     lambda0_warmup_steps=1))
+    msgs = [[{"role": "user", "content": "the quick brown fox"}]]
+    out = generate_distill_data(res.model_dir, msgs, tmp_path / "gen.jsonl", max_tokens=10,
+                                max_model_len=64, verbose=False)
+    row = json.loads(out.read_text().splitlines()[0])
+    ids = encode_prompts(_tok(res.model_dir), msgs)[0]
+    assert row["prompt_token_ids"] == ids
+    merged = _base_model(res.model_dir)
+    x = torch.tensor([ids])
+    want = merged.generate(x, attention_mask=torch.ones_like(x), do_sample=False, pad_token_id=2,
+                           eos_token_id=None, max_new_tokens=len(row["response_token_ids"]))
+    assert row["response_token_ids"] == want[0, len(ids):].tolist()
