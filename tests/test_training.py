@@ -416,7 +416,7 @@ def test_medusa1_heads_start_from_backbone_lm_head_and_draft_vocab(tmp_path, tin
 
 
 def test_medusa1_hidden_cache_memory_and_disk(tmp_path, tiny):
-    ref = train(_cfg(tmp_path, tiny, output=str(tmp_path / "none"), max_steps=6))
+    ref = train(_cfg(tmp_path, tiny, output=str(tmp_path / "none"), max_steps=6, cache_hidden="none"))
     mem = train(_cfg(tmp_path, tiny, output=str(tmp_path / "mem"), max_steps=6, cache_hidden="memory"))
     disk_cfg = _cfg(tmp_path, tiny, output=str(tmp_path / "disk"), max_steps=6, cache_hidden="disk")
     disk = train(disk_cfg)
@@ -433,6 +433,17 @@ def test_medusa1_hidden_cache_memory_and_disk(tmp_path, tiny):
     disk_cfg.max_steps, disk_cfg.resume = 8, True
     train(disk_cfg)
     assert files[0].stat().st_mtime_ns == mtime
+
+
+def test_auto_cache_mode(tmp_path, tiny):
+    cfg = _cfg(tmp_path, tiny, max_steps=10, batch_size=4, cache_max_gb=1.0)
+    assert cfg.resolve_cache_mode(1000, 64, train_rows=100) == "none"   # 40 rows seen < 1 epoch
+    assert cfg.resolve_cache_mode(1000, 64, train_rows=20) == "memory"  # 2 epochs, 256 kB
+    assert cfg.resolve_cache_mode(2**28, 64, train_rows=20) == "none"   # 64 GiB > 1 GiB
+    cfg.recipe = "medusa2"
+    assert cfg.resolve_cache_mode(1000, 64, train_rows=20) == "none"
+    cfg.recipe, cfg.cache_hidden = "medusa1", "disk"
+    assert cfg.resolve_cache_mode(1000, 64, train_rows=100) == "disk"
 
 
 # ------------------------------------------------------------------ Medusa-2

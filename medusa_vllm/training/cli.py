@@ -97,8 +97,11 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--dtype", choices=DTYPES, default=d.dtype, help="backbone compute dtype")
     g.add_argument("--cache-hidden", choices=CACHE_MODES, default=d.cache_hidden,
-                   help="medusa1: compute backbone hidden states once (memory or disk)")
+                   help="medusa1: compute backbone hidden states once, in memory or in a file "
+                        "under OUTPUT/cache (auto: memory if the run sees the data more than "
+                        "once and the cache fits in --cache-max-gb)")
     g.add_argument("--cache-dtype", choices=DTYPES, default=d.cache_dtype)
+    g.add_argument("--cache-max-gb", type=float, default=d.cache_max_gb)
 
     g = parser.add_argument_group("medusa2")
     g.add_argument("--lambda0", type=float, default=d.lambda0, help="heads loss weight")

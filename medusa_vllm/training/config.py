@@ -43,7 +43,7 @@ __all__ = [
 RECIPES = ("medusa1", "medusa2")
 LAMBDA0_SCHEDULES = ("sine", "linear", "constant")
 LR_SCHEDULERS = ("cosine", "linear", "constant")
-CACHE_MODES = ("none", "memory", "disk")
+CACHE_MODES = ("auto", "none", "memory", "disk")
 DTYPES = ("float32", "bfloat16", "float16")
 LOSS_ON = ("auto", "all")
 HEADS_LOSSES = ("ce", "kl")
@@ -112,8 +112,9 @@ class TrainConfig:
     dtype: str = "float32"
 
     # medusa1
-    cache_hidden: str = "none"
+    cache_hidden: str = "auto"
     cache_dtype: str = "float32"
+    cache_max_gb: float = 4.0
 
     # medusa2
     lambda0: float = 0.2
@@ -169,6 +170,19 @@ class TrainConfig:
         if self.lambda0_warmup_steps is not None:
             return self.lambda0_warmup_steps
         return max(1, (self.max_steps - self.heads_only_steps) // 10)
+
+    def resolve_cache_mode(self, train_tokens: int, hidden_size: int, train_rows: int) -> str:
+        """``cache_hidden`` with ``"auto"`` resolved: ``"memory"`` for Medusa-1 runs
+        that see the data more than once if the cache fits in ``cache_max_gb``,
+        else ``"none"``."""
+        if self.cache_hidden != "auto":
+            return self.cache_hidden
+        if self.recipe != "medusa1":
+            return "none"
+        epochs = self.max_steps * self.grad_accum * self.batch_size / max(1, train_rows)
+        item = 2 if self.cache_dtype in ("bfloat16", "float16") else 4
+        fits = train_tokens * hidden_size * item <= self.cache_max_gb * 2**30
+        return "memory" if epochs > 1 and fits else "none"
 
     def head_loss_weights(self) -> list[float]:
         """``lambda_k`` per head: ``head_weights`` or ``lambda_decay ** k``."""
@@ -243,6 +257,7 @@ class TrainConfig:
         integer("save_total_limit", 1)
         integer("log_steps", 1)
         number("eval_fraction", 0.0, 0.9)
+        number("cache_max_gb", 0.0)
         number("lr", 0.0, open_lo=True, allow_none=True)
         number("weight_decay", 0.0)
         number("max_grad_norm", 0.0, open_lo=True, allow_none=True)
@@ -280,7 +295,7 @@ class TrainConfig:
                 "original_lm_head with num_layers=0 leaves nothing to train (the shared "
                 "LM layer is the frozen backbone's); use --num-layers >= 1"
             )
-        if self.cache_hidden != "none" and self.recipe != "medusa1":
+        if self.cache_hidden in ("memory", "disk") and self.recipe != "medusa1":
             raise TrainingError(
                 f"cache_hidden={self.cache_hidden!r} needs recipe medusa1 (a frozen "
                 f"backbone); found recipe {self.recipe!r}; use --cache-hidden none"

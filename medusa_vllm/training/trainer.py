@@ -172,13 +172,16 @@ class MedusaTrainer:
             self._restore(self._resume_dir())
         else:
             cfg.save(self.output / "train_config.json")
-        if cfg.cache_hidden != "none":
+        mode = cfg.resolve_cache_mode(self.train_data.num_tokens, self.hidden_size,
+                                      len(self.train_data))
+        if mode != "none":
             from medusa_vllm.training.cache import HiddenCache, data_fingerprint
 
+            _say(cfg, f"caching backbone hidden states ({mode})")
             fp = data_fingerprint(self.train_data, cfg.model, cfg.dtype, cfg.cache_dtype)
             self.cache = HiddenCache.build(
                 self.model, self.train_data, pad_id=self.pad_id, batch_size=cfg.batch_size,
-                mode=cfg.cache_hidden, path=self.output / "cache" / f"hidden-{fp}.bin",
+                mode=mode, path=self.output / "cache" / f"hidden-{fp}.bin",
                 dtype=cfg.cache_dtype, fingerprint=fp, progress=cfg.progress,
             )
 
