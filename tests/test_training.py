@@ -21,7 +21,7 @@ from medusa_vllm.training.data import (
     encode_file,
     split_train_eval,
 )
-from medusa_vllm.training.evaluate import HeadAccuracy, evaluate_heads, head_logits, topk_hits
+from medusa_vllm.training.evaluate import evaluate_heads, head_logits, topk_hits
 from medusa_vllm.training.losses import (
     IGNORE_INDEX,
     TeacherLogits,
