@@ -35,8 +35,11 @@ def run_engine(spec: dict, timeout: float = 900, env: dict | None = None) -> dic
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("{\"outputs\""):
             return json.loads(line)
+    # vLLM logs to stdout: worker tracebacks are there
+    errors = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "Error" in ln][:40]
     raise RuntimeError(
-        f"engine run failed (exit {proc.returncode}):\n--- stderr (tail) ---\n{proc.stderr[-6000:]}"
+        f"engine run failed (exit {proc.returncode}):\n--- error lines ---\n" + "\n".join(errors)
+        + f"\n--- stderr (tail) ---\n{proc.stderr[-4000:]}"
     )
 
 
