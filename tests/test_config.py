@@ -16,7 +16,7 @@ from medusa_vllm.config import (
     request_overrides,
 )
 from medusa_vllm.tree import MedusaTree
-from tests.utils_tiny import write_medusa_heads_config
+from medusa_vllm.testing import write_medusa_heads_config
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from medusa_vllm.training import distill
 from medusa_vllm.training.data import load_prompts
 from medusa_vllm.training.distill import encode_prompts, ensure_distill_data, generate_distill_data
 from medusa_vllm.training.trainer import train
-from tests.utils_tiny import build_tiny_llama
+from medusa_vllm.testing import build_tiny_llama
 
 VOCAB, HIDDEN = 320, 64
 

@@ -14,7 +14,7 @@ import torch
 
 from medusa_vllm.heads import MedusaConfig, MedusaHeads
 from tests.engine_runner import run_engine
-from tests.utils_tiny import build_tiny_llama
+from medusa_vllm.testing import build_tiny_llama, distill_tiny_heads
 
 pytestmark = pytest.mark.slow
 
@@ -44,38 +44,10 @@ def _random_heads(root, model, num_heads=3, seed=1):
     return out
 
 
-def _distilled_heads(root, model, num_heads=3, steps=400):
+def _distilled_heads(root, model, num_heads=3):
     """Heads trained for a few seconds on the backbone's own greedy continuations."""
     out = root / "heads_distilled"
-    if out.exists():
-        return out
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    lm = AutoModelForCausalLM.from_pretrained(model).eval()
-    prompts = torch.randint(3, VOCAB, (512, 4))
-    with torch.no_grad():
-        seqs = lm.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=60,
-                           do_sample=False, pad_token_id=2, eos_token_id=None)
-        hidden = lm.model(seqs).last_hidden_state  # [B, T, H]
-    heads = MedusaHeads(MedusaConfig(hidden_size=HIDDEN, vocab_size=VOCAB, num_heads=num_heads),
-                        lm_head_weight=lm.lm_head.weight.detach())
-    opt = torch.optim.Adam(heads.parameters(), lr=3e-3)
-    t = seqs.shape[1]
-    for step in range(steps):
-        rows = torch.randint(0, seqs.shape[0], (64,), generator=torch.Generator().manual_seed(step))
-        logits = heads(hidden[rows])  # [K, b, T, V]
-        loss = 0.0
-        for k in range(num_heads):
-            shift = k + 2  # head k at position i predicts token i+k+2
-            pred = logits[k, :, : t - shift].reshape(-1, VOCAB)
-            tgt = seqs[rows, shift:].reshape(-1)
-            loss = loss + 0.8**k * torch.nn.functional.cross_entropy(pred, tgt)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    heads.save_pretrained(out, overwrite=True)
-    return out
+    return out if out.exists() else distill_tiny_heads(model, out, num_heads=num_heads)
 
 
 def _prompts(n=32, seed=0):

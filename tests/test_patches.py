@@ -23,7 +23,7 @@ from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs  # noqa: E402
 
 from medusa_vllm.config import MedusaConfigError  # noqa: E402
 from medusa_vllm.plugin import METHOD, PROPOSER_CLASS, WORKER_CLASSES, translate  # noqa: E402
-from tests.utils_tiny import build_tiny_llama, write_medusa_heads_config  # noqa: E402
+from medusa_vllm.testing import build_tiny_llama, write_medusa_heads_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent

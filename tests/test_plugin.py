@@ -26,7 +26,7 @@ from medusa_vllm.plugin import (  # noqa: E402
     translate,
 )
 from medusa_vllm.tree import MedusaTree  # noqa: E402
-from tests.utils_tiny import build_tiny_llama, write_medusa_heads_config  # noqa: E402
+from medusa_vllm.testing import build_tiny_llama, write_medusa_heads_config  # noqa: E402
 
 CPU_WORKER = WORKER_CLASSES["cpu"]
 

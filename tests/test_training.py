@@ -33,7 +33,7 @@ from medusa_vllm.training.losses import (
     next_token_targets,
 )
 from medusa_vllm.training.trainer import MedusaTrainer, train
-from tests.utils_tiny import build_tiny_llama
+from medusa_vllm.testing import build_tiny_llama
 
 VOCAB, HIDDEN = 320, 64
 WORDS = ("the quick brown fox jumps over the lazy dog medusa adds extra decoding heads "
