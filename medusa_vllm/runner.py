@@ -26,8 +26,14 @@ import torch
 from vllm.v1.outputs import SamplerOutput
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
-from medusa_vllm.acceptance import AcceptanceParams, AcceptanceRule
+from medusa_vllm.acceptance import (
+    DEFAULT_POSTERIOR_ALPHA,
+    DEFAULT_POSTERIOR_THRESHOLD,
+    AcceptanceParams,
+    AcceptanceRule,
+)
 from medusa_vllm.attention import TreeBatch, tree_batch_context
+from medusa_vllm.config import request_overrides
 from medusa_vllm.kv_compaction import compact_kv
 from medusa_vllm.proposer import MedusaTreeProposer, medusa_options
 from medusa_vllm.tree import MedusaTree
@@ -38,19 +44,14 @@ def request_params_from(sampling_params, defaults: dict) -> tuple[str, float, fl
     """(acceptance rule, ε, δ) for one request: per-request ``extra_args``
     overrides on top of the engine-wide Medusa options."""
     rule = defaults.get("acceptance", "rejection")
-    eps = float(defaults.get("posterior_threshold", 0.09))
-    alpha = float(defaults.get("posterior_alpha", 0.3))
+    eps = float(defaults.get("posterior_threshold", DEFAULT_POSTERIOR_THRESHOLD))
+    alpha = float(defaults.get("posterior_alpha", DEFAULT_POSTERIOR_ALPHA))
     extra = getattr(sampling_params, "extra_args", None) or {}
     if extra:
-        try:
-            from medusa_vllm.config import request_overrides
-        except ImportError:  # pragma: no cover - config module always ships
-            request_overrides = None
-        if request_overrides is not None:
-            o = request_overrides(extra)
-            rule = o.get("acceptance", rule)
-            eps = float(o.get("posterior_threshold", eps))
-            alpha = float(o.get("posterior_alpha", alpha))
+        o = request_overrides(extra)
+        rule = o.get("acceptance", rule)
+        eps = float(o.get("posterior_threshold", eps))
+        alpha = float(o.get("posterior_alpha", alpha))
     return rule, eps, alpha
 
 
