@@ -68,7 +68,7 @@ class Recipe:
     # heads
     num_heads: int = 4
     num_layers: int = 1
-    draft_vocab_size: int | None = 8192
+    draft_vocab_size: int | None = 4096
     original_lm_head: bool = False
     # Medusa-1 optimisation
     seq_len: int = 640
@@ -80,6 +80,7 @@ class Recipe:
     seed: int = 0
     # tree
     max_tree_nodes: int = 64
+    cost_curve_sizes: list = field(default_factory=lambda: [0, 1, 4, 8, 16, 32, 64])
     # Medusa-2 comparison (smaller)
     m2_rows: int = 1000
     m2_steps: int = 300
@@ -250,34 +251,25 @@ def stage_train(r: Recipe, w: Work, model: Path, force: bool) -> None:
 
 
 # ----------------------------------------------------------------------------- tree
-def measure_cost_curve(model: Path, sizes: list[int], prefix_len: int = 320, reps: int = 15
-                       ) -> dict[int, float]:
-    """Median seconds of one backbone forward with ``n + 1`` new tokens (root + n tree
-    nodes, logits for all of them) over a ``prefix_len``-token KV cache, batch 1,
-    float32, for every ``n`` in ``sizes`` (measured interleaved, so load changes on a
-    shared machine hit every size alike)."""
-    import statistics
+def engine_cost_curve(r: Recipe, w: Work, model: Path, per_rank: list[list[float]]) -> dict[int, float]:
+    """Seconds per engine step at batch 1 for each tree size in ``r.cost_curve_sizes``
+    (0 = vanilla decoding), one fresh vLLM engine per size, on the trained heads."""
+    from medusa_vllm.tree import MedusaTree
 
-    import torch
-    from transformers import AutoModelForCausalLM, DynamicCache
-
-    lm = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32).eval()
-    g = torch.Generator().manual_seed(0)
-    prefix = torch.randint(100, 40000, (1, prefix_len), generator=g)
-    times: dict[int, list[float]] = {n: [] for n in sizes}
-    with torch.inference_mode():
-        cache = DynamicCache()
-        lm(input_ids=prefix, past_key_values=cache, use_cache=True)
-        for rep in range(reps + 2):
-            for n in sizes:
-                new = torch.randint(100, 40000, (1, n + 1), generator=g)
-                t0 = time.perf_counter()
-                lm(input_ids=new, past_key_values=cache, use_cache=True)
-                dt = time.perf_counter() - t0
-                cache.crop(prefix_len)
-                if rep >= 2:  # warm-up
-                    times[n].append(dt)
-    return {n: statistics.median(v) for n, v in times.items()}
+    curve: dict[int, float] = {}
+    prompt = read_jsonl(w.distill_heldout)[0]["prompt_token_ids"]
+    for n in r.cost_curve_sizes:
+        sc = None
+        if n:
+            tree = MedusaTree.from_accuracies(per_rank, n)
+            sc = {"method": "medusa_tree", "model": str(w.medusa1 / "heads"), "tree": tree.to_list()}
+        say(f"tree: engine step time with {n} tree nodes")
+        res = run_engine({"name": f"cost-{n}", "model": str(model), "speculative_config": sc,
+                          "step_cost": {"prompt_token_ids": prompt, "tokens": 48, "rounds": 3}},
+                         w / "tree" / f"cost-{n}.log")
+        curve[n] = res["step_seconds"]
+        say(f"tree: {n} nodes: {1e3 * curve[n]:.1f} ms per step")
+    return curve
 
 
 def stage_tree(r: Recipe, w: Work, model: Path, force: bool) -> None:
@@ -297,12 +289,11 @@ def stage_tree(r: Recipe, w: Work, model: Path, force: bool) -> None:
     if curve_file.is_file() and not force:
         curve = {int(k): v for k, v in json.loads(curve_file.read_text())["seconds"].items()}
     else:
-        sizes = [0, 1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64]
-        say(f"tree: measuring the verification cost curve for {sizes} nodes")
-        curve = measure_cost_curve(model, sizes)
+        curve = engine_cost_curve(r, w, model, per_rank)
         write_json(curve_file, {
-            "what": "median seconds of one float32 backbone forward (HF transformers, batch 1, "
-                    "320-token KV prefix) with 1 + n query tokens, logits for all",
+            "what": "seconds per engine step at batch 1 (vLLM, float32, eager, this machine): "
+                    "0 = vanilla decode step; n = Medusa tree step with the n-node "
+                    "MedusaTree.from_accuracies tree (verification + proposer + compaction)",
             "seconds": {str(k): v for k, v in curve.items()},
             "relative": {str(k): v / curve[0] for k, v in curve.items()},
         })
@@ -509,6 +500,8 @@ def _engine_worker(spec: dict) -> dict:
         ntok = sum(len(o.outputs[0].token_ids) for o in outs)
         out.update(wall_s=wall, output_tokens=ntok, tokens_per_s=ntok / wall, spec=stats.to_dict(),
                    token_ids=[list(o.outputs[0].token_ids) for o in outs])
+    if spec.get("step_cost"):
+        out["step_seconds"] = _step_seconds(llm, **spec["step_cost"])
     if spec.get("proposer_cost"):
         out["proposer_cost"] = _proposer_cost(llm, spec)
     return out
@@ -525,6 +518,32 @@ def _decode_step_seconds(llm, prompt_ids: list[int], n: int = 64) -> float:
         return time.perf_counter() - t0
 
     return (run(1 + n) - run(1)) / n
+
+
+def _step_seconds(llm, prompt_token_ids: list[int], tokens: int = 48, rounds: int = 3) -> float:
+    """Median seconds per engine step (batch 1) while generating ``tokens`` tokens after
+    the prefill: (time for 1 + tokens - time for 1) / decode steps, where the steps of
+    a speculative run are its drafted steps (vLLM's spec-decode counter)."""
+    import statistics
+
+    from vllm import SamplingParams
+
+    from medusa_vllm.metrics import spec_decode_summary
+
+    def run(k: int) -> tuple[float, int]:
+        before = spec_decode_summary(llm.get_metrics()).num_drafts
+        sp = SamplingParams(temperature=0.0, max_tokens=k, ignore_eos=True)
+        t0 = time.perf_counter()
+        llm.generate([{"prompt_token_ids": prompt_token_ids}], sp, use_tqdm=False)
+        return time.perf_counter() - t0, spec_decode_summary(llm.get_metrics()).num_drafts - before
+
+    run(1 + tokens)  # warm-up
+    out = []
+    for _ in range(rounds):
+        t1, _ = run(1)
+        tn, drafts = run(1 + tokens)
+        out.append((tn - t1) / (drafts or tokens))
+    return statistics.median(out)
 
 
 def _proposer_cost(llm, spec: dict) -> dict:
