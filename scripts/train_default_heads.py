@@ -82,8 +82,8 @@ class Recipe:
     max_tree_nodes: int = 64
     cost_curve_sizes: list = field(default_factory=lambda: [0, 1, 4, 8, 16, 32, 64])
     # Medusa-2 comparison (smaller)
-    m2_rows: int = 1000
-    m2_steps: int = 300
+    m2_rows: int = 480
+    m2_steps: int = 120
     m2_batch_size: int = 4
     m2_lr: float = 1e-4
     m2_lora_rank: int = 8
