@@ -60,6 +60,7 @@ __all__ = [
     "DEFAULT_POSTERIOR_ALPHA",
     "DEFAULT_POSTERIOR_THRESHOLD",
     "greedy_accept",
+    "greedy_accept_argmax",
     "rejection_accept",
     "tree_accept",
     "typical_accept",
@@ -461,6 +462,33 @@ def greedy_accept(
     rows = torch.arange(b, device=dev)
     last = accepted[rows, n]
     return _result(draft_tokens, accepted, n, target_logits[rows, last].argmax(-1))
+
+
+def greedy_accept_argmax(
+    tree: TreeLike, draft_tokens: torch.Tensor, target_argmax: torch.Tensor
+) -> AcceptanceResult:
+    """:func:`greedy_accept` from the target's argmax token per node
+    (``target_argmax`` ``[B, N+1]``) instead of its logits: the engine takes
+    the argmax of its flat logits rows once and never builds ``[B, N+1, V]``."""
+    where = "greedy_accept_argmax"
+    b, _ = _check_inputs(where, tree, draft_tokens, {})
+    if (not isinstance(target_argmax, torch.Tensor) or target_argmax.shape != draft_tokens.shape
+            or target_argmax.dtype.is_floating_point):
+        found = (f"shape {tuple(target_argmax.shape)} dtype {target_argmax.dtype}"
+                 if isinstance(target_argmax, torch.Tensor) else type(target_argmax).__name__)
+        raise ValueError(
+            f"{where}: target_argmax must be an integer tensor shaped like draft_tokens "
+            f"{tuple(draft_tokens.shape)}, found {found}"
+        )
+    draft_tokens = draft_tokens.long()
+    target_argmax = target_argmax.long()
+    dev = draft_tokens.device
+    parents = tree.parents.to(dev).clamp(min=0)
+    node_ok = (draft_tokens == target_argmax[:, parents]) & (draft_tokens >= 0)
+    node_ok[:, 0] = True
+    accepted, n = _select_path(tree, node_ok, None)
+    rows = torch.arange(b, device=dev)
+    return _result(draft_tokens, accepted, n, target_argmax[rows, accepted[rows, n]])
 
 
 def typical_accept(

@@ -172,7 +172,8 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
         for n in [int(x) for x in args.cost_curve.split(",") if x]:
             tree = "chain-1" if n == 1 else f"sparse-{n}"
             specs.append({**base, "name": f"tree-{n}", "batch_size": bs, "ignore_eos": True,
-                          "speculative_config": {"method": "medusa_tree", "model": args.heads, "tree": tree}})
+                          "speculative_config": {"method": "medusa_tree", "model": args.heads, "tree": tree,
+                                                 "nodes_by_batch": "off"}})
         if args.cost_curve and "vanilla" not in configs:
             specs.append({**base, "name": "vanilla", "batch_size": bs, "ignore_eos": True, "speculative_config": None})
 

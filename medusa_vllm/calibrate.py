@@ -9,7 +9,10 @@
 3. Fit: for every size the greedy tree of :meth:`MedusaTree.from_accuracies`
    maximises E[accepted length]; :meth:`MedusaTree.best_for_cost` picks the size
    maximising E[tokens per step] / cost(n) (cost linearly interpolated between
-   measured sizes).
+   measured sizes) at the first batch size. For every calibrated batch size,
+   :func:`fit_nodes_by_batch` then picks how many of that tree's BFS-first
+   nodes to draft (0 = plain decoding), which the engine follows step by step
+   (``nodes_by_batch`` in ``medusa_tree.json``).
 
 Writes into the heads folder: ``medusa_tree.json`` (picked up by
 ``tree: "auto"``), ``calibration.json`` (accuracies, curves, the chosen tree's
@@ -30,6 +33,7 @@ from medusa_vllm.tree import MedusaTree
 __all__ = [
     "add_calibrate_args",
     "calibrate_main",
+    "fit_nodes_by_batch",
     "fit_tree",
     "interpolate_cost",
     "measure_accuracies",
@@ -59,6 +63,23 @@ def fit_tree(per_rank: Sequence[Sequence[float]] | torch.Tensor, curve: dict[int
     """Best tree for one batch size: (tree, expected accepted length, expected speedup)."""
     tree, speedup = MedusaTree.best_for_cost(per_rank, interpolate_cost(curve), max_nodes)
     return tree, tree.expected_accept_length(per_rank), speedup
+
+
+def fit_nodes_by_batch(tree: MedusaTree, per_rank: Sequence[Sequence[float]] | torch.Tensor,
+                       curves: dict[int, dict[int, float]]) -> dict[int, int]:
+    """``{batch_size: n}``: the BFS prefix of ``tree`` (n nodes, 0 = no drafts)
+    maximising E[accepted length] / cost(n) under each batch size's cost curve
+    (relative step time, vanilla = 1)."""
+    out: dict[int, int] = {}
+    for bs, curve in sorted(curves.items()):
+        cost = interpolate_cost(curve)
+        best, best_speed = 0, 1.0
+        for n in range(1, tree.num_nodes + 1):
+            speed = tree.truncate(n).expected_accept_length(per_rank) / max(cost(n), 1e-9)
+            if speed > best_speed + 1e-9:
+                best, best_speed = n, speed
+        out[int(bs)] = best
+    return out
 
 
 def measure_accuracies(model: str, heads_dir: str, data: Sequence[str], *, max_rows: int = 256,
@@ -105,7 +126,8 @@ def measure_cost_curve(model: str, heads_dir: str, sizes: Sequence[int], batch_s
     for n in tqdm(sizes, desc=f"cost curve (batch {batch_size})"):
         tree = "chain-1" if n == 1 else f"sparse-{n}"
         r = _run({**base, "name": f"tree-{n}",
-                  "speculative_config": {"method": "medusa_tree", "model": heads_dir, "tree": tree}})
+                  "speculative_config": {"method": "medusa_tree", "model": heads_dir, "tree": tree,
+                                         "nodes_by_batch": "off"}})
         steps = r["output_tokens"] / max(r["spec"]["mean_accepted_length"], 1.0)
         curve[n] = (r["wall_s"] / steps) / per_tok
     return curve
@@ -164,8 +186,13 @@ def calibrate_main(args: argparse.Namespace) -> int:
         chosen = chosen or (bs, tree, exp_len, speed)
     assert chosen is not None
     bs, tree, exp_len, speed = chosen
+    curves = {int(b): c for b, c in result["cost_curves"].items()}
+    nodes_by_batch = fit_nodes_by_batch(tree, per_rank, curves)
+    result["nodes_by_batch"] = nodes_by_batch
+    print(f"tree size per batch size (BFS prefix of the {tree.num_nodes}-node tree): {nodes_by_batch}")
     tree.save(heads_dir / "medusa_tree.json", batch_size=bs, expected_accept_length=exp_len,
-              expected_speedup=speed, source="medusa-vllm calibrate")
+              expected_speedup=speed, source="medusa-vllm calibrate",
+              nodes_by_batch={str(b): n for b, n in nodes_by_batch.items()})
     (heads_dir / "calibration.json").write_text(json.dumps(result, indent=1))
     _plot(per_rank, result, heads_dir)
     print(f"wrote {heads_dir / 'medusa_tree.json'} ({tree.num_nodes} nodes) and calibration.json")

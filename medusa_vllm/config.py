@@ -24,6 +24,15 @@ Options (defaults in brackets):
   ``max_nodes`` nodes in BFS order (always a valid tree, the same cut the
   engine makes near ``max_model_len``). ``tree="auto"`` picks a preset no
   larger than the cap first; for a tuned small tree, pass it explicitly.
+- ``nodes_by_batch`` [``"auto"``]: how the tree shrinks as the batch grows
+  (verification turns compute-bound with batch size, so a big tree that pays
+  at batch 1 costs more than it gains at batch 8). A ``{batch_size: nodes}``
+  table (each step drafts the first ``nodes`` BFS nodes; a batch size between
+  entries uses the entry below it; 0 = no speculation at that batch size);
+  ``"auto"`` = the table ``medusa-vllm calibrate`` saved in
+  ``medusa_tree.json`` when ``tree="auto"`` uses it, else the whole tree at
+  batch 1 and about :data:`DEFAULT_VERIFY_TOKEN_BUDGET` verified tokens per
+  step above it; ``"off"`` = always the whole tree.
 
 Per request, ``SamplingParams.extra_args`` may override the acceptance options
 (:func:`request_overrides`, keys :data:`REQUEST_KEYS`).
@@ -51,13 +60,14 @@ from pydantic import (
     field_validator,
 )
 
-from medusa_vllm.tree import PRESETS, MedusaTree, normalize_choices
+from medusa_vllm.tree import PRESETS, MedusaTree, budget_nodes_by_batch, normalize_choices
 
 __all__ = [
     "ACCEPTANCE_MODES",
     "ADDITIONAL_CONFIG_KEY",
     "HeadsInfo",
     "MedusaConfigError",
+    "DEFAULT_VERIFY_TOKEN_BUDGET",
     "MedusaTreeConfig",
     "REQUEST_KEYS",
     "RequestOverrides",
@@ -70,6 +80,9 @@ __all__ = [
 ACCEPTANCE_MODES = ("greedy", "typical", "rejection")
 ADDITIONAL_CONFIG_KEY = "medusa"  # vllm_config.additional_config[...] holds to_dict()
 TREE_FILE = "medusa_tree.json"  # calibrated tree saved beside the heads
+# Uncalibrated trees at batch > 1: about this many verified tokens per step
+# (a 2-core CPU turns compute-bound around 16-32 tokens per forward pass).
+DEFAULT_VERIFY_TOKEN_BUDGET = 32
 HEADS_CONFIG_FILE = "config.json"
 REQUEST_KEY_PREFIX = "medusa_"
 # SamplingParams.extra_args key -> MedusaTreeConfig field
@@ -91,6 +104,10 @@ _EXPECTED = {
     "posterior_threshold": "a number in the open interval (0, 1)",
     "posterior_alpha": "a number >= 0",
     "max_nodes": "an integer >= 1, or null for no cap",
+    "nodes_by_batch": (
+        '"auto", "off", or a {batch_size: tree_nodes} table such as {"1": 32, "8": 4} '
+        "(batch sizes >= 1, tree sizes >= 0)"
+    ),
 }
 
 
@@ -120,6 +137,33 @@ Acceptance = Annotated[Literal["greedy", "typical", "rejection"], BeforeValidato
 PosteriorThreshold = Annotated[float, BeforeValidator(_finite), Field(gt=0.0, lt=1.0)]
 PosteriorAlpha = Annotated[float, BeforeValidator(_finite), Field(ge=0.0)]
 MaxNodes = Annotated[int, BeforeValidator(_no_bool), Field(ge=1)]
+
+
+def _nodes_by_batch(value: Any) -> Any:
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("auto", "off"):
+            return text
+        raise ValueError(f"expected {_EXPECTED['nodes_by_batch']}, found {value!r}")
+    if value is None:
+        return "off"
+    if not isinstance(value, Mapping) or not value:
+        raise ValueError(f"expected {_EXPECTED['nodes_by_batch']}, found {value!r}")
+    out: dict[int, int] = {}
+    for k, v in value.items():
+        try:
+            b = int(k)
+        except (TypeError, ValueError):
+            b = 0
+        if isinstance(k, bool) or b < 1 or str(b) != str(k).strip():
+            raise ValueError(f"batch size {k!r}: expected an integer >= 1")
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"batch size {b}: tree size {v!r}: expected an integer >= 0")
+        out[b] = v
+    return dict(sorted(out.items()))
+
+
+NodesByBatch = Annotated[Any, BeforeValidator(_nodes_by_batch)]
 
 
 def _errors_to_message(
@@ -260,6 +304,7 @@ class MedusaTreeConfig(BaseModel):
     posterior_threshold: PosteriorThreshold = 0.09
     posterior_alpha: PosteriorAlpha = 0.3
     max_nodes: MaxNodes | None = None
+    nodes_by_batch: NodesByBatch = "auto"
 
     @field_validator("heads", mode="before")
     @classmethod
@@ -354,6 +399,8 @@ class MedusaTreeConfig(BaseModel):
         ``MedusaTreeConfig.from_dict(cfg.to_dict()) == cfg``.
         """
         out = self.model_dump()
+        if isinstance(self.nodes_by_batch, dict):  # JSON object keys are strings
+            out["nodes_by_batch"] = {str(b): int(n) for b, n in self.nodes_by_batch.items()}
         if isinstance(self.tree, list):
             out["medusa_choices"] = [list(p) for p in self.tree]
         return out
@@ -388,10 +435,38 @@ class MedusaTreeConfig(BaseModel):
             tree = tree.truncate(self.max_nodes)
         return tree
 
+    def load_nodes_by_batch(self, tree: MedusaTree) -> dict[int, int] | None:
+        """Resolve ``nodes_by_batch`` for ``tree`` (see module doc): a
+        ``{batch_size: nodes}`` table capped at the tree size, or ``None``
+        (always the whole tree)."""
+        value = self.nodes_by_batch
+        if value == "off":
+            return None
+        if value == "auto":
+            saved = Path(self.heads) / TREE_FILE
+            value = None
+            if self.tree == "auto" and saved.is_file():
+                try:
+                    data = json.loads(saved.read_text())
+                    raw = data.get("nodes_by_batch") if isinstance(data, dict) else None
+                    value = _nodes_by_batch(raw) if raw is not None else None
+                except (ValueError, OSError) as exc:
+                    raise MedusaConfigError(
+                        f"nodes_by_batch: {saved} holds an invalid 'nodes_by_batch' table: {exc}; "
+                        "re-run `medusa-vllm calibrate` or fix the file"
+                    ) from None
+            if value is None:
+                table = budget_nodes_by_batch(tree.num_nodes, DEFAULT_VERIFY_TOKEN_BUDGET)
+                table[1] = tree.num_nodes
+                return table
+        return {int(b): min(int(n), tree.num_nodes) for b, n in value.items()}
+
     def resolved(self, num_heads: int | None = None) -> MedusaTreeConfig:
-        """A copy whose ``tree`` is the explicit BFS ``medusa_choices`` list."""
+        """A copy whose ``tree`` is the explicit BFS ``medusa_choices`` list and
+        whose ``nodes_by_batch`` is an explicit table (or ``"off"``)."""
         tree = self.load_tree(num_heads)
-        return self.model_copy(update={"tree": tree.to_list()})
+        table = self.load_nodes_by_batch(tree)
+        return self.model_copy(update={"tree": tree.to_list(), "nodes_by_batch": table or "off"})
 
     @property
     def num_speculative_tokens(self) -> int:

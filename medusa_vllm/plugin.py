@@ -64,7 +64,8 @@ PROPOSER_CLASS = "medusa_vllm.proposer.MedusaTreeProposer"
 # GPU runner and tree-attention backend exist; until then GPU runs are refused.
 WORKER_CLASSES: dict[str, str] = {"cpu": "medusa_vllm.worker.MedusaTreeCPUWorker"}
 # speculative_config keys that are Medusa options (besides "model" = heads).
-_OPTION_KEYS = ("heads", "tree", "acceptance", "posterior_threshold", "posterior_alpha", "max_nodes")
+_OPTION_KEYS = ("heads", "tree", "acceptance", "posterior_threshold", "posterior_alpha", "max_nodes",
+                "nodes_by_batch")
 _SOURCE = f"speculative_config (method {METHOD!r})"
 
 _REGISTERED = False
@@ -194,7 +195,8 @@ def translate(
                 f"{tree.num_nodes} nodes; omit it (the tree sets it) or pick a larger tree"
             )
         tree = tree.truncate(cap)
-    medusa = medusa.model_copy(update={"tree": tree.to_list()})
+    table = medusa.load_nodes_by_batch(tree)
+    medusa = medusa.model_copy(update={"tree": tree.to_list(), "nodes_by_batch": table or "off"})
 
     spec_out = {
         **passthrough,

@@ -9,7 +9,10 @@ request's last accepted tree node.
 Per request and step: K heads -> per-head top-k (over the draft vocabulary,
 mapped to full ids) -> tree nodes in BFS order (``MedusaTree.node_tokens``).
 The node list is the request's speculative tokens; the scheduler may keep
-only a BFS prefix of it, which is still a valid tree.
+only a BFS prefix of it, which is still a valid tree. The tree also shrinks
+with the batch (``nodes_by_batch``): each step drafts the first
+``nodes_for_batch(table, batch size)`` BFS nodes, since verification turns
+compute-bound as the batch grows.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any
 
 import torch
 
-from medusa_vllm.tree import MedusaTree
+from medusa_vllm.tree import MedusaTree, nodes_for_batch
 
 
 def medusa_options(vllm_config) -> dict[str, Any]:
@@ -41,6 +44,10 @@ class MedusaTreeProposer:
         self.vllm_config = vllm_config
         self.options = medusa_options(vllm_config)
         self.tree = MedusaTree(self.options["medusa_choices"])
+        table = self.options.get("nodes_by_batch")
+        self.nodes_by_batch = (
+            {int(b): int(n) for b, n in table.items()} if isinstance(table, dict) else None
+        )
         self.heads = None
         self.dtype = vllm_config.model_config.dtype
 
@@ -64,15 +71,17 @@ class MedusaTreeProposer:
     @torch.inference_mode()
     def propose_tree(self, hidden_states: torch.Tensor, eligible: list[bool]) -> list[list[int]]:
         """``hidden_states [B, H]`` at each request's last accepted position ->
-        one BFS list of ``num_nodes`` tree tokens per eligible request."""
+        one BFS list of tree tokens per eligible request: the first
+        ``nodes_for_batch(nodes_by_batch, len(eligible))`` nodes."""
         assert self.heads is not None, "load_model() was not called"
         out: list[list[int]] = [[] for _ in eligible]
         rows = [i for i, ok in enumerate(eligible) if ok]
-        if not rows:
+        n = nodes_for_batch(self.nodes_by_batch, len(eligible), self.tree.num_nodes)
+        if not rows or n == 0:
             return out
         h = hidden_states[rows].to(self.dtype)
         topk = self.heads.topk(h, self.tree.topk)  # [b, num_heads, k] full-vocab ids
-        nodes = self.tree.node_tokens(topk, torch.zeros(len(rows), dtype=torch.long))[:, 1:]
+        nodes = self.tree.node_tokens(topk, torch.zeros(len(rows), dtype=torch.long))[:, 1 : n + 1]
         for i, toks in zip(rows, nodes.tolist()):
             out[i] = toks
         return out

@@ -29,7 +29,9 @@ Path = tuple[int, ...]
 __all__ = [
     "MedusaTree",
     "PRESETS",
+    "budget_nodes_by_batch",
     "expected_accept_length",
+    "nodes_for_batch",
     "normalize_choices",
 ]
 
@@ -403,3 +405,31 @@ PRESETS: dict[str, Callable[[int], list[Path]]] = {
     **{f"chain-{d}": _chain(d) for d in range(1, 6)},
     **{f"sparse-{n}": _sparse(n) for n in (4, 8, 16, 32, 64)},
 }
+
+
+# ------------------------------------------------------- tree size vs batch
+def budget_nodes_by_batch(num_nodes: int, token_budget: int,
+                          batch_sizes: Iterable[int] = (1, 2, 4, 8, 16, 32, 64, 128, 256)) -> dict[int, int]:
+    """Tree size per batch size such that a step verifies at most about
+    ``token_budget`` tokens: ``min(num_nodes, token_budget // b - 1)`` nodes
+    per request at batch ``b`` (0 = no speculation)."""
+    if token_budget < 1:
+        raise ValueError(f"token_budget must be >= 1, found {token_budget}")
+    return {b: max(0, min(num_nodes, token_budget // b - 1)) for b in batch_sizes}
+
+
+def nodes_for_batch(table: dict[int, int] | None, batch_size: int, num_nodes: int) -> int:
+    """How many of the tree's BFS-first nodes to draft at ``batch_size``.
+
+    ``table`` maps batch sizes to tree sizes (``None`` = always the whole
+    tree); a batch size between two entries uses the entry below it (the
+    smallest entry below the first). Any BFS prefix is a valid tree.
+    """
+    if not table:
+        return num_nodes
+    keys = sorted(table)
+    key = keys[0]
+    for k in keys:
+        if k <= batch_size:
+            key = k
+    return max(0, min(num_nodes, int(table[key])))

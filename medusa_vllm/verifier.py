@@ -22,7 +22,12 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from medusa_vllm.acceptance import AcceptanceParams, AcceptanceRule, tree_accept
+from medusa_vllm.acceptance import (
+    AcceptanceParams,
+    AcceptanceRule,
+    greedy_accept_argmax,
+    tree_accept,
+)
 from medusa_vllm.tree import MedusaTree
 
 _SAMPLING_EPS = 1e-5  # vLLM's Sampler treats temperature below this as greedy
@@ -110,20 +115,25 @@ class MedusaTreeVerifier:
         drafts = torch.where(present, drafts, torch.full_like(drafts, -1))
         drafts[:, 0] = 0
 
-        node_logits = logits[row_index]  # [B, N+1, V]
         greedy_rows = params.temperature < _SAMPLING_EPS
         rejection_rows = (params.rule == AcceptanceRule.REJECTION) & ~greedy_rows
-        target_probs = None
-        if bool(rejection_rows.any()):
-            flat = processed_probs(
-                node_logits.reshape(b * n1, -1), torch.full((b,), n1, dtype=torch.long),
-                sampling_metadata,
+        if bool(((params.rule == AcceptanceRule.GREEDY) | ~(params.temperature > 0)).all()):
+            # Every row verifies greedily (tree_accept's greedy group): the target's
+            # argmax per flat logits row is all it needs, no [B, N+1, V] copy.
+            res = greedy_accept_argmax(tree, drafts, logits.argmax(-1)[row_index])
+        else:
+            node_logits = logits[row_index]  # [B, N+1, V]
+            target_probs = None
+            if bool(rejection_rows.any()):
+                flat = processed_probs(
+                    node_logits.reshape(b * n1, -1), torch.full((b,), n1, dtype=torch.long),
+                    sampling_metadata,
+                )
+                target_probs = flat.reshape(b, n1, -1)
+            gens = sampling_metadata.generators or None
+            res = tree_accept(
+                tree, drafts, node_logits, params, target_probs=target_probs, generators=gens
             )
-            target_probs = flat.reshape(b, n1, -1)
-        gens = sampling_metadata.generators or None
-        res = tree_accept(
-            tree, drafts, node_logits, params, target_probs=target_probs, generators=gens
-        )
 
         # Bonus tokens through vLLM's own sampler on the last accepted node's row.
         bonus_rows = row_index.gather(1, res.last_node.unsqueeze(1)).squeeze(1)

@@ -262,7 +262,8 @@ def engine_cost_curve(r: Recipe, w: Work, model: Path, per_rank: list[list[float
         sc = None
         if n:
             tree = MedusaTree.from_accuracies(per_rank, n)
-            sc = {"method": "medusa_tree", "model": str(w.medusa1 / "heads"), "tree": tree.to_list()}
+            sc = {"method": "medusa_tree", "model": str(w.medusa1 / "heads"), "tree": tree.to_list(),
+                  "nodes_by_batch": "off"}
         say(f"tree: engine step time with {n} tree nodes")
         res = run_engine({"name": f"cost-{n}", "model": str(model), "speculative_config": sc,
                           "step_cost": {"prompt_token_ids": prompt, "tokens": 48, "rounds": 3}},

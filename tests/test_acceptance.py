@@ -25,6 +25,7 @@ from medusa_vllm.acceptance import (
     AcceptanceResult,
     AcceptanceRule,
     greedy_accept,
+    greedy_accept_argmax,
     rejection_accept,
     tree_accept,
     typical_accept,
@@ -166,12 +167,24 @@ def test_greedy_matches_reference(choices, seed, b, v, absent):
     logits = torch.randint(-2, 3, (b, tree.num_nodes + 1, v), generator=gen).double()
     draft = make_draft(gen, tree, b, v, logits.argmax(-1), absent)
     res = greedy_accept(tree, draft, logits)
-    check_invariants(res, tree, draft)
-    for i in range(b):
-        nodes, bonus = ref_greedy(tree, draft[i].tolist(), logits[i].tolist())
-        assert res.accepted_nodes[i, : len(nodes)].tolist() == nodes
-        assert int(res.num_accepted[i]) == len(nodes) - 1
-        assert int(res.bonus_tokens[i]) == bonus
+    fast = greedy_accept_argmax(tree, draft, logits.argmax(-1))
+    for r in (res, fast):
+        check_invariants(r, tree, draft)
+        for i in range(b):
+            nodes, bonus = ref_greedy(tree, draft[i].tolist(), logits[i].tolist())
+            assert r.accepted_nodes[i, : len(nodes)].tolist() == nodes
+            assert int(r.num_accepted[i]) == len(nodes) - 1
+            assert int(r.bonus_tokens[i]) == bonus
+    assert torch.equal(fast.output_tokens, res.output_tokens)
+
+
+def test_greedy_accept_argmax_rejects_logits_and_bad_shapes():
+    tree = MedusaTree([[0], [1], [0, 0]])
+    draft = torch.tensor([[0, 3, 4, 5]])
+    with pytest.raises(ValueError, match="target_argmax must be an integer tensor shaped like"):
+        greedy_accept_argmax(tree, draft, torch.zeros(1, 4, 7))
+    with pytest.raises(ValueError, match="target_argmax must be an integer tensor shaped like"):
+        greedy_accept_argmax(tree, draft, torch.zeros(1, 3, dtype=torch.long))
 
 
 # ------------------------------------------------------ typical vs reference

@@ -51,3 +51,19 @@ def test_steeper_cost_prefers_smaller_trees():
     steep = fit_tree(ACC, {1: 1.05, 64: 5.0}, 64)[0]
     assert isinstance(flat, MedusaTree) and steep.num_nodes < flat.num_nodes
     assert torch.equal(steep.tree_mask, MedusaTree.from_accuracies(ACC, steep.num_nodes).tree_mask)
+
+
+def test_fit_nodes_by_batch_shrinks_with_steeper_curves_and_matches_brute_force():
+    from medusa_vllm.calibrate import fit_nodes_by_batch
+
+    tree = MedusaTree.from_accuracies(ACC, 16)
+    curves = {1: {1: 1.02, 16: 1.3}, 8: {1: 1.3, 16: 4.0}, 64: {1: 2.5, 16: 20.0}}
+    table = fit_nodes_by_batch(tree, ACC, curves)
+    assert set(table) == {1, 8, 64}
+    assert table[1] >= table[8] >= table[64]
+    assert table[64] == 0  # each drafted node costs more than it can return: no speculation
+    assert table[1] > 0
+    for bs, curve in curves.items():  # brute force over every BFS prefix (and 0)
+        cost = interpolate_cost(curve)
+        speeds = [1.0] + [tree.truncate(n).expected_accept_length(ACC) / cost(n) for n in range(1, 17)]
+        assert speeds[table[bs]] == pytest.approx(max(speeds))

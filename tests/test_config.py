@@ -119,6 +119,11 @@ def test_medusa_choices_conflicting_with_tree(heads):
         ("tree", "[[0], [1", "tree: expected a JSON list of paths"),
         ("tree", 7, "tree: expected \"auto\""),
         ("acceptence", "greedy", "unknown option 'acceptence'"),
+        ("nodes_by_batch", "sometimes", "nodes_by_batch: expected \"auto\", \"off\", or a {batch_size"),
+        ("nodes_by_batch", {"0": 4}, "nodes_by_batch: batch size '0': expected an integer >= 1"),
+        ("nodes_by_batch", {"eight": 4}, "nodes_by_batch: batch size 'eight': expected an integer >= 1"),
+        ("nodes_by_batch", {"8": -1}, "nodes_by_batch: batch size 8: tree size -1: expected an integer >= 0"),
+        ("nodes_by_batch", {}, "nodes_by_batch: expected"),
     ],
 )
 def test_bad_option_names_field_expected_and_found(heads, field, value, needle):
@@ -237,3 +242,32 @@ def test_request_overrides_errors(extra, needle):
         request_overrides(extra)
     assert "SamplingParams.extra_args" in str(err.value)
     assert needle in str(err.value)
+
+
+def test_nodes_by_batch_auto_off_explicit_and_saved(heads):
+    from medusa_vllm.config import DEFAULT_VERIFY_TOKEN_BUDGET
+    from medusa_vllm.tree import budget_nodes_by_batch
+
+    cfg = MedusaTreeConfig.from_dict({"heads": heads, "tree": "sparse-16"})
+    tree = cfg.load_tree()
+    auto = cfg.load_nodes_by_batch(tree)
+    assert auto[1] == 16  # batch 1: the whole tree the user asked for
+    want = budget_nodes_by_batch(16, DEFAULT_VERIFY_TOKEN_BUDGET)
+    assert {b: n for b, n in auto.items() if b > 1} == {b: n for b, n in want.items() if b > 1}
+    off = MedusaTreeConfig.from_dict({"heads": heads, "tree": "sparse-16", "nodes_by_batch": "off"})
+    assert off.load_nodes_by_batch(tree) is None
+    explicit = MedusaTreeConfig.from_dict({"heads": heads, "tree": "sparse-16",
+                                           "nodes_by_batch": {"1": 99, "8": 2}})
+    assert explicit.load_nodes_by_batch(tree) == {1: 16, 8: 2}  # capped at the tree size
+    # tree="auto" with a calibrated file: its table wins
+    MedusaTree([[0], [1], [0, 0]]).save(heads / "medusa_tree.json", nodes_by_batch={"1": 3, "4": 1, "16": 0})
+    saved = MedusaTreeConfig.from_dict({"heads": heads})
+    assert saved.load_nodes_by_batch(saved.load_tree()) == {1: 3, 4: 1, 16: 0}
+    resolved = saved.resolved()
+    assert resolved.nodes_by_batch == {1: 3, 4: 1, 16: 0}
+    d = resolved.to_dict()
+    assert d["nodes_by_batch"] == {"1": 3, "4": 1, "16": 0}
+    assert MedusaTreeConfig.from_dict(json.loads(json.dumps(d))) == resolved
+    (heads / "medusa_tree.json").write_text(json.dumps({"medusa_choices": [[0]], "nodes_by_batch": {"x": 1}}))
+    with pytest.raises(MedusaConfigError, match="invalid 'nodes_by_batch' table"):
+        MedusaTreeConfig.from_dict({"heads": heads}).load_nodes_by_batch(MedusaTree([[0]]))

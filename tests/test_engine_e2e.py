@@ -82,7 +82,7 @@ def test_greedy_identical_to_vanilla_random_heads(tiny):
     prompts = _prompts()
     sampling = _greedy(len(prompts))
     vanilla = run_engine({"llm": _llm(model), "prompts": prompts, "sampling": sampling})
-    ours = run_engine({"llm": _llm(model, {"method": "medusa_tree", "model": str(heads), "tree": "sparse-16"}),
+    ours = run_engine({"llm": _llm(model, {"method": "medusa_tree", "model": str(heads), "tree": "sparse-16", "nodes_by_batch": "off"}),
                        "prompts": prompts, "sampling": sampling})
     _compare(vanilla, ours)
     assert ours["metrics"]["num_drafts"] > 0, "the tree path never ran"
@@ -95,7 +95,7 @@ def test_distilled_heads_accept_and_stay_identical(tiny):
     prompts = _prompts(seed=1)
     sampling = _greedy(len(prompts), seed=1)
     vanilla = run_engine({"llm": _llm(model), "prompts": prompts, "sampling": sampling})
-    ours = run_engine({"llm": _llm(model, {"method": "medusa_tree", "model": str(heads), "tree": "sparse-16"}),
+    ours = run_engine({"llm": _llm(model, {"method": "medusa_tree", "model": str(heads), "tree": "sparse-16", "nodes_by_batch": "off"}),
                        "prompts": prompts, "sampling": sampling})
     _compare(vanilla, ours)
     m = ours["metrics"]
@@ -110,7 +110,7 @@ def test_preemption_tiny_kv_cache(tiny):
     sampling = _greedy(len(prompts), seed=2)
     kw = dict(num_gpu_blocks_override=5, block_size=32, max_model_len=128, max_num_seqs=16)
     vanilla = run_engine({"llm": _llm(model, **kw), "prompts": prompts, "sampling": sampling})
-    ours = run_engine({"llm": _llm(model, {"method": "medusa_tree", "model": str(heads), "tree": "sparse-8"}, **kw),
+    ours = run_engine({"llm": _llm(model, {"method": "medusa_tree", "model": str(heads), "tree": "sparse-8", "nodes_by_batch": "off"}, **kw),
                        "prompts": prompts, "sampling": sampling})
     _compare(vanilla, ours)
 
@@ -130,12 +130,16 @@ def test_stop_conditions_inside_accepted_path(tiny):
             sampling.append(dict(temperature=0.0, max_tokens=3 + i, ignore_eos=True))
         else:
             sampling.append(dict(temperature=0.0, max_tokens=40, ignore_eos=False))
-    spec = {"method": "medusa_tree", "model": str(heads), "tree": "sparse-16"}
+    # the tree shrinks as the batch grows: drafts of 16, 8 or 3 nodes as requests finish
+    spec = {"method": "medusa_tree", "model": str(heads), "tree": "sparse-16",
+            "nodes_by_batch": {"1": 16, "4": 8, "8": 3}}
     vanilla = run_engine({"llm": _llm(model), "prompts": prompts, "sampling": sampling})
     ours = run_engine({"llm": _llm(model, spec), "prompts": prompts, "sampling": sampling})
     _compare(vanilla, ours)
     assert vanilla["finish"] == ours["finish"]
-    assert ours["metrics"]["mean_accepted_length"] > 1.2
+    m = ours["metrics"]
+    assert m["mean_accepted_length"] > 1.2, m
+    assert 3 < m["tree_size"] < 16, m  # mean drafted nodes per step: both sizes were used
 
 
 def test_tensor_parallel_2(tiny):
@@ -145,7 +149,7 @@ def test_tensor_parallel_2(tiny):
     sampling = _greedy(len(prompts), seed=4)
     env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
     vanilla = run_engine({"llm": _llm(model), "prompts": prompts, "sampling": sampling})
-    ours = run_engine({"llm": _llm(model, {"method": "medusa_tree", "model": str(heads), "tree": "sparse-8"},
+    ours = run_engine({"llm": _llm(model, {"method": "medusa_tree", "model": str(heads), "tree": "sparse-8", "nodes_by_batch": "off"},
                                    tensor_parallel_size=2, distributed_executor_backend="mp"),
                        "prompts": prompts, "sampling": sampling}, env=env)
     _compare(vanilla, ours)
@@ -186,7 +190,8 @@ def test_rejection_sampling_reproduces_target_distribution(tmp_path, acceptance)
     # 8 of the 12 tokens drafted at depth 1 (so drafts are often accepted and the
     # residual path is exercised too), a few depth-2 nodes below the top ones
     tree = [[r] for r in range(8)] + [[0, 0], [0, 1], [1, 0], [2, 0]]
-    spec = {"method": "medusa_tree", "model": str(heads), "tree": tree, "acceptance": acceptance}
+    spec = {"method": "medusa_tree", "model": str(heads), "tree": tree, "acceptance": acceptance,
+            "nodes_by_batch": "off"}
     res = run_engine({
         "llm": _llm(model, spec, max_num_seqs=256, max_model_len=64),
         "prompts": [prompt] * n,
@@ -237,7 +242,7 @@ def test_mixed_batch_chunked_prefill_prefix_cache_logprobs_n(tiny):
             sampling.append(dict(temperature=0.0, max_tokens=32, ignore_eos=True, logprobs=2))
     kw = dict(max_num_batched_tokens=96, enable_chunked_prefill=True, enable_prefix_caching=True,
               max_model_len=512)
-    spec = {"method": "medusa_tree", "model": str(heads), "tree": "sparse-16"}
+    spec = {"method": "medusa_tree", "model": str(heads), "tree": "sparse-16", "nodes_by_batch": "off"}
     vanilla = run_engine({"llm": _llm(model, **kw), "prompts": prompts, "sampling": sampling})
     ours = run_engine({"llm": _llm(model, spec, **kw), "prompts": prompts, "sampling": sampling})
     assert len(vanilla["outputs"]) == len(ours["outputs"])

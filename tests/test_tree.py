@@ -209,3 +209,20 @@ def test_to_device_keeps_buffers():
     t = MedusaTree.load("sparse-8").to("cpu")
     assert t.tree_mask.shape == (9, 9)
     assert t.ancestor_at_depth[0, 0] == 0
+
+
+def test_nodes_for_batch_uses_the_entry_at_or_below_the_batch():
+    from medusa_vllm.tree import budget_nodes_by_batch, nodes_for_batch
+
+    table = {1: 16, 4: 8, 8: 3, 32: 0}
+    assert [nodes_for_batch(table, b, 16) for b in (1, 2, 3, 4, 7, 8, 31, 32, 500)] == [
+        16, 16, 16, 8, 8, 3, 3, 0, 0]
+    assert nodes_for_batch({2: 5}, 1, 16) == 5  # below the first entry: the first entry
+    assert nodes_for_batch({1: 40}, 1, 16) == 16  # capped at the tree size
+    assert nodes_for_batch(None, 64, 16) == 16  # no table: the whole tree
+    budget = budget_nodes_by_batch(16, 32, batch_sizes=(1, 2, 4, 8, 16, 32, 64))
+    assert budget == {1: 16, 2: 15, 4: 7, 8: 3, 16: 1, 32: 0, 64: 0}
+    for b, n in budget.items():
+        assert n == 0 or b * (n + 1) <= 32 or n == 16
+    with pytest.raises(ValueError, match="token_budget"):
+        budget_nodes_by_batch(16, 0)
