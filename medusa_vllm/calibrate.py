@@ -112,10 +112,15 @@ def measure_accuracies(model: str, heads_dir: str, data: Sequence[str], *, max_r
 def measure_cost_curve(model: str, heads_dir: str, sizes: Sequence[int], batch_size: int, *,
                        num_prompts: int = 8, max_tokens: int = 64, dtype: str = "float32",
                        max_model_len: int = 1024) -> dict[int, float]:
-    """Relative engine step time with trees of each size vs vanilla decoding."""
+    """Relative engine step time with trees of each size vs vanilla decoding
+    (the tree of ``n`` nodes: the BFS-first ``n`` nodes of ``sparse-64``)."""
     from tqdm import tqdm
 
     from medusa_vllm.bench import _prompts, _run
+    from medusa_vllm.config import read_heads_info
+
+    num_heads = read_heads_info(heads_dir).num_heads
+    big = MedusaTree.load("sparse-64", num_heads)
 
     base = dict(model=model, dtype=dtype, max_model_len=max_model_len, max_tokens=max_tokens,
                 ignore_eos=True, prompts=_prompts(max(num_prompts, batch_size), seed=99),
@@ -124,7 +129,7 @@ def measure_cost_curve(model: str, heads_dir: str, sizes: Sequence[int], batch_s
     per_tok = van["wall_s"] / van["output_tokens"]
     curve: dict[int, float] = {}
     for n in tqdm(sizes, desc=f"cost curve (batch {batch_size})"):
-        tree = "chain-1" if n == 1 else f"sparse-{n}"
+        tree = big.truncate(min(n, big.num_nodes)).to_list()
         r = _run({**base, "name": f"tree-{n}",
                   "speculative_config": {"method": "medusa_tree", "model": heads_dir, "tree": tree,
                                          "nodes_by_batch": "off"}})

@@ -67,7 +67,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from medusa_vllm.heads import MedusaConfig, MedusaHeads, strip_vocab_padding
+from medusa_vllm.heads import MedusaConfig, MedusaHeads, strip_vocab_padding, token_map_problem
 
 __all__ = [
     "FORMAT_VERSION",
@@ -579,28 +579,10 @@ def _build(
 
     token_map = tensors.get("token_map")
     if token_map is not None:
-        if token_map.dtype.is_floating_point or token_map.dtype == torch.bool:
-            raise MedusaCheckpointError(
-                f"{raw.origin['token_map']}: expected integer token ids, found "
-                f"dtype {token_map.dtype}"
-            )
-        if tuple(token_map.shape) != expected["token_map"]:
-            raise MedusaCheckpointError(
-                f"{raw.origin['token_map']}: expected shape "
-                f"{list(expected['token_map'])} (truncated_vocab_size), found "
-                f"{list(token_map.shape)}"
-            )
+        problem = token_map_problem(token_map, expected["token_map"][0], config.vocab_size)
+        if problem:
+            raise MedusaCheckpointError(f"{raw.origin['token_map']}: {problem}")
         token_map = token_map.to(torch.long)
-        lo, hi = int(token_map.min()), int(token_map.max())
-        if lo < 0 or hi >= config.vocab_size:
-            raise MedusaCheckpointError(
-                f"{raw.origin['token_map']}: ids must be in [0, {config.vocab_size}) "
-                f"(vocab_size), found min {lo} and max {hi}"
-            )
-        if torch.unique(token_map).numel() != token_map.numel():
-            raise MedusaCheckpointError(
-                f"{raw.origin['token_map']}: a token id appears more than once"
-            )
         tensors["token_map"] = token_map
 
     h = config.hidden_size

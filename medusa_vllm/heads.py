@@ -47,6 +47,7 @@ __all__ = [
     "ResidualBlock",
     "strip_vocab_padding",
     "token_map_from_counts",
+    "token_map_problem",
     "truncate_lm_head",
 ]
 
@@ -172,6 +173,23 @@ def token_map_from_counts(counts: torch.Tensor, size: int) -> torch.Tensor:
         )
     order = torch.sort(counts.double(), descending=True, stable=True).indices
     return order[:size].to(torch.long).clone()
+
+
+def token_map_problem(token_map: torch.Tensor, draft_vocab_size: int, vocab_size: int) -> str | None:
+    """What is wrong with a ``token_map`` (draft id -> full id), or ``None``:
+    integer dtype, shape ``[draft_vocab_size]``, ids in ``[0, vocab_size)``, no repeats."""
+    if token_map.dtype.is_floating_point or token_map.dtype == torch.bool:
+        return f"expected integer token ids, found dtype {token_map.dtype}"
+    if tuple(token_map.shape) != (draft_vocab_size,):
+        return (f"expected shape [{draft_vocab_size}] (truncated_vocab_size), found "
+                f"{list(token_map.shape)}")
+    tm = token_map.to(torch.long)
+    lo, hi = int(tm.min()), int(tm.max())
+    if lo < 0 or hi >= vocab_size:
+        return f"ids must be in [0, {vocab_size}) (vocab_size), found min {lo} and max {hi}"
+    if torch.unique(tm).numel() != tm.numel():
+        return "a token id appears more than once"
+    return None
 
 
 def truncate_lm_head(weight: torch.Tensor, token_map: torch.Tensor) -> torch.Tensor:
@@ -317,29 +335,12 @@ class MedusaHeads(nn.Module):
 
     # ------------------------------------------------------------------ checks
     def _checked_token_map(self, token_map: torch.Tensor) -> torch.Tensor:
-        cfg = self.config
-        dv = cfg.draft_vocab_size
         if not isinstance(token_map, torch.Tensor):
             token_map = torch.as_tensor(token_map)
-        if token_map.dtype.is_floating_point or token_map.dtype == torch.bool:
-            raise ValueError(
-                f"token_map must hold integer token ids, found dtype {token_map.dtype}"
-            )
-        if tuple(token_map.shape) != (dv,):
-            raise ValueError(
-                f"token_map must have shape [{dv}] (truncated_vocab_size), found "
-                f"{list(token_map.shape)}"
-            )
-        tm = token_map.to(torch.long)
-        lo, hi = int(tm.min()), int(tm.max())
-        if lo < 0 or hi >= cfg.vocab_size:
-            raise ValueError(
-                f"token_map ids must be in [0, {cfg.vocab_size}) (vocab_size), "
-                f"found min {lo} and max {hi}"
-            )
-        if torch.unique(tm).numel() != dv:
-            raise ValueError("token_map must not repeat a token id")
-        return tm.clone()
+        problem = token_map_problem(token_map, self.config.draft_vocab_size, self.config.vocab_size)
+        if problem:
+            raise ValueError(f"token_map: {problem}")
+        return token_map.to(torch.long).clone()
 
     # -------------------------------------------------------------- LM layers
     @property

@@ -80,7 +80,8 @@ class Recipe:
     seed: int = 0
     # tree
     max_tree_nodes: int = 64
-    cost_curve_sizes: list = field(default_factory=lambda: [0, 1, 4, 8, 16, 32, 64])
+    # batch size -> tree sizes whose engine step time is measured
+    cost_curves: dict = field(default_factory=lambda: {"1": [1, 4, 8, 16, 32, 64], "8": [1, 2, 4, 8, 16]})
     # Medusa-2 comparison (smaller)
     m2_rows: int = 480
     m2_steps: int = 120
@@ -251,32 +252,10 @@ def stage_train(r: Recipe, w: Work, model: Path, force: bool) -> None:
 
 
 # ----------------------------------------------------------------------------- tree
-def engine_cost_curve(r: Recipe, w: Work, model: Path, per_rank: list[list[float]]) -> dict[int, float]:
-    """Seconds per engine step at batch 1 for each tree size in ``r.cost_curve_sizes``
-    (0 = vanilla decoding), one fresh vLLM engine per size, on the trained heads."""
-    from medusa_vllm.tree import MedusaTree
-
-    curve: dict[int, float] = {}
-    prompt = read_jsonl(w.distill_heldout)[0]["prompt_token_ids"]
-    for n in r.cost_curve_sizes:
-        sc = None
-        if n:
-            tree = MedusaTree.from_accuracies(per_rank, n)
-            sc = {"method": "medusa_tree", "model": str(w.medusa1 / "heads"), "tree": tree.to_list(),
-                  "nodes_by_batch": "off"}
-        say(f"tree: engine step time with {n} tree nodes")
-        res = run_engine({"name": f"cost-{n}", "model": str(model), "speculative_config": sc,
-                          "step_cost": {"prompt_token_ids": prompt, "tokens": 48, "rounds": 3}},
-                         w / "tree" / f"cost-{n}.log")
-        curve[n] = res["step_seconds"]
-        say(f"tree: {n} nodes: {1e3 * curve[n]:.1f} ms per step")
-    return curve
-
-
 def stage_tree(r: Recipe, w: Work, model: Path, force: bool) -> None:
-    """Optimized sparse tree: per-rank accuracies + cost curve -> best_for_cost."""
-    import numpy as np
-
+    """Optimized sparse tree: per-rank accuracies + measured cost curves -> the
+    tree (``best_for_cost`` at batch 1) and its size per batch size."""
+    from medusa_vllm.calibrate import fit_nodes_by_batch, fit_tree, interpolate_cost, measure_cost_curve
     from medusa_vllm.tree import MedusaTree
 
     d = w / "tree"
@@ -286,50 +265,52 @@ def stage_tree(r: Recipe, w: Work, model: Path, force: bool) -> None:
         return
     ev = json.loads((w.medusa1 / "eval.json").read_text())
     per_rank = ev["per_rank"]
-    curve_file = d / "cost_curve.json"
+    curve_file = d / "cost_curves.json"
+    curves: dict[int, dict[int, float]] = {}
     if curve_file.is_file() and not force:
-        curve = {int(k): v for k, v in json.loads(curve_file.read_text())["seconds"].items()}
-    else:
-        curve = engine_cost_curve(r, w, model, per_rank)
+        saved = json.loads(curve_file.read_text())["relative_step_time"]
+        curves = {int(b): {int(n): c for n, c in cv.items()} for b, cv in saved.items()}
+    for bs, sizes in sorted((int(b), v) for b, v in r.cost_curves.items()):
+        if bs in curves:
+            continue
+        say(f"tree: cost curve at batch {bs}, tree sizes {sizes}")
+        curves[bs] = measure_cost_curve(str(model), str(w.medusa1 / "heads"), sizes, bs,
+                                        num_prompts=max(8, bs), max_tokens=64)
         write_json(curve_file, {
-            "what": "seconds per engine step at batch 1 (vLLM, float32, eager, this machine): "
-                    "0 = vanilla decode step; n = Medusa tree step with the n-node "
-                    "MedusaTree.from_accuracies tree (verification + proposer + compaction)",
-            "seconds": {str(k): v for k, v in curve.items()},
-            "relative": {str(k): v / curve[0] for k, v in curve.items()},
+            "what": "engine step time with an n-node tree / vanilla decode step time "
+                    "(vLLM, float32, eager, this machine; medusa_vllm.calibrate.measure_cost_curve)",
+            "relative_step_time": {str(b): {str(n): c for n, c in cv.items()} for b, cv in curves.items()},
         })
-    xs = sorted(curve)
-    ys = [curve[x] for x in xs]
-
-    def cost(n: int) -> float:
-        return float(np.interp(n, xs, ys))
-
-    tree, speed = MedusaTree.best_for_cost(per_rank, cost, r.max_tree_nodes)
+        say(f"tree: batch {bs}: " + ", ".join(f"{n}: {c:.2f}" for n, c in sorted(curves[bs].items())))
+    tree, exp_len, speed = fit_tree(per_rank, curves[1], r.max_tree_nodes)
+    nodes_by_batch = fit_nodes_by_batch(tree, per_rank, curves)
+    cost = interpolate_cost(curves[1])
     rows = []
     for n in sorted({1, 2, 4, 8, 16, 32, 64, tree.num_nodes}):
         if n > r.max_tree_nodes:
             continue
         t = MedusaTree.from_accuracies(per_rank, n)
         e = t.expected_accept_length(per_rank)
-        rows.append({"nodes": n, "expected_accept_length": e, "relative_cost": cost(n) / cost(0),
-                     "expected_speedup": e * cost(0) / cost(n)})
+        rows.append({"nodes": n, "expected_accept_length": e, "relative_cost": cost(n),
+                     "expected_speedup": e / cost(n)})
     chain = MedusaTree.chain(r.num_heads)
     info = {
-        "source": "scripts/train_default_heads.py stage 'tree': MedusaTree.best_for_cost("
-                  "per-rank held-out accuracies, measured cost curve)",
-        "expected_accept_length": tree.expected_accept_length(per_rank),
+        "source": "scripts/train_default_heads.py stage 'tree': medusa_vllm.calibrate.fit_tree / "
+                  "fit_nodes_by_batch (per-rank held-out accuracies, measured cost curves)",
+        "expected_accept_length": exp_len,
         "expected_speedup_vs_vanilla_forward": speed,
         f"chain_{r.num_heads}_expected_accept_length": chain.expected_accept_length(per_rank),
         "num_nodes": tree.num_nodes,
         "max_depth": tree.max_depth,
         "topk": tree.topk,
+        "nodes_by_batch": {str(b): n for b, n in nodes_by_batch.items()},
         "per_rank_accuracy": per_rank,
-        "cost_curve_relative": {str(k): v / curve[0] for k, v in curve.items()},
-        "candidates": rows,
+        "cost_curves_relative": {str(b): {str(n): c for n, c in cv.items()} for b, cv in curves.items()},
+        "candidates_batch_1": rows,
     }
     tree.save(d / "medusa_tree.json", **info)
-    say(f"tree: {tree} expected accept length {info['expected_accept_length']:.3f}, "
-        f"expected speedup {speed:.2f}")
+    say(f"tree: {tree} expected accept length {exp_len:.3f}, expected speedup {speed:.2f}; "
+        f"nodes by batch {nodes_by_batch}")
     for row in rows:
         say(f"  nodes {row['nodes']:3d}: E[len] {row['expected_accept_length']:.3f}, cost "
             f"{row['relative_cost']:.2f}, E[speedup] {row['expected_speedup']:.2f}")
@@ -450,8 +431,10 @@ def _readme(r: Recipe, w: Work, ev: dict, tree: dict, check: dict) -> str:
         f"3. Medusa-1 (frozen backbone, hidden states cached): {summ['steps']} steps x "
         f"{r.batch_size} rows ({r.epochs} epochs), AdamW lr {r.lr}, cosine, "
         f"head loss weights {r.lambda_decay}^k.",
-        "4. Tree: `MedusaTree.best_for_cost(per-rank held-out accuracy, measured cost curve, "
-        f"max {r.max_tree_nodes} nodes)`.",
+        "4. Tree: `medusa_vllm.calibrate.fit_tree` (per-rank held-out accuracy, the engine's "
+        f"measured step-time curve at batch 1, max {r.max_tree_nodes} nodes) and "
+        "`fit_nodes_by_batch` (how many of its BFS-first nodes to draft at each batch size, "
+        f"from the curves at batch sizes {sorted(int(b) for b in r.cost_curves)}).",
         "",
         "## Held-out accuracy (greedy answers to prompts the heads never saw)",
         "",
@@ -466,7 +449,8 @@ def _readme(r: Recipe, w: Work, ev: dict, tree: dict, check: dict) -> str:
         "",
         f"Tree: {tree['num_nodes']} nodes, depth {tree['max_depth']}, top-{tree['topk']}; "
         f"expected accepted length {tree['expected_accept_length']:.2f} tokens/step "
-        f"(top-1 chain of {r.num_heads}: {tree[f'chain_{r.num_heads}_expected_accept_length']:.2f}).",
+        f"(top-1 chain of {r.num_heads}: {tree[f'chain_{r.num_heads}_expected_accept_length']:.2f}); "
+        f"nodes drafted per batch size: {tree['nodes_by_batch']}.",
         "",
     ]
     return "\n".join(lines)
@@ -501,8 +485,6 @@ def _engine_worker(spec: dict) -> dict:
         ntok = sum(len(o.outputs[0].token_ids) for o in outs)
         out.update(wall_s=wall, output_tokens=ntok, tokens_per_s=ntok / wall, spec=stats.to_dict(),
                    token_ids=[list(o.outputs[0].token_ids) for o in outs])
-    if spec.get("step_cost"):
-        out["step_seconds"] = _step_seconds(llm, **spec["step_cost"])
     if spec.get("proposer_cost"):
         out["proposer_cost"] = _proposer_cost(llm, spec)
     return out
@@ -519,32 +501,6 @@ def _decode_step_seconds(llm, prompt_ids: list[int], n: int = 64) -> float:
         return time.perf_counter() - t0
 
     return (run(1 + n) - run(1)) / n
-
-
-def _step_seconds(llm, prompt_token_ids: list[int], tokens: int = 48, rounds: int = 3) -> float:
-    """Median seconds per engine step (batch 1) while generating ``tokens`` tokens after
-    the prefill: (time for 1 + tokens - time for 1) / decode steps, where the steps of
-    a speculative run are its drafted steps (vLLM's spec-decode counter)."""
-    import statistics
-
-    from vllm import SamplingParams
-
-    from medusa_vllm.metrics import spec_decode_summary
-
-    def run(k: int) -> tuple[float, int]:
-        before = spec_decode_summary(llm.get_metrics()).num_drafts
-        sp = SamplingParams(temperature=0.0, max_tokens=k, ignore_eos=True)
-        t0 = time.perf_counter()
-        llm.generate([{"prompt_token_ids": prompt_token_ids}], sp, use_tqdm=False)
-        return time.perf_counter() - t0, spec_decode_summary(llm.get_metrics()).num_drafts - before
-
-    run(1 + tokens)  # warm-up
-    out = []
-    for _ in range(rounds):
-        t1, _ = run(1)
-        tn, drafts = run(1 + tokens)
-        out.append((tn - t1) / (drafts or tokens))
-    return statistics.median(out)
 
 
 def _proposer_cost(llm, spec: dict) -> dict:

@@ -228,7 +228,7 @@ def test_topk_full_vocab_and_bounds():
         (torch.tensor([1, 2]), r"shape \[3\].*\[2\]"),
         (torch.tensor([1, 2, 9]), r"\[0, 9\).*max 9"),
         (torch.tensor([1, 2, -1]), "min -1"),
-        (torch.tensor([1, 2, 2]), "repeat"),
+        (torch.tensor([1, 2, 2]), "appears more than once"),
         (torch.tensor([1.0, 2.0, 3.0]), "integer token ids"),
     ],
 )
@@ -326,3 +326,4 @@ def test_vllm_padded_lm_head_weight_is_accepted():
     torch.testing.assert_close(per_head.lm_heads[1].weight, real)
     with pytest.raises(ValueError, match=r"\[70, 4\].*found \[100, 4\]"):
         per_head.init_lm_head_from(torch.randn(100, H))
+
