@@ -58,8 +58,8 @@ class Recipe:
     """Every knob of the recipe (saved as ``recipe.json`` in the work folder)."""
 
     # data
-    train_prompts: int = 3000  # greedy answers
-    sampled_prompts: int = 1000  # extra answers at temperature 0.7 (other prompts)
+    train_prompts: int = 2000  # greedy answers
+    sampled_prompts: int = 400  # extra answers at temperature 0.7 (other prompts)
     sampled_temperature: float = 0.7
     heldout_prompts: int = 256
     prompt_seed: int = 0
