@@ -46,7 +46,7 @@ import logging
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -336,6 +336,14 @@ class TreePlan:
     block_size: int
     plain_rows: slice | torch.Tensor | None = None
     plain_metadata: CPUAttentionMetadata | None = None
+    # per (layout, kv_heads): flat element indices of K and V in a layer's cache,
+    # computed by the first layer and reused by every other layer of the step
+    kv_index: dict = field(default_factory=dict)
+
+    @property
+    def dense(self) -> bool:
+        """Every tree request has ``T_max`` tokens (no query padding needed)."""
+        return bool(self.valid.all())
 
 
 @dataclass
@@ -485,14 +493,25 @@ def paged_tree_attention(
     (padded to whole blocks and masked), then one batched SDPA with the
     prefix+ancestor mask; GQA via ``enable_gqa``. Device-agnostic torch.
     """
-    k, v = gather_kv(kv_cache, plan.blocks, layout)
+    _tiles(kv_cache, layout, "paged_tree_attention")  # shape/dtype check
     r, t_max = plan.valid.shape
     hq, d = query.shape[1], query.shape[2]
-    hkv = k.shape[1]
+    hkv = kv_cache.shape[1]
     if hq % hkv:
         raise ValueError(f"paged_tree_attention: {hq} query heads not divisible by {hkv} KV heads")
-    q = query.new_zeros(r, t_max, hq, d)
-    q[plan.valid] = query
+    key = (layout.isa, layout.dtype, layout.block_size, layout.head_size, hkv)
+    if key not in plan.kv_index:
+        plan.kv_index[key] = kv_gather_index(plan.blocks, hkv, layout, kv_cache.device)
+    k_idx, v_idx = plan.kv_index[key]
+    flat = kv_cache.view(-1)
+    k = flat.index_select(0, k_idx.view(-1)).view(k_idx.shape)
+    v = flat.index_select(0, v_idx.view(-1)).view(v_idx.shape)
+    dense = plan.dense
+    if dense:  # rows are request-major, node order: no padding to scatter
+        q = query.view(r, t_max, hq, d)
+    else:
+        q = query.new_zeros(r, t_max, hq, d)
+        q[plan.valid] = query
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2),
         k.to(query.dtype),
@@ -500,8 +519,23 @@ def paged_tree_attention(
         attn_mask=plan.attn_mask,
         scale=scale,
         enable_gqa=hq != hkv,
-    )
-    return out.transpose(1, 2)[plan.valid]
+    ).transpose(1, 2)
+    return out.reshape(r * t_max, hq, d) if dense else out[plan.valid]
+
+
+def kv_gather_index(blocks: torch.Tensor, kv_heads: int, layout: CacheTileLayout,
+                    device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat element indices ``[R, kv_heads, nblk * block_size, D]`` of K and V
+    in a ``[num_blocks, kv_heads, block_size, 2 * D]`` cache for the listed
+    blocks (what :func:`gather_kv` reads), so that each layer's gather is one
+    ``index_select`` on its flattened cache."""
+    r, nblk = blocks.shape
+    bs, d, tile = layout.block_size, layout.head_size, layout.tile_numel
+    base = (blocks.to(torch.long).view(r, 1, nblk, 1, 1) * kv_heads
+            + torch.arange(kv_heads).view(1, -1, 1, 1, 1)) * tile  # [R, H, nblk, 1, 1]
+    k = (base + layout.k_offsets.view(1, 1, 1, bs, d)).reshape(r, kv_heads, nblk * bs, d)
+    v = (base + layout.v_offsets.view(1, 1, 1, bs, d)).reshape(r, kv_heads, nblk * bs, d)
+    return k.to(device), v.to(device)
 
 
 def tree_attention_reference(

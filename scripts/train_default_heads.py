@@ -73,7 +73,7 @@ class Recipe:
     # Medusa-1 optimisation
     seq_len: int = 640
     batch_size: int = 8
-    epochs: float = 3.0
+    epochs: float = 6.0
     lr: float = 1e-3
     lr_warmup_steps: int = 50
     lambda_decay: float = 0.8
@@ -83,9 +83,10 @@ class Recipe:
     # batch size -> tree sizes whose engine step time is measured
     cost_curves: dict = field(default_factory=lambda: {"1": [1, 4, 8, 16, 32, 64], "8": [1, 2, 4, 8, 16]})
     # Medusa-2 comparison (smaller)
-    m2_rows: int = 480
-    m2_steps: int = 120
-    m2_batch_size: int = 4
+    m2_rows: int = 240
+    m2_steps: int = 60
+    m2_batch_size: int = 2
+    m2_seq_len: int = 384
     m2_lr: float = 1e-4
     m2_lora_rank: int = 8
     m2_lambda0: float = 0.2
@@ -614,10 +615,18 @@ def stage_accept(r: Recipe, w: Work, model: Path, force: bool) -> None:
     heads = str(default_heads_dir())
     base = {"model": str(model), "prompts": prompts, "max_tokens": r.accept_max_tokens,
             "max_model_len": 1024, "batch_size": 1}
+    from medusa_vllm.tree import MedusaTree
+
+    per_rank = json.loads((w.medusa1 / "eval.json").read_text())["per_rank"]
+    big = MedusaTree.from_accuracies(per_rank, r.max_tree_nodes).to_list()
     configs = {
         "vanilla": None,
+        # the calibrated tree: fastest on this machine
         "medusa_tree": {"method": "medusa_tree", "model": heads, "tree": "auto"},
         f"chain-{r.num_heads}": {"method": "medusa_tree", "model": heads, "tree": f"chain-{r.num_heads}"},
+        # the heads' reach: the optimized sparse tree of max_tree_nodes nodes, whatever it costs
+        f"tree-{r.max_tree_nodes}": {"method": "medusa_tree", "model": heads, "tree": big,
+                                     "nodes_by_batch": "off"},
     }
     for name, sc in configs.items():
         if name in results:
@@ -702,7 +711,7 @@ def stage_medusa2(r: Recipe, w: Work, model: Path, force: bool) -> None:
             max_eval_rows=r.heldout_prompts, recipe="medusa2", self_distill=True,
             num_heads=r.num_heads, num_layers=r.num_layers, draft_vocab_size=r.draft_vocab_size,
             original_lm_head=r.original_lm_head, heads_init=str(w.medusa1 / "heads"),
-            seq_len=min(r.seq_len, 512), max_steps=r.m2_steps, batch_size=r.m2_batch_size,
+            seq_len=r.m2_seq_len, max_steps=r.m2_steps, batch_size=r.m2_batch_size,
             lr=r.m2_lr, lr_warmup_steps=10, lambda0=r.m2_lambda0, lora_rank=r.m2_lora_rank,
             lambda_decay=r.lambda_decay, seed=r.seed, dtype="float32", save_steps=25,
             save_total_limit=1, resume=resume, overwrite=not resume,

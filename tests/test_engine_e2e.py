@@ -130,16 +130,17 @@ def test_stop_conditions_inside_accepted_path(tiny):
             sampling.append(dict(temperature=0.0, max_tokens=3 + i, ignore_eos=True))
         else:
             sampling.append(dict(temperature=0.0, max_tokens=40, ignore_eos=False))
-    # the tree shrinks as the batch grows: drafts of 16, 8 or 3 nodes as requests finish
+    # the tree shrinks as the batch grows: no drafts while 8 requests run, then 3, 8 or 16
+    # nodes as requests finish (steps with and without speculation alternate)
     spec = {"method": "medusa_tree", "model": str(heads), "tree": "sparse-16",
-            "nodes_by_batch": {"1": 16, "4": 8, "8": 3}}
+            "nodes_by_batch": {"1": 16, "4": 8, "6": 3, "8": 0}}
     vanilla = run_engine({"llm": _llm(model), "prompts": prompts, "sampling": sampling})
     ours = run_engine({"llm": _llm(model, spec), "prompts": prompts, "sampling": sampling})
     _compare(vanilla, ours)
     assert vanilla["finish"] == ours["finish"]
     m = ours["metrics"]
     assert m["mean_accepted_length"] > 1.2, m
-    assert 3 < m["tree_size"] < 16, m  # mean drafted nodes per step: both sizes were used
+    assert 3 < m["tree_size"] < 16, m  # mean drafted nodes per step: several sizes were used
 
 
 def test_tensor_parallel_2(tiny):

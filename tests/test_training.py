@@ -433,6 +433,14 @@ def test_medusa1_hidden_cache_memory_and_disk(tmp_path, tiny):
     disk_cfg.max_steps, disk_cfg.resume = 8, True
     train(disk_cfg)
     assert files[0].stat().st_mtime_ns == mtime
+    # so does an overwriting run on the same data; other data replaces it
+    disk_cfg.resume, disk_cfg.overwrite, disk_cfg.lr = False, True, 3e-3
+    train(disk_cfg)
+    assert files[0].stat().st_mtime_ns == mtime
+    disk_cfg.cache_dtype = "bfloat16"
+    train(disk_cfg)
+    now = list((tmp_path / "disk" / "cache").glob("hidden-*"))
+    assert len(now) == 2 and files[0] not in now  # the new .bin + .json only
 
 
 def test_auto_cache_mode(tmp_path, tiny):

@@ -119,6 +119,9 @@ class HiddenCache:
                     return cls(storage, offsets, lengths)
             file.parent.mkdir(parents=True, exist_ok=True)
             meta_file.unlink(missing_ok=True)
+            for stale in file.parent.glob("hidden-*"):  # caches of other data/models
+                if stale.stem != file.stem:
+                    stale.unlink()
             nbytes = total * hidden_size * torch.empty((), dtype=tdtype).element_size()
             with open(file, "wb") as f:
                 f.truncate(nbytes)

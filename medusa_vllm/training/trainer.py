@@ -64,7 +64,9 @@ __all__ = ["MedusaTrainer", "TrainResult", "train", "OUTPUT_ARTIFACTS"]
 
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CHECKPOINT_DIR = "checkpoints"
-# Everything a run writes in its output folder (what --overwrite may remove).
+# Everything a run writes in its output folder (what --overwrite removes, except
+# the hidden-state cache: it is keyed by a fingerprint of the data, model and
+# dtypes, reused only on an exact match and replaced otherwise).
 OUTPUT_ARTIFACTS = (
     "heads", "model", "adapter", CHECKPOINT_DIR, "cache", "distill.jsonl",
     "accuracies.json", "eval.json", "train_config.json", "train_log.jsonl",
@@ -119,6 +121,8 @@ def prepare_output(config: TrainConfig) -> Path:
                 f"or choose another --output"
             )
         for name in OUTPUT_ARTIFACTS:
+            if name == "cache":
+                continue
             p = out / name
             if p.is_dir():
                 shutil.rmtree(p)
