@@ -28,7 +28,8 @@ Options (defaults in brackets):
   (verification turns compute-bound with batch size, so a big tree that pays
   at batch 1 costs more than it gains at batch 8). A ``{batch_size: nodes}``
   table (each step drafts the first ``nodes`` BFS nodes; a batch size between
-  entries uses the entry below it; 0 = no speculation at that batch size);
+  entries uses the entry below it, capped at the tokens per step of the entry
+  above; 0 = no speculation at that batch size);
   ``"auto"`` = the table ``medusa-vllm calibrate`` saved in
   ``medusa_tree.json`` when ``tree="auto"`` uses it, else the whole tree at
   batch 1 and about :data:`DEFAULT_VERIFY_TOKEN_BUDGET` verified tokens per

@@ -422,14 +422,19 @@ def nodes_for_batch(table: dict[int, int] | None, batch_size: int, num_nodes: in
     """How many of the tree's BFS-first nodes to draft at ``batch_size``.
 
     ``table`` maps batch sizes to tree sizes (``None`` = always the whole
-    tree); a batch size between two entries uses the entry below it (the
-    smallest entry below the first). Any BFS prefix is a valid tree.
+    tree). A batch size between two entries takes the entry below it, capped
+    so that the step verifies no more tokens than the entry above does
+    (``b * (n + 1) <= b2 * (n2 + 1)``): verification cost follows the tokens
+    per step. Below the first entry: the first entry. Any BFS prefix is a
+    valid tree.
     """
     if not table:
         return num_nodes
     keys = sorted(table)
-    key = keys[0]
-    for k in keys:
-        if k <= batch_size:
-            key = k
-    return max(0, min(num_nodes, int(table[key])))
+    below = [k for k in keys if k <= batch_size]
+    n = int(table[below[-1]] if below else table[keys[0]])
+    above = [k for k in keys if k > batch_size]
+    if below and below[-1] != batch_size and above:
+        b2 = above[0]
+        n = min(n, b2 * (int(table[b2]) + 1) // max(batch_size, 1) - 1)
+    return max(0, min(num_nodes, n))

@@ -64,7 +64,9 @@ def test_tree_shrinks_with_the_batch(setup):
     assert two == [r[:5] for r in ref]  # the BFS-first nodes of the same tree
     assert p.propose_tree(torch.randn(4, H), [True] * 4) == [[]] * 4  # plain decoding
     # the batch size counts every request in the step, eligible or not
-    assert [len(x) for x in p.propose_tree(hidden, [True, False, True])] == [5, 0, 5]
+    assert [len(x) for x in p.propose_tree(hidden[:2], [False, True])] == [0, 5]
+    # batch 3, between the entries 2 (5 nodes) and 4 (none): 4 * 1 // 3 - 1 = 0 nodes
+    assert p.propose_tree(hidden, [True, False, True]) == [[]] * 3
 
 
 def test_too_few_heads_for_the_tree(setup):

@@ -215,8 +215,10 @@ def test_nodes_for_batch_uses_the_entry_at_or_below_the_batch():
     from medusa_vllm.tree import budget_nodes_by_batch, nodes_for_batch
 
     table = {1: 16, 4: 8, 8: 3, 32: 0}
+    # between entries: the entry below, capped at the tokens per step of the entry above
     assert [nodes_for_batch(table, b, 16) for b in (1, 2, 3, 4, 7, 8, 31, 32, 500)] == [
-        16, 16, 16, 8, 8, 3, 3, 0, 0]
+        16, 16, 11, 8, 3, 3, 0, 0, 0]
+    assert nodes_for_batch({1: 4, 8: 0}, 2, 64) == 3 and nodes_for_batch({1: 4, 8: 0}, 4, 64) == 1
     assert nodes_for_batch({2: 5}, 1, 16) == 5  # below the first entry: the first entry
     assert nodes_for_batch({1: 40}, 1, 16) == 16  # capped at the tree size
     assert nodes_for_batch(None, 64, 16) == 16  # no table: the whole tree
