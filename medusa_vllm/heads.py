@@ -438,12 +438,14 @@ class MedusaHeads(nn.Module):
     def device(self) -> torch.device:
         return self.lm_layers[0].weight.device
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, num_heads: int | None = None) -> torch.Tensor:
         """Per-head draft-vocabulary logits.
 
         Args:
             hidden_states: ``[..., H]`` backbone hidden states (cast to the
                 heads' dtype).
+            num_heads: run only the first ``num_heads`` heads (e.g. a tree
+                only ``num_heads`` deep needs no deeper head); default all.
 
         Returns:
             ``[num_heads, ..., draft_vocab]`` logits, ``draft_vocab`` =
@@ -456,13 +458,16 @@ class MedusaHeads(nn.Module):
                 f"hidden_states must end with hidden_size={cfg.hidden_size}, "
                 f"found shape {list(hidden_states.shape)}"
             )
+        k = cfg.num_heads if num_heads is None else num_heads
+        if not 1 <= k <= cfg.num_heads:
+            raise ValueError(f"num_heads must be in [1, {cfg.num_heads}], found {num_heads}")
         x = hidden_states.to(self.dtype)
-        feats = [block(x) for block in self.blocks]
+        feats = [block(x) for block in list(self.blocks)[:k]]
         if self.lm_head is not None:
             # One matmul for all heads with the shared LM layer.
             return self.lm_head(torch.stack(feats, dim=0))
         return torch.stack(
-            [lm(f) for lm, f in zip(self.lm_heads, feats, strict=True)],
+            [lm(f) for lm, f in zip(list(self.lm_heads)[:k], feats, strict=True)],
             dim=0,  # type: ignore[arg-type]
         )
 
@@ -483,12 +488,13 @@ class MedusaHeads(nn.Module):
         return full
 
     @torch.no_grad()
-    def topk(self, hidden_states: torch.Tensor, k: int) -> torch.Tensor:
+    def topk(self, hidden_states: torch.Tensor, k: int, num_heads: int | None = None) -> torch.Tensor:
         """Per-head top-``k`` full-vocabulary token ids, best first.
 
         Args:
             hidden_states: ``[B, H]`` (or ``[..., H]``).
             k: candidates per head, ``1 <= k <= draft_vocab``.
+            num_heads: only the first ``num_heads`` heads (default all).
 
         Returns:
             ``LongTensor [B, num_heads, k]`` (``[..., num_heads, k]``).
@@ -496,7 +502,7 @@ class MedusaHeads(nn.Module):
         dv = self.config.draft_vocab_size
         if not 1 <= k <= dv:
             raise ValueError(f"k must be in [1, {dv}] (draft vocabulary), found {k}")
-        logits = self.forward(hidden_states)  # [K, ..., dv]
+        logits = self.forward(hidden_states, num_heads)  # [K, ..., dv]
         ids = torch.topk(logits, k, dim=-1).indices  # [K, ..., k]
         return self.map_to_full(ids.movedim(0, -2))
 

@@ -50,6 +50,7 @@ class MedusaTreeProposer:
         )
         self.heads = None
         self.dtype = vllm_config.model_config.dtype
+        self._prefix_trees: dict[int, MedusaTree] = {}
 
     # vLLM's CPUModelRunner.load_model calls this with the loaded backbone.
     def load_model(self, target_model: torch.nn.Module) -> None:
@@ -79,12 +80,20 @@ class MedusaTreeProposer:
         n = nodes_for_batch(self.nodes_by_batch, len(eligible), self.tree.num_nodes)
         if not rows or n == 0:
             return out
+        tree = self._prefix_tree(n)
         h = hidden_states[rows].to(self.dtype)
-        topk = self.heads.topk(h, self.tree.topk)  # [b, num_heads, k] full-vocab ids
-        nodes = self.tree.node_tokens(topk, torch.zeros(len(rows), dtype=torch.long))[:, 1 : n + 1]
+        # only the heads the (truncated) tree reaches: a depth-2 tree runs 2 of K heads
+        topk = self.heads.topk(h, tree.topk, tree.max_depth)  # [b, depth, k] full-vocab ids
+        nodes = tree.node_tokens(topk, torch.zeros(len(rows), dtype=torch.long))[:, 1:]
         for i, toks in zip(rows, nodes.tolist()):
             out[i] = toks
         return out
+
+    def _prefix_tree(self, n: int) -> MedusaTree:
+        """The tree's first ``n`` BFS nodes (cached per size)."""
+        if n not in self._prefix_trees:
+            self._prefix_trees[n] = self.tree if n == self.tree.num_nodes else self.tree.truncate(n)
+        return self._prefix_trees[n]
 
     # The custom_class interface vLLM checks for; the tree runner never calls it.
     def propose(self, sampled_token_ids, *args, **kwargs) -> list[list[int]]:

@@ -343,7 +343,7 @@ def test_equal_size_trees_take_the_dense_path(env):
     out, expected, meta, _ = run_step(env, reqs, seed=10)
     assert meta.tree.dense  # no query padding: the query rows are viewed, not scattered
     torch.testing.assert_close(out, expected, **tol(env["dtype"]))
-    assert len(meta.tree.kv_index) == 1  # one gather index, shared by every layer
+    assert len(meta.tree.layer_cache) == 2  # one gather index + one mask bias, shared by every layer
 
 
 def test_short_tree_ending_at_a_block_edge_next_to_a_long_tree(env):

@@ -73,3 +73,22 @@ def test_too_few_heads_for_the_tree(setup):
     heads_dir, lm = setup
     with pytest.raises(ValueError, match="the tree is 4 deep but the heads in .* have only 3 heads"):
         _proposer(heads_dir, lm, MedusaTree.chain(4))
+
+
+def test_only_the_heads_the_tree_reaches_run(setup, monkeypatch):
+    heads_dir, lm = setup
+    tree = MedusaTree([[0], [1], [0, 0]])  # depth 2 of 3 heads
+    p = _proposer(heads_dir, lm, tree, nodes_by_batch={"1": 3, "2": 2})
+    used = []
+    for k, block in enumerate(p.heads.blocks):
+        block.register_forward_hook(lambda *a, k=k: used.append(k))
+    hidden = torch.randn(2, H)
+    full = p.propose_tree(hidden[:1], [True])
+    assert sorted(set(used)) == [0, 1]
+    topk = p.heads.topk(hidden[:1], 2)  # all heads, for reference
+    assert full[0] == tree.node_tokens(topk, torch.zeros(1, dtype=torch.long))[0, 1:].tolist()
+    used.clear()
+    two = p.propose_tree(hidden, [True, True])  # batch 2: [[0], [1]], depth 1
+    assert sorted(set(used)) == [0] and [len(x) for x in two] == [2, 2]
+    with pytest.raises(ValueError, match=r"num_heads must be in \[1, 3\]"):
+        p.heads.topk(hidden, 2, num_heads=4)
