@@ -489,8 +489,9 @@ def paged_tree_attention(
     """Tree attention for the plan's rows: ``query`` ``[M, Hq, D]`` -> ``[M, Hq, D]``.
 
     Gathers each tree request's ``[0, P+T)`` keys/values from the paged cache
-    (padded to whole blocks and masked), then one batched SDPA with the
-    prefix+ancestor mask; GQA via ``enable_gqa``. Device-agnostic torch.
+    (padded to whole blocks and masked; one flat gather index per step), then
+    batched matmuls with the prefix+ancestor mask as an additive bias, GQA
+    folded into the query rows. Device-agnostic torch.
     """
     _tiles(kv_cache, layout, "paged_tree_attention")  # shape/dtype check
     r, t_max = plan.valid.shape
@@ -548,11 +549,12 @@ def kv_gather_index(blocks: torch.Tensor, kv_heads: int, layout: CacheTileLayout
     ``index_select`` on its flattened cache."""
     r, nblk = blocks.shape
     bs, d, tile = layout.block_size, layout.head_size, layout.tile_numel
-    base = (blocks.to(torch.long).view(r, 1, nblk, 1, 1) * kv_heads
-            + torch.arange(kv_heads).view(1, -1, 1, 1, 1)) * tile  # [R, H, nblk, 1, 1]
-    k = (base + layout.k_offsets.view(1, 1, 1, bs, d)).reshape(r, kv_heads, nblk * bs, d)
-    v = (base + layout.v_offsets.view(1, 1, 1, bs, d)).reshape(r, kv_heads, nblk * bs, d)
-    return k.to(device), v.to(device)
+    blocks = blocks.to(device=device, dtype=torch.long)
+    base = (blocks.view(r, 1, nblk, 1, 1) * kv_heads
+            + torch.arange(kv_heads, device=device).view(1, -1, 1, 1, 1)) * tile  # [R, H, nblk, 1, 1]
+    k = base + layout.k_offsets.to(device).view(1, 1, 1, bs, d)
+    v = base + layout.v_offsets.to(device).view(1, 1, 1, bs, d)
+    return k.reshape(r, kv_heads, nblk * bs, d), v.reshape(r, kv_heads, nblk * bs, d)
 
 
 def tree_attention_reference(
