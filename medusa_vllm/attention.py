@@ -48,6 +48,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from vllm import _custom_ops as ops
 from vllm import envs
@@ -335,8 +336,8 @@ class TreePlan:
     block_size: int
     plain_rows: slice | torch.Tensor | None = None
     plain_metadata: CPUAttentionMetadata | None = None
-    # built by the first layer, reused by every other layer of the step: flat K/V
-    # gather indices per (layout, kv_heads) and the additive mask per GQA shape
+    # built by the first layer, reused by every other layer of the step: one
+    # _LayerReads (what to read from the cache + the additive mask) per layout/GQA shape
     layer_cache: dict = field(default_factory=dict)
 
     @property
@@ -352,16 +353,24 @@ class TreeCPUAttentionMetadata(CPUAttentionMetadata):
     tree: TreePlan | None = None
 
 
-def _as_long_1d(x, name: str) -> torch.Tensor:
-    t = torch.as_tensor(x).to("cpu")
-    if t.dim() != 1:
+def _as_long_1d(x, name: str) -> np.ndarray:
+    t = x.detach().to("cpu").numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    if t.ndim != 1:
         raise ValueError(f"TreeBatch.{name}: expected a 1-D tensor, found shape {tuple(t.shape)}")
-    if t.dtype.is_floating_point or t.dtype == torch.bool:
+    if t.dtype.kind not in "iu":
         raise ValueError(f"TreeBatch.{name}: expected integers, found {t.dtype}")
-    return t.to(torch.long)
+    return t.astype(np.int64, copy=False)
 
 
-def _validate_tree_mask(mask: torch.Tensor) -> torch.Tensor:
+# Tree masks already validated, by identity: the runner publishes the same
+# static mask every step, so the O(N^2) checks run once, not per step.
+_VALID_MASKS: dict[int, tuple[torch.Tensor, np.ndarray]] = {}
+
+
+def _validate_tree_mask(mask: torch.Tensor) -> np.ndarray:
+    hit = _VALID_MASKS.get(id(mask))
+    if hit is not None and hit[0] is mask:
+        return hit[1]
     m = torch.as_tensor(mask).to("cpu")
     if m.dim() != 2 or m.shape[0] != m.shape[1] or m.shape[0] < 1:
         raise ValueError(f"TreeBatch.tree_mask: expected a square [N+1, N+1] tensor, found shape {tuple(m.shape)}")
@@ -374,7 +383,12 @@ def _validate_tree_mask(mask: torch.Tensor) -> torch.Tensor:
             "TreeBatch.tree_mask: found an ancestor after its descendant; nodes must be in BFS "
             "order (parents before children)"
         )
-    return m
+    arr = m.numpy().copy()
+    if isinstance(mask, torch.Tensor):
+        if len(_VALID_MASKS) >= 16:
+            _VALID_MASKS.clear()
+        _VALID_MASKS[id(mask)] = (mask, arr)
+    return arr
 
 
 def plan_tree_batch(
@@ -384,51 +398,52 @@ def plan_tree_batch(
 
     Raises ``ValueError`` naming the ``TreeBatch`` field when it disagrees with
     ``query_start_loc`` / ``seq_lens`` (e.g. a stale tree batch left over from
-    an earlier step: clear it with ``set_tree_batch(None)``).
+    an earlier step: clear it with ``set_tree_batch(None)``). Index math runs
+    in numpy (a few microseconds per call, against ~10 per small torch op on
+    CPU): this runs once per step on the critical path.
     """
-    qsl = cm.query_start_loc_cpu.to(torch.long)[: cm.num_reqs + 1]
     num_reqs = cm.num_reqs
+    qsl = cm.query_start_loc_cpu[: num_reqs + 1].numpy().astype(np.int64)
     qlen = qsl[1:] - qsl[:-1]
-    seq_lens = cm.seq_lens.to("cpu", torch.long)[:num_reqs]
+    seq_lens = cm.seq_lens[:num_reqs].to("cpu").numpy().astype(np.int64)
     start = _as_long_1d(tree_batch.query_start, "query_start")
     ntok = _as_long_1d(tree_batch.num_tokens, "num_tokens")
     plen = _as_long_1d(tree_batch.prefix_lens, "prefix_lens")
     mask = _validate_tree_mask(tree_batch.tree_mask)
-    r = start.numel()
-    if ntok.numel() != r or plen.numel() != r:
+    r = start.size
+    if ntok.size != r or plen.size != r:
         raise ValueError(
             f"TreeBatch: query_start/num_tokens/prefix_lens must have one entry per tree request, "
-            f"found lengths {r}/{ntok.numel()}/{plen.numel()}"
+            f"found lengths {r}/{ntok.size}/{plen.size}"
         )
     if r == 0:
         raise ValueError("TreeBatch: no tree requests; publish None instead of an empty TreeBatch")
     stale = " (stale TreeBatch from another step? clear it with set_tree_batch(None))"
     if tree_batch.req_indices is None:
         # last request whose start <= query_start (skips zero-length requests)
-        req = torch.searchsorted(qsl[:-1].contiguous(), start, right=True) - 1
-        req = req.clamp(min=0)
+        req = np.clip(np.searchsorted(qsl[:-1], start, side="right") - 1, 0, None)
     else:
         req = _as_long_1d(tree_batch.req_indices, "req_indices")
-        if req.numel() != r:
-            raise ValueError(f"TreeBatch.req_indices: expected {r} entries, found {req.numel()}")
-    if bool(((req < 0) | (req >= num_reqs)).any()) or not torch.equal(qsl[req], start):
+        if req.size != r:
+            raise ValueError(f"TreeBatch.req_indices: expected {r} entries, found {req.size}")
+    if ((req < 0) | (req >= num_reqs)).any() or not np.array_equal(qsl[req], start):
         raise ValueError(
             f"TreeBatch.query_start {start.tolist()} does not match query_start_loc "
             f"{qsl.tolist()}{stale}"
         )
-    if req.unique().numel() != r:
+    if np.unique(req).size != r:
         raise ValueError(f"TreeBatch.query_start: duplicate requests in {start.tolist()}")
-    if bool((ntok < 1).any()) or bool((ntok > mask.shape[0]).any()):
+    if (ntok < 1).any() or (ntok > mask.shape[0]).any():
         raise ValueError(
             f"TreeBatch.num_tokens {ntok.tolist()}: each must be in [1, {mask.shape[0]}] "
             f"(tree_mask has {mask.shape[0]} nodes)"
         )
-    if not torch.equal(qlen[req], ntok):
+    if not np.array_equal(qlen[req], ntok):
         raise ValueError(
             f"TreeBatch.num_tokens {ntok.tolist()} != scheduled query lengths "
             f"{qlen[req].tolist()}{stale}"
         )
-    if bool((plen < 0).any()) or not torch.equal(seq_lens[req], plen + ntok):
+    if (plen < 0).any() or not np.array_equal(seq_lens[req], plen + ntok):
         raise ValueError(
             f"TreeBatch.prefix_lens {plen.tolist()}: expected seq_lens - num_tokens = "
             f"{(seq_lens[req] - ntok).tolist()}{stale}"
@@ -438,47 +453,100 @@ def plan_tree_batch(
     total = plen + ntok
     nblk = int((int(total.max()) + block_size - 1) // block_size)
     length = nblk * block_size
-    bt = cm.block_table_tensor.to("cpu")
+    bt = cm.block_table_tensor
     if bt.shape[1] < nblk:
         raise ValueError(
             f"block_table has {bt.shape[1]} columns but a tree request needs {nblk} blocks "
             f"of {block_size} tokens"
         )
-    blocks = bt[req, :nblk].to(torch.long).clone()
+    blocks = bt[torch.from_numpy(req).to(bt.device), :nblk].to("cpu").numpy().astype(np.int64)
     needed = (total + block_size - 1) // block_size
-    blocks[torch.arange(nblk).view(1, -1) >= needed.view(-1, 1)] = 0  # null block, masked out
+    blocks[np.arange(nblk)[None, :] >= needed[:, None]] = 0  # null block, masked out
 
     # prefix columns [0, P) for every query row, then the [T, T] ancestor block
-    # scattered at columns [P, P+T) (only R*T*T elements are indexed)
-    # (T_max spare columns: a short tree right at the end of the gathered
-    # length still scatters its padding columns in bounds; sliced off below)
-    width = length + t_max
-    attn_mask = (torch.arange(width).view(1, 1, -1) < plen.view(-1, 1, 1)).expand(r, t_max, width).clone()
-    node = torch.arange(t_max)
-    valid = node.view(1, -1) < ntok.view(-1, 1)  # [R, T_max]
-    tree = mask[:t_max, :t_max].unsqueeze(0) & valid.unsqueeze(1) & valid.unsqueeze(2)
+    # at columns [P, P+T) (T_max spare columns: a short tree right at the end
+    # of the gathered length still writes its padding columns in bounds)
+    node = np.arange(t_max)
+    valid = node[None, :] < ntok[:, None]  # [R, T_max]
+    tree = mask[None, :t_max, :t_max] & valid[:, None, :] & valid[:, :, None]
     # padding query rows only see the root, so no row is fully masked (no NaN)
     tree[:, :, 0] |= ~valid
-    cols = plen.view(-1, 1, 1) + node.view(1, 1, -1)  # [R, 1, T_max], < width
-    attn_mask.scatter_(2, cols.expand(r, t_max, t_max), tree)
-    attn_mask = attn_mask[:, :, :length].contiguous()  # shared by every layer
+    prefix = np.arange(length + t_max)[None, None, :] < plen[:, None, None]  # [R, 1, W]
+    attn_mask = np.repeat(prefix, t_max, axis=1)  # [R, T_max, W]
+    cols = plen[:, None] + node[None, :]  # [R, T_max]
+    attn_mask[np.arange(r)[:, None, None], node[None, :, None], cols[:, None, :]] = tree
+    attn_mask = np.ascontiguousarray(attn_mask[:, :, :length])  # shared by every layer
 
-    offsets = torch.cumsum(ntok, 0) - ntok
-    rows = torch.arange(int(ntok.sum())) + torch.repeat_interleave(qsl[req] - offsets, ntok)
+    offsets = np.cumsum(ntok) - ntok
+    rows = np.arange(int(ntok.sum())) + np.repeat(qsl[req] - offsets, ntok)
     device = cm.query_start_loc.device
+
+    def dev(x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(x).to(device)
+
     return TreePlan(
-        req_indices=req.to(device),
-        num_tokens=ntok.to(device),
-        prefix_lens=plen.to(device),
-        rows=rows.to(device),
-        valid=valid.to(device),
-        blocks=blocks.to(device),
-        attn_mask=attn_mask.unsqueeze(1).to(device),
+        req_indices=dev(req),
+        num_tokens=dev(ntok),
+        prefix_lens=dev(plen),
+        rows=dev(rows),
+        valid=dev(valid),
+        blocks=dev(blocks),
+        attn_mask=dev(attn_mask).unsqueeze(1),
         block_size=block_size,
     )
 
 
 # ------------------------------------------------------- torch tree path
+@dataclass(frozen=True)
+class _LayerReads:
+    """Per-step, per-(layout, KV heads, dtype) reading plan shared by all layers.
+
+    ``length`` is the longest tree request's ``P + T`` (keys past it are never
+    visible to anyone, so they are neither read nor scored). Transposed
+    (``vec``/``vec16``) tiles are read a whole ``(block, kv_head)`` tile at a
+    time (one ``index_select`` of ``blocks``) and viewed as ``K^T [D, BS]`` /
+    ``V [BS, D]``; other layouts use flat element indices ``k_index``/``v_index``.
+    """
+
+    length: int
+    bias: torch.Tensor  # [R*Hkv, group*T, length] additive mask (0 / -inf)
+    blocks: torch.Tensor | None = None  # [R*nblk] tile rows (transposed layouts)
+    k_index: torch.Tensor | None = None  # [R*Hkv*length*D] flat element indices
+    v_index: torch.Tensor | None = None
+
+
+def _layer_reads(plan: TreePlan, layout: CacheTileLayout, kv_heads: int, group: int,
+                 dtype: torch.dtype, device: torch.device) -> _LayerReads:
+    r = plan.valid.shape[0]
+    length = int((plan.prefix_lens + plan.num_tokens).max())
+    bias = _additive_bias(plan.attn_mask[..., :length], kv_heads, group, dtype)
+    if layout.k_transposed:
+        return _LayerReads(length, bias, blocks=plan.blocks.reshape(-1).to(device))
+    k_idx, v_idx = kv_gather_index(plan.blocks, kv_heads, layout, device)
+    return _LayerReads(
+        length, bias,
+        k_index=k_idx[:, :, :length].reshape(-1).contiguous(),
+        v_index=v_idx[:, :, :length].reshape(-1).contiguous(),
+    )
+
+
+def _read_kv(kv_cache: torch.Tensor, reads: _LayerReads, r: int, layout: CacheTileLayout
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``K^T [R*Hkv, D, length]`` and ``V [R*Hkv, length, D]`` of the plan's requests."""
+    nb, h, bs, _ = kv_cache.shape
+    d, n = layout.head_size, reads.length
+    if reads.blocks is not None:
+        nblk = reads.blocks.numel() // r
+        sel = kv_cache.view(nb, h, 2 * bs * d).index_select(0, reads.blocks).view(r, nblk, h, 2 * bs * d)
+        kt = sel[..., : bs * d].view(r, nblk, h, d, bs).permute(0, 2, 3, 1, 4).reshape(r * h, d, nblk * bs)
+        v = sel[..., bs * d :].view(r, nblk, h, bs, d).permute(0, 2, 1, 3, 4).reshape(r * h, nblk * bs, d)
+        return kt[..., :n], v[:, :n]
+    flat = kv_cache.view(-1)
+    k = flat.index_select(0, reads.k_index).view(r * h, n, d)
+    v = flat.index_select(0, reads.v_index).view(r * h, n, d)
+    return k.transpose(1, 2), v
+
+
 def paged_tree_attention(
     query: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -488,10 +556,11 @@ def paged_tree_attention(
 ) -> torch.Tensor:
     """Tree attention for the plan's rows: ``query`` ``[M, Hq, D]`` -> ``[M, Hq, D]``.
 
-    Gathers each tree request's ``[0, P+T)`` keys/values from the paged cache
-    (padded to whole blocks and masked; one flat gather index per step), then
-    batched matmuls with the prefix+ancestor mask as an additive bias, GQA
-    folded into the query rows. Device-agnostic torch.
+    Reads each tree request's ``[0, P+T)`` keys/values from the paged cache
+    (whole tiles for the transposed CPU layouts, element indices otherwise;
+    the reading plan is built by the first layer and reused by the others),
+    then batched matmuls with the prefix+ancestor mask as an additive bias,
+    GQA folded into the query rows. Device-agnostic torch.
     """
     _tiles(kv_cache, layout, "paged_tree_attention")  # shape/dtype check
     r, t_max = plan.valid.shape
@@ -499,13 +568,13 @@ def paged_tree_attention(
     hkv = kv_cache.shape[1]
     if hq % hkv:
         raise ValueError(f"paged_tree_attention: {hq} query heads not divisible by {hkv} KV heads")
-    key = (layout.isa, layout.dtype, layout.block_size, layout.head_size, hkv)
-    if key not in plan.layer_cache:
-        plan.layer_cache[key] = kv_gather_index(plan.blocks, hkv, layout, kv_cache.device)
-    k_idx, v_idx = plan.layer_cache[key]
-    flat = kv_cache.view(-1)
-    k = flat.index_select(0, k_idx.view(-1)).view(k_idx.shape)
-    v = flat.index_select(0, v_idx.view(-1)).view(v_idx.shape)
+    group = hq // hkv
+    key = (layout.isa, layout.dtype, layout.block_size, layout.head_size, hkv, query.dtype)
+    reads = plan.layer_cache.get(key)
+    if reads is None:
+        reads = plan.layer_cache[key] = _layer_reads(plan, layout, hkv, group, query.dtype,
+                                                     kv_cache.device)
+    kt, v = _read_kv(kv_cache, reads, r, layout)
     dense = plan.dense
     if dense:  # rows are request-major, node order: no padding to scatter
         q = query.view(r, t_max, hq, d)
@@ -516,17 +585,10 @@ def paged_tree_attention(
     # become group*T query rows against that head's keys; then two batched
     # matmuls and a softmax. (torch's SDPA with a boolean mask and enable_gqa
     # took ~10x longer per layer on CPU at these sizes.)
-    group = hq // hkv
-    length = k.shape[2]
-    bias_key = ("bias", hkv, group, query.dtype)
-    if bias_key not in plan.layer_cache:
-        plan.layer_cache[bias_key] = _additive_bias(plan.attn_mask, hkv, group, query.dtype)
-    bias = plan.layer_cache[bias_key]  # [R*Hkv, group*T, L]
     qf = q.view(r, t_max, hkv, group, d).permute(0, 2, 3, 1, 4).reshape(r * hkv, group * t_max, d)
-    scores = torch.baddbmm(bias, qf, k.to(query.dtype).reshape(r * hkv, length, d).transpose(1, 2),
-                           alpha=scale)
-    probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
-    out = torch.bmm(probs, v.to(query.dtype).reshape(r * hkv, length, d))  # [R*Hkv, group*T, D]
+    scores = torch.baddbmm(reads.bias, qf, kt.to(query.dtype), alpha=scale)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.bmm(probs, v.to(query.dtype))  # [R*Hkv, group*T, D]
     out = out.view(r, hkv, group, t_max, d).permute(0, 3, 1, 2, 4).reshape(r, t_max, hq, d)
     return out.reshape(r * t_max, hq, d) if dense else out[plan.valid]
 

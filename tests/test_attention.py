@@ -315,6 +315,32 @@ def test_tree_rows_match_reference_in_a_mixed_batch(env):
     assert not torch.allclose(out[rows].float(), chain_out[rows].float(), **tol(env["dtype"]))
 
 
+def test_element_index_reads_match_tile_reads(env, monkeypatch):
+    """Layouts that are not K-transposed (e.g. AMX's packing) are read through
+    flat element indices instead of whole tiles: same rows, same answer."""
+    import medusa_vllm.attention as attention
+
+    gen = torch.Generator().manual_seed(21)
+    tree = random_tree_mask(9, gen)
+    reqs = [Req(prefix=70, qlen=10, tree=tree), Req(prefix=5, qlen=1), Req(prefix=33, qlen=4, tree=tree[:4, :4])]
+    tile_out, expected, _, _ = run_step(env, reqs, seed=22)
+    real = attention.probe_cache_layout
+    seen = []
+
+    def generic(*args):
+        layout = real(*args)
+        seen.append(layout.k_transposed)
+        return dataclasses.replace(layout, k_transposed=False)
+
+    monkeypatch.setattr(attention, "probe_cache_layout", generic)
+    index_out, _, meta, _ = run_step(env, reqs, seed=22)
+    assert seen and all(seen)  # this host's layout is the transposed one; forced generic here
+    reads = next(iter(meta.tree.layer_cache.values()))
+    assert reads.blocks is None and reads.k_index is not None
+    torch.testing.assert_close(index_out, expected, **tol(env["dtype"]))
+    torch.testing.assert_close(index_out, tile_out, atol=1e-6, rtol=1e-6)
+
+
 def test_plain_rows_equal_vllm_kernel_output(env):
     gen = torch.Generator().manual_seed(5)
     tree = random_tree_mask(7, gen)
@@ -343,7 +369,7 @@ def test_equal_size_trees_take_the_dense_path(env):
     out, expected, meta, _ = run_step(env, reqs, seed=10)
     assert meta.tree.dense  # no query padding: the query rows are viewed, not scattered
     torch.testing.assert_close(out, expected, **tol(env["dtype"]))
-    assert len(meta.tree.layer_cache) == 2  # one gather index + one mask bias, shared by every layer
+    assert len(meta.tree.layer_cache) == 1  # one reading plan (tile rows + mask bias) shared by every layer
 
 
 def test_short_tree_ending_at_a_block_edge_next_to_a_long_tree(env):
