@@ -96,6 +96,7 @@ class MedusaTreeCPUModelRunner(CPUModelRunner):
         self._node_depth = self.medusa_tree.position_offsets.numpy()
         self._last_node: torch.Tensor | None = None
         self._tree_batch: TreeBatch | None = None
+        self._greedy_params: dict[int, AcceptanceParams] = {}
 
     # ------------------------------------------------------------ 1. inputs
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens: np.ndarray):
@@ -140,15 +141,23 @@ class MedusaTreeCPUModelRunner(CPUModelRunner):
 
     # ----------------------------------------------------- 2+3. verification
     def _acceptance_params(self, sampling_metadata) -> AcceptanceParams:
+        b = self.input_batch.num_reqs
+        if sampling_metadata.all_greedy:
+            # greedy requests always verify by exact greedy match, whatever
+            # their extra_args say: one cached parameter set per batch size
+            params = self._greedy_params.get(b)
+            if params is None:
+                params = self._greedy_params[b] = AcceptanceParams.make(
+                    "greedy", torch.zeros(b), batch_size=b)
+            return params
         rules, eps, alpha = [], [], []
         for req_id in self.input_batch.req_ids:
             r, e, a = request_params_from(self.requests[req_id].sampling_params, self.medusa_options)
             rules.append(int(AcceptanceRule.parse(r)))
             eps.append(e)
             alpha.append(a)
-        b = len(rules)
         temp = sampling_metadata.temperature
-        if temp is None or sampling_metadata.all_greedy:
+        if temp is None:
             temp = torch.zeros(b)
         temp = temp[:b].to(torch.float32).clamp(min=0)
         return AcceptanceParams.make(rules, temp, eps, alpha, batch_size=b)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 
 from medusa_vllm.acceptance import (
@@ -96,23 +97,20 @@ class MedusaTreeVerifier:
                 f"a request carries {max(num_draft_tokens)} draft tokens but the Medusa tree "
                 f"has {tree.num_nodes} nodes; num_speculative_tokens must equal the tree size"
             )
-        counts = torch.tensor([n + 1 for n in num_draft_tokens], dtype=torch.long)
-        starts = torch.cumsum(counts, 0) - counts
-        node = torch.arange(n1)
-        present = node.unsqueeze(0) < counts.unsqueeze(1)  # [B, N+1]
-        row_index = (starts.unsqueeze(1) + node.unsqueeze(0)).clamp(max=logits.shape[0] - 1)
-        row_index = torch.where(present, row_index, starts.unsqueeze(1)).to(device)
-        present = present.to(device)
+        # index math in numpy (this runs once per step on the critical path)
+        counts_np = np.asarray(num_draft_tokens, dtype=np.int64) + 1
+        starts_np = np.cumsum(counts_np) - counts_np
+        node = np.arange(n1)
+        present_np = node[None, :] < counts_np[:, None]  # [B, N+1]
+        row_np = np.minimum(starts_np[:, None] + node[None, :], logits.shape[0] - 1)
+        row_index = torch.from_numpy(np.where(present_np, row_np, starts_np[:, None])).to(device)
+        counts = torch.from_numpy(counts_np)
+        present = torch.from_numpy(present_np).to(device)
 
+        # drafts [B, N+1]: root 0, nodes 1..n_r from the flat request-major list, -1 padding
         drafts = torch.full((b, n1), -1, dtype=torch.long, device=device)
         if draft_token_ids.numel():
-            dcounts = torch.tensor(num_draft_tokens, dtype=torch.long)
-            d_req = torch.repeat_interleave(torch.arange(b), dcounts).to(device)
-            d_pos = (torch.arange(int(dcounts.sum())) - torch.repeat_interleave(
-                torch.cumsum(dcounts, 0) - dcounts, dcounts)).to(device) + 1
-            drafts[d_req, d_pos] = draft_token_ids.to(device=device, dtype=torch.long)
-        drafts[:, 0] = 0
-        drafts = torch.where(present, drafts, torch.full_like(drafts, -1))
+            drafts[:, 1:][present[:, 1:]] = draft_token_ids.to(device=device, dtype=torch.long)
         drafts[:, 0] = 0
 
         greedy_rows = params.temperature < _SAMPLING_EPS
