@@ -204,8 +204,13 @@ def print_table(rows: list[dict]) -> None:
               f"{r.get('speedup_vs_vanilla', float('nan')):>11.2f}{r.get('speedup_vs_builtin_medusa', float('nan')):>10.2f}"
               f"{r['spec']['mean_accepted_length']:>9.2f}{r.get('step_time_vs_vanilla', float('nan')):>11.2f}"
               f"  {r.get('same_output_as_vanilla', '')}")
-        if r["spec"]["acceptance_per_depth"]:
-            print(f"{'':<14}per-depth acceptance: " + ", ".join(f"{a:.2f}" for a in r["spec"]["acceptance_per_depth"]))
+        depth = list(r["spec"]["acceptance_per_depth"])
+        # vLLM counts one position per speculative token; a tree's positions past
+        # its depth never accept, so trailing zeros are dropped from the display
+        while depth and depth[-1] == 0:
+            depth.pop()
+        if depth:
+            print(f"{'':<14}per-depth acceptance: " + ", ".join(f"{a:.2f}" for a in depth))
 
 
 def plot(rows: list[dict], out_dir: Path) -> None:

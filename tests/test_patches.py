@@ -18,7 +18,12 @@ import pytest
 pytest.importorskip("vllm")
 
 import patches  # noqa: E402
-from patches import speculative_method, speculative_model_cli, vllm_version_alias  # noqa: E402
+from patches import (  # noqa: E402
+    request_params_check,
+    speculative_method,
+    speculative_model_cli,
+    vllm_version_alias,
+)
 from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs  # noqa: E402
 
 from medusa_vllm.config import MedusaConfigError  # noqa: E402
@@ -41,8 +46,9 @@ def heads(tmp_path):
 
 def test_apply_all_lists_every_patch_module():
     names = patches.apply_all()
-    assert set(names) == {p.__name__ for p in (speculative_method, speculative_model_cli, vllm_version_alias)}
-    for mod in (speculative_method, speculative_model_cli, vllm_version_alias):
+    mods = (speculative_method, speculative_model_cli, vllm_version_alias, request_params_check)
+    assert set(names) == {p.__name__ for p in mods}
+    for mod in mods:
         assert mod.is_applied()
         first_line = Path(mod.__file__).read_text().splitlines()[0]
         assert first_line.startswith("# vLLM 0.32 lacks"), mod.__name__
@@ -102,6 +108,34 @@ def _parse(argv):
     args.model = args.model_tag  # what `vllm serve` does (entrypoints/cli/serve.py)
     return args
 
+
+def test_request_params_patch_refuses_bad_overrides_at_admission():
+    from types import SimpleNamespace
+
+    from vllm import SamplingParams
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    request_params_check.apply()
+    wrapped = InputProcessor._validate_params
+    request_params_check.apply()
+    assert InputProcessor._validate_params is wrapped and request_params_check.is_applied()
+    assert not getattr(wrapped.__wrapped__, "__medusa_vllm_patch__", False)
+
+    medusa = SimpleNamespace(additional_config={"medusa": {"tree": "sparse-16"}})
+    other = SimpleNamespace(additional_config={})
+    check = request_params_check.check_request
+    bad = SamplingParams(temperature=0.8, extra_args={"medusa_acceptance": "fast"})
+    with pytest.raises(MedusaConfigError, match="medusa_acceptance: expected 'greedy' or 'typical'"):
+        check(medusa, bad)
+    with pytest.raises(MedusaConfigError, match="unknown Medusa key 'medusa_treshold'"):
+        check(medusa, SamplingParams(extra_args={"medusa_treshold": 0.2}))
+    with pytest.raises(MedusaConfigError, match="medusa_posterior_threshold"):
+        check(medusa, SamplingParams(extra_args={"medusa_posterior_threshold": 1.5}))
+    check(medusa, SamplingParams(temperature=0.8, extra_args={
+        "medusa_acceptance": "typical", "medusa_posterior_threshold": 0.2, "other_key": 1}))
+    check(medusa, SamplingParams())
+    check(other, bad)  # engines without Medusa trees leave extra_args to their owners
+    assert isinstance(MedusaConfigError("x"), ValueError)  # vLLM turns ValueError into HTTP 400
 
 def test_cli_patch_is_idempotent():
     speculative_model_cli.apply()

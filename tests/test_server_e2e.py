@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -66,6 +67,19 @@ def test_vllm_serve_speculative_model_medusa(tmp_path):
                                                    "max_tokens": 32, "temperature": 0, "ignore_eos": True})
             assert out["usage"]["completion_tokens"] == 32
             texts.append(out["choices"][0]["text"])
+        # per-request overrides through vllm_xargs: a bad one is a 400 naming the key,
+        # a good one (typical acceptance, sampled) is served, and so is the next request
+        with pytest.raises(urllib.error.HTTPError) as err:
+            _post(base + "/v1/completions", {"model": str(model), "prompt": "x", "max_tokens": 8,
+                                             "temperature": 0.8, "vllm_xargs": {"medusa_acceptance": "fast"}})
+        assert err.value.code == 400 and "medusa_acceptance" in err.value.read().decode()
+        out = _post(base + "/v1/completions", {
+            "model": str(model), "prompt": "The quick brown fox", "max_tokens": 16, "temperature": 0.7,
+            "ignore_eos": True, "vllm_xargs": {"medusa_acceptance": "typical", "medusa_posterior_threshold": 0.2}})
+        assert out["usage"]["completion_tokens"] == 16
+        again = _post(base + "/v1/completions", {"model": str(model), "prompt": "The quick brown fox",
+                                                 "max_tokens": 32, "temperature": 0, "ignore_eos": True})
+        assert again["choices"][0]["text"] == texts[0]
         with urllib.request.urlopen(base + "/metrics", timeout=30) as r:
             metrics = r.read().decode()
         drafts = [ln for ln in metrics.splitlines() if ln.startswith("vllm:spec_decode_num_drafts")]
