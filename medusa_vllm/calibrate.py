@@ -111,31 +111,51 @@ def measure_accuracies(model: str, heads_dir: str, data: Sequence[str], *, max_r
 
 def measure_cost_curve(model: str, heads_dir: str, sizes: Sequence[int], batch_size: int, *,
                        num_prompts: int = 8, max_tokens: int = 64, dtype: str = "float32",
-                       max_model_len: int = 1024) -> dict[int, float]:
+                       max_model_len: int = 1024, repeats: int = 2,
+                       run: Callable[[dict], dict] | None = None) -> dict[int, float]:
     """Relative engine step time with trees of each size vs vanilla decoding
-    (the tree of ``n`` nodes: the BFS-first ``n`` nodes of ``sparse-64``)."""
+    (the tree of ``n`` nodes: the BFS-first ``n`` nodes of ``sparse-64``).
+
+    Machine speed drifts between engine runs (±20% seen on 2 shared cores), so
+    each of ``repeats`` rounds times vanilla first and then every size, in
+    alternating order, and each ratio is taken against *its own round's*
+    vanilla; the curve is the per-size median over rounds. ``run`` (one
+    configuration -> its measurements, default: a fresh engine subprocess) is
+    injectable for tests.
+    """
+    from statistics import median
+
     from tqdm import tqdm
 
     from medusa_vllm.bench import _prompts, _run
     from medusa_vllm.config import read_heads_info
 
+    if repeats < 1:
+        raise ValueError(f"measure_cost_curve: repeats must be >= 1, found {repeats}")
+    run = run or _run
     num_heads = read_heads_info(heads_dir).num_heads
     big = MedusaTree.load("sparse-64", num_heads)
 
     base = dict(model=model, dtype=dtype, max_model_len=max_model_len, max_tokens=max_tokens,
                 ignore_eos=True, prompts=_prompts(max(num_prompts, batch_size), seed=99),
                 batch_size=batch_size)
-    van = _run({**base, "name": "vanilla", "speculative_config": None})
-    per_tok = van["wall_s"] / van["output_tokens"]
-    curve: dict[int, float] = {}
-    for n in tqdm(sizes, desc=f"cost curve (batch {batch_size})"):
-        tree = big.truncate(min(n, big.num_nodes)).to_list()
-        r = _run({**base, "name": f"tree-{n}",
-                  "speculative_config": {"method": "medusa_tree", "model": heads_dir, "tree": tree,
-                                         "nodes_by_batch": "off"}})
-        steps = r["output_tokens"] / max(r["spec"]["mean_accepted_length"], 1.0)
-        curve[n] = (r["wall_s"] / steps) / per_tok
-    return curve
+    ratios: dict[int, list[float]] = {int(n): [] for n in sizes}
+    bar = tqdm(total=repeats * (len(ratios) + 1), desc=f"cost curve (batch {batch_size})")
+    for rep in range(repeats):
+        van = run({**base, "name": "vanilla", "speculative_config": None})
+        bar.update()
+        per_tok = van["wall_s"] / van["output_tokens"]
+        order = list(ratios) if rep % 2 == 0 else list(reversed(list(ratios)))
+        for n in order:
+            tree = big.truncate(min(n, big.num_nodes)).to_list()
+            r = run({**base, "name": f"tree-{n}",
+                     "speculative_config": {"method": "medusa_tree", "model": heads_dir, "tree": tree,
+                                            "nodes_by_batch": "off"}})
+            steps = r["output_tokens"] / max(r["spec"]["mean_accepted_length"], 1.0)
+            ratios[n].append((r["wall_s"] / steps) / per_tok)
+            bar.update()
+    bar.close()
+    return {n: float(median(v)) for n, v in ratios.items()}
 
 
 def add_calibrate_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -150,6 +170,8 @@ def add_calibrate_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--max-rows", type=int, default=256)
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--repeats", type=int, default=2, help="timing rounds (vanilla + every size, "
+                   "interleaved); the curve is the per-size median")
     return p
 
 
@@ -181,7 +203,7 @@ def calibrate_main(args: argparse.Namespace) -> int:
     chosen = None
     for bs in [int(x) for x in args.batch_sizes.split(",") if x]:
         curve = measure_cost_curve(args.model, str(heads_dir), sizes, bs, max_tokens=args.max_tokens,
-                                   dtype=args.dtype)
+                                   dtype=args.dtype, repeats=args.repeats)
         tree, exp_len, speed = fit_tree(per_rank, curve, args.max_nodes)
         result["cost_curves"][str(bs)] = curve
         result["trees"][str(bs)] = {"num_nodes": tree.num_nodes, "expected_accept_length": exp_len,

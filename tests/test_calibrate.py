@@ -67,3 +67,39 @@ def test_fit_nodes_by_batch_shrinks_with_steeper_curves_and_matches_brute_force(
         cost = interpolate_cost(curve)
         speeds = [1.0] + [tree.truncate(n).expected_accept_length(ACC) / cost(n) for n in range(1, 17)]
         assert speeds[table[bs]] == pytest.approx(max(speeds))
+
+
+def test_cost_curve_rounds_interleave_and_take_the_median(tmp_path):
+    """Each round times vanilla first, then every size (order alternating), and
+    divides by its own round's vanilla: a machine that slows down 2x between
+    rounds leaves the ratios intact; an outlier round is voted out by the median."""
+    from medusa_vllm.calibrate import measure_cost_curve
+    from medusa_vllm.testing import write_medusa_heads_config
+
+    heads = write_medusa_heads_config(tmp_path / "heads", num_heads=4)
+    true_cost = {1: 1.2, 4: 1.5, 16: 2.5}
+    calls = []
+
+    def fake_run(spec):
+        rnd = sum(c == "vanilla" for c in calls) - (spec["name"] != "vanilla")
+        calls.append(spec["name"])
+        slow = [1.0, 2.0, 1.0][rnd]  # the machine runs at half speed in round 2
+        tokens, acc = 100, 1.6
+        if spec["name"] == "vanilla":
+            return {"wall_s": 0.01 * tokens * slow, "output_tokens": tokens,
+                    "spec": {"mean_accepted_length": 1.0}}
+        n = int(spec["name"].split("-")[1])
+        assert spec["speculative_config"]["nodes_by_batch"] == "off"
+        assert len(spec["speculative_config"]["tree"]) == n  # the BFS-first n nodes
+        cost = true_cost[n] * (3.0 if (rnd == 2 and n == 4) else 1.0)  # one outlier timing
+        return {"wall_s": 0.01 * cost * (tokens / acc) * slow, "output_tokens": tokens,
+                "spec": {"mean_accepted_length": acc}}
+
+    curve = measure_cost_curve("model", str(heads), [1, 4, 16], 1, repeats=3, run=fake_run)
+    assert calls == ["vanilla", "tree-1", "tree-4", "tree-16", "vanilla", "tree-16", "tree-4",
+                     "tree-1", "vanilla", "tree-1", "tree-4", "tree-16"]
+    assert curve.keys() == true_cost.keys()
+    for n, c in true_cost.items():
+        assert abs(curve[n] - c) < 1e-9, (n, curve[n], c)
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        measure_cost_curve("model", str(heads), [1], 1, repeats=0, run=fake_run)
