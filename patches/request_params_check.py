@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-__all__ = ["apply", "check_request", "is_applied", "medusa_engine"]
+__all__ = ["apply", "check_request", "is_applied", "medusa_engine", "request_error_class"]
 
 _MARK = "__medusa_vllm_patch__"
 
@@ -27,14 +27,27 @@ def medusa_engine(vllm_config: Any) -> bool:
     return isinstance(extra, dict) and bool(extra.get("medusa"))
 
 
+@functools.cache
+def request_error_class() -> type[Exception]:
+    """``MedusaRequestError``: both vLLM's ``VLLMValidationError`` (the async
+    server answers it with HTTP 400; a plain ``ValueError`` there becomes a 500)
+    and a ``ValueError`` (what offline ``LLM.generate`` callers catch)."""
+    from vllm.exceptions import VLLMValidationError
+
+    return type("MedusaRequestError", (VLLMValidationError, ValueError), {"__module__": __name__})
+
+
 def check_request(vllm_config: Any, params: Any) -> None:
-    """Raise ``MedusaConfigError`` (a ``ValueError``) naming the bad ``medusa_*``
-    key of ``params.extra_args`` when ``vllm_config`` runs Medusa trees."""
+    """Raise ``MedusaRequestError`` naming the bad ``medusa_*`` key of
+    ``params.extra_args`` when ``vllm_config`` runs Medusa trees."""
     extra = getattr(params, "extra_args", None)
     if extra and medusa_engine(vllm_config):
-        from medusa_vllm.config import request_overrides
+        from medusa_vllm.config import MedusaConfigError, request_overrides
 
-        request_overrides(extra)
+        try:
+            request_overrides(extra)
+        except MedusaConfigError as err:
+            raise request_error_class()(str(err), parameter="extra_args") from None
 
 
 def is_applied() -> bool:
