@@ -10,10 +10,12 @@ tree. vLLM's C++ CPU kernel has no custom-mask argument and returns no LSE, so
 - rows of requests *without* a tree (prefills, plain decodes) still go through
   the C++ kernel, unchanged (a batch without any tree takes exactly vLLM's
   code path);
-- rows of tree requests are computed in torch: gather the request's keys and
-  values ``[0, P+1+n)`` from the paged cache (the fresh tree K/V were written
-  there by ``do_kv_cache_update`` before ``forward``), then one batched
-  ``scaled_dot_product_attention`` with the mask ``[ones(T, P) | ancestor(T, T)]``.
+- rows of tree requests are computed in torch: read the request's keys and
+  values ``[0, P+1+n)`` from the paged cache (whole ``(block, kv_head)`` tiles
+  for the K-transposed ``vec``/``vec16`` layouts, element indices otherwise;
+  the fresh tree K/V were written there by ``do_kv_cache_update`` before
+  ``forward``), then batched matmuls + softmax with the additive mask
+  ``[zeros(T, P) | ancestor(T, T) ? 0 : -inf]``, GQA folded into the query rows.
 
 How the runner feeds it: before ``_build_attention_metadata`` runs, the runner
 publishes a :class:`TreeBatch` (``set_tree_batch`` or ``tree_batch_context``).
