@@ -297,21 +297,15 @@ def gather_kv(
     """Logical K and V of the listed blocks: ``[R, kv_heads, nblk * block_size, D]`` each.
 
     ``blocks`` is ``[R, nblk]`` (block ids, e.g. rows of the block table);
-    token ``j`` of request ``r`` is at ``[r, :, j]``.
+    token ``j`` of request ``r`` is at ``[r, :, j]``. Reads through the same
+    code as :func:`paged_tree_attention` (:func:`_kv_reads` + :func:`_read_kv`).
     """
-    tiles = _tiles(kv_cache, layout, "gather_kv")
+    _tiles(kv_cache, layout, "gather_kv")  # shape/dtype check
     r, nblk = blocks.shape
-    h = tiles.shape[1]
-    bs, d = layout.block_size, layout.head_size
-    sel = tiles.index_select(0, blocks.reshape(-1).to(device=tiles.device, dtype=torch.long))
-    if layout.k_transposed:
-        k = sel[..., : bs * d].view(r, nblk, h, d, bs).permute(0, 2, 1, 4, 3)
-        v = sel[..., bs * d :].view(r, nblk, h, bs, d).permute(0, 2, 1, 3, 4)
-    else:
-        k = sel[..., layout.k_offsets.reshape(-1).to(sel.device)].view(r, nblk, h, bs, d)
-        v = sel[..., layout.v_offsets.reshape(-1).to(sel.device)].view(r, nblk, h, bs, d)
-        k, v = k.permute(0, 2, 1, 3, 4), v.permute(0, 2, 1, 3, 4)
-    return k.reshape(r, h, nblk * bs, d), v.reshape(r, h, nblk * bs, d)
+    h, length = kv_cache.shape[1], nblk * layout.block_size
+    kt, v = _read_kv(kv_cache, _kv_reads(blocks, h, layout, length, kv_cache.device), r, layout)
+    d = layout.head_size
+    return kt.transpose(1, 2).view(r, h, length, d), v.view(r, h, length, d)
 
 
 # -------------------------------------------------------------------- plan
@@ -500,41 +494,37 @@ def plan_tree_batch(
 
 # ------------------------------------------------------- torch tree path
 @dataclass(frozen=True)
-class _LayerReads:
-    """Per-step, per-(layout, KV heads, dtype) reading plan shared by all layers.
+class _KVReads:
+    """What to read from a paged cache for ``R`` requests, keys ``[0, length)``.
 
-    ``length`` is the longest tree request's ``P + T`` (keys past it are never
-    visible to anyone, so they are neither read nor scored). Transposed
-    (``vec``/``vec16``) tiles are read a whole ``(block, kv_head)`` tile at a
-    time (one ``index_select`` of ``blocks``) and viewed as ``K^T [D, BS]`` /
-    ``V [BS, D]``; other layouts use flat element indices ``k_index``/``v_index``.
+    Transposed (``vec``/``vec16``) tiles are read a whole ``(block, kv_head)``
+    tile at a time (one ``index_select`` of ``blocks``) and viewed as
+    ``K^T [D, BS]`` / ``V [BS, D]``; other layouts use flat element indices
+    ``k_index``/``v_index`` (:func:`kv_gather_index`).
     """
 
     length: int
-    bias: torch.Tensor  # [R*Hkv, group*T, length] additive mask (0 / -inf)
     blocks: torch.Tensor | None = None  # [R*nblk] tile rows (transposed layouts)
     k_index: torch.Tensor | None = None  # [R*Hkv*length*D] flat element indices
     v_index: torch.Tensor | None = None
 
 
-def _layer_reads(plan: TreePlan, layout: CacheTileLayout, kv_heads: int, group: int,
-                 dtype: torch.dtype, device: torch.device) -> _LayerReads:
-    r = plan.valid.shape[0]
-    length = int((plan.prefix_lens + plan.num_tokens).max())
-    bias = _additive_bias(plan.attn_mask[..., :length], kv_heads, group, dtype)
+def _kv_reads(blocks: torch.Tensor, kv_heads: int, layout: CacheTileLayout, length: int,
+              device: torch.device | str) -> _KVReads:
+    """Reading plan for ``blocks`` ``[R, nblk]``, keys ``[0, length)`` of each request."""
     if layout.k_transposed:
-        return _LayerReads(length, bias, blocks=plan.blocks.reshape(-1).to(device))
-    k_idx, v_idx = kv_gather_index(plan.blocks, kv_heads, layout, device)
-    return _LayerReads(
-        length, bias,
+        return _KVReads(length, blocks=blocks.reshape(-1).to(device=device, dtype=torch.long))
+    k_idx, v_idx = kv_gather_index(blocks, kv_heads, layout, device)
+    return _KVReads(
+        length,
         k_index=k_idx[:, :, :length].reshape(-1).contiguous(),
         v_index=v_idx[:, :, :length].reshape(-1).contiguous(),
     )
 
 
-def _read_kv(kv_cache: torch.Tensor, reads: _LayerReads, r: int, layout: CacheTileLayout
+def _read_kv(kv_cache: torch.Tensor, reads: _KVReads, r: int, layout: CacheTileLayout
              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``K^T [R*Hkv, D, length]`` and ``V [R*Hkv, length, D]`` of the plan's requests."""
+    """``K^T [R*Hkv, D, length]`` and ``V [R*Hkv, length, D]`` of the planned requests."""
     nb, h, bs, _ = kv_cache.shape
     d, n = layout.head_size, reads.length
     if reads.blocks is not None:
@@ -547,6 +537,25 @@ def _read_kv(kv_cache: torch.Tensor, reads: _LayerReads, r: int, layout: CacheTi
     k = flat.index_select(0, reads.k_index).view(r * h, n, d)
     v = flat.index_select(0, reads.v_index).view(r * h, n, d)
     return k.transpose(1, 2), v
+
+
+@dataclass(frozen=True)
+class _LayerReads:
+    """Per-step, per-(layout, KV heads, dtype) plan shared by all layers: what
+    to read (keys up to the longest tree request's ``P + T``; nothing past it
+    is visible to anyone) and the additive mask."""
+
+    kv: _KVReads
+    bias: torch.Tensor  # [R*Hkv, group*T, length] additive mask (0 / -inf)
+
+
+def _layer_reads(plan: TreePlan, layout: CacheTileLayout, kv_heads: int, group: int,
+                 dtype: torch.dtype, device: torch.device) -> _LayerReads:
+    length = int((plan.prefix_lens + plan.num_tokens).max())
+    return _LayerReads(
+        kv=_kv_reads(plan.blocks, kv_heads, layout, length, device),
+        bias=_additive_bias(plan.attn_mask[..., :length], kv_heads, group, dtype),
+    )
 
 
 def paged_tree_attention(
@@ -576,7 +585,7 @@ def paged_tree_attention(
     if reads is None:
         reads = plan.layer_cache[key] = _layer_reads(plan, layout, hkv, group, query.dtype,
                                                      kv_cache.device)
-    kt, v = _read_kv(kv_cache, reads, r, layout)
+    kt, v = _read_kv(kv_cache, reads.kv, r, layout)
     dense = plan.dense
     if dense:  # rows are request-major, node order: no padding to scatter
         q = query.view(r, t_max, hq, d)

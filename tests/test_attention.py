@@ -336,7 +336,7 @@ def test_element_index_reads_match_tile_reads(env, monkeypatch):
     index_out, _, meta, _ = run_step(env, reqs, seed=22)
     assert seen and all(seen)  # this host's layout is the transposed one; forced generic here
     reads = next(iter(meta.tree.layer_cache.values()))
-    assert reads.blocks is None and reads.k_index is not None
+    assert reads.kv.blocks is None and reads.kv.k_index is not None
     torch.testing.assert_close(index_out, expected, **tol(env["dtype"]))
     torch.testing.assert_close(index_out, tile_out, atol=1e-6, rtol=1e-6)
 
