@@ -719,3 +719,21 @@ def test_medusa2_merged_backbone_runs_in_vllm(tmp_path, tiny):
     want = merged.generate(x, attention_mask=torch.ones_like(x), do_sample=False, pad_token_id=2,
                            eos_token_id=None, max_new_tokens=len(row["response_token_ids"]))
     assert row["response_token_ids"] == want[0, len(ids):].tolist()
+
+
+def test_hidden_cache_rows_equal_single_row_forward(tiny):
+    """The cache batches rows by length; every row still holds its own hidden states."""
+    from medusa_vllm.training.cache import HiddenCache, backbone_hidden
+
+    _, model_dir, _ = tiny
+    lm = _base_model(model_dir)
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (7, 30, 2, 19, 30, 11, 5)]
+    data = EncodedData(ids, [list(x) for x in ids])
+    cache = HiddenCache.build(lm, data, pad_id=0, batch_size=3)
+    assert cache.lengths == [len(x) for x in ids]
+    for i, row in enumerate(ids):
+        want = backbone_hidden(lm, torch.tensor([row]), torch.ones(1, len(row), dtype=torch.long))[0]
+        got = cache.storage[cache.offsets[i]: cache.offsets[i] + len(row)]
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cache.batch([i], 32)[0, :len(row)], want, atol=1e-5, rtol=1e-5)

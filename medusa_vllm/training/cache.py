@@ -131,9 +131,12 @@ class HiddenCache:
             storage = torch.empty(total, hidden_size, dtype=tdtype)
         was_training = model.training
         model.eval()
+        # Rows of similar length share a batch (less padding to run through the
+        # backbone); each row still lands at its own offset, so the cache is the same.
+        order = sorted(range(len(data)), key=lambda i: (lengths[i], i))
         starts = range(0, len(data), batch_size)
         for s in tqdm(starts, desc="caching hidden states", disable=not progress, unit="batch"):
-            idx = list(range(s, min(s + batch_size, len(data))))
+            idx = order[s: s + batch_size]
             b = collate(data, idx, pad_id)
             hidden = backbone_hidden(model, b.input_ids.to(param.device),
                                      b.attention_mask.to(param.device))
