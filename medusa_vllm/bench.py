@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from medusa_vllm.engine_env import engine_env
+
 
 def _prompts(n: int, seed: int) -> list[str]:
     try:
@@ -95,7 +97,7 @@ def _run(spec: dict) -> dict:
         json.dump(spec, f)
     out = subprocess.run(
         [sys.executable, "-m", "medusa_vllm.bench", "--_worker", f.name],
-        capture_output=True, text=True, env={**os.environ, "VLLM_CONFIGURE_LOGGING": "0"},
+        capture_output=True, text=True, env={**engine_env(), "VLLM_CONFIGURE_LOGGING": "0"},
     )
     os.unlink(f.name)
     for line in reversed(out.stdout.splitlines()):

@@ -565,7 +565,9 @@ def run_engine(spec: dict, log: Path) -> dict:
     """Run :func:`_engine_worker` in a fresh process; return its JSON result."""
     f = log.with_suffix(".spec.json")
     f.write_text(json.dumps(spec))
-    env = {**os.environ, "VLLM_CONFIGURE_LOGGING": "0", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    from medusa_vllm.engine_env import engine_env
+
+    env = {**engine_env(), "VLLM_CONFIGURE_LOGGING": "0", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     with open(log, "w") as lf:
         proc = subprocess.run([sys.executable, __file__, "--_engine-worker", str(f)], env=env,

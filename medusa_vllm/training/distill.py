@@ -118,6 +118,8 @@ def generate_distill_data(
     """
     from transformers import AutoTokenizer
 
+    from medusa_vllm.engine_env import engine_env
+
     out = Path(output)
     if out.exists() and not overwrite:
         raise TrainingError(f"distill output {out} exists; refusing to overwrite it (pass overwrite)")
@@ -145,7 +147,7 @@ def generate_distill_data(
         return out
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(spec, f)
-    env = {**os.environ}
+    env = engine_env()
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     env.setdefault("VLLM_PLUGINS", "")  # plain generation: no Medusa plugin needed
     try:
