@@ -179,6 +179,8 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
         if args.cost_curve and "vanilla" not in configs:
             specs.append({**base, "name": "vanilla", "batch_size": bs, "ignore_eos": True, "speculative_config": None})
 
+    bind = engine_env().get("VLLM_CPU_OMP_THREADS_BIND", "auto (vLLM's default)")
+    print(f"[bench] engine worker threads: VLLM_CPU_OMP_THREADS_BIND={bind}", flush=True)
     results = [_run(s) for s in tqdm(specs, desc="configurations")]
     rows = []
     for bs in sorted({r["batch_size"] for r in results}):
@@ -187,6 +189,7 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
         for name, r in group.items():
             row = {k: v for k, v in r.items() if k not in ("token_ids", "texts")}
             row["first_text"] = r["texts"][0] if r["texts"] else ""
+            row["threads_bind"] = bind
             if van:
                 row["speedup_vs_vanilla"] = r["tokens_per_s"] / van["tokens_per_s"]
                 row["same_output_as_vanilla"] = r["token_ids"] == van["token_ids"]

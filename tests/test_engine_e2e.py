@@ -76,12 +76,21 @@ def _compare(vanilla, ours):
         assert a == b, f"prompt {i}: vanilla {a} != medusa_tree {b}"
 
 
-def test_greedy_identical_to_vanilla_random_heads(tiny):
-    root, model = tiny
-    heads = _random_heads(root, model)
+@pytest.fixture(scope="module")
+def greedy_vanilla(tiny):
+    """32 prompts, greedy, varied lengths, and vanilla vLLM's outputs for them:
+    one vanilla engine run shared by the tests that compare against it."""
+    _, model = tiny
     prompts = _prompts()
     sampling = _greedy(len(prompts))
     vanilla = run_engine({"llm": _llm(model), "prompts": prompts, "sampling": sampling})
+    return prompts, sampling, vanilla
+
+
+def test_greedy_identical_to_vanilla_random_heads(tiny, greedy_vanilla):
+    root, model = tiny
+    heads = _random_heads(root, model)
+    prompts, sampling, vanilla = greedy_vanilla
     ours = run_engine({"llm": _llm(model, {"method": "medusa_tree", "model": str(heads), "tree": "sparse-16", "nodes_by_batch": "off"}),
                        "prompts": prompts, "sampling": sampling})
     _compare(vanilla, ours)
@@ -89,12 +98,10 @@ def test_greedy_identical_to_vanilla_random_heads(tiny):
     assert ours["metrics"]["tree_size"] > 1
 
 
-def test_distilled_heads_accept_and_stay_identical(tiny):
+def test_distilled_heads_accept_and_stay_identical(tiny, greedy_vanilla):
     root, model = tiny
     heads = _distilled_heads(root, model)
-    prompts = _prompts(seed=1)
-    sampling = _greedy(len(prompts), seed=1)
-    vanilla = run_engine({"llm": _llm(model), "prompts": prompts, "sampling": sampling})
+    prompts, sampling, vanilla = greedy_vanilla
     ours = run_engine({"llm": _llm(model, {"method": "medusa_tree", "model": str(heads), "tree": "sparse-16", "nodes_by_batch": "off"}),
                        "prompts": prompts, "sampling": sampling})
     _compare(vanilla, ours)
@@ -143,13 +150,11 @@ def test_stop_conditions_inside_accepted_path(tiny):
     assert 3 < m["tree_size"] < 16, m  # mean drafted nodes per step: several sizes were used
 
 
-def test_tensor_parallel_2(tiny):
+def test_tensor_parallel_2(tiny, greedy_vanilla):
     root, model = tiny
     heads = _distilled_heads(root, model)
-    prompts = _prompts(n=16, seed=4)
-    sampling = _greedy(len(prompts), seed=4)
+    prompts, sampling, vanilla = greedy_vanilla  # vanilla ran without TP
     env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
-    vanilla = run_engine({"llm": _llm(model), "prompts": prompts, "sampling": sampling})
     ours = run_engine({"llm": _llm(model, {"method": "medusa_tree", "model": str(heads), "tree": "sparse-8", "nodes_by_batch": "off"},
                                    tensor_parallel_size=2, distributed_executor_backend="mp"),
                        "prompts": prompts, "sampling": sampling}, env=env)
