@@ -67,7 +67,7 @@ class Recipe:
     max_model_len: int = 768
     # heads
     num_heads: int = 4
-    num_layers: int = 1
+    num_layers: int = 2  # 1 ResBlock: head-0 top-1 0.412; 2: 0.421 (docs/default-heads.md)
     draft_vocab_size: int | None = 4096
     original_lm_head: bool = False
     # Medusa-1 optimisation
@@ -82,6 +82,7 @@ class Recipe:
     max_tree_nodes: int = 64
     # batch size -> tree sizes whose engine step time is measured
     cost_curves: dict = field(default_factory=lambda: {"1": [1, 4, 8, 16, 32, 64], "8": [1, 2, 4, 8, 16]})
+    cost_repeats: int = 2  # timing rounds per curve (medusa_vllm.calibrate.measure_cost_curve)
     # Medusa-2 comparison (smaller)
     m2_rows: int = 240
     m2_steps: int = 60
@@ -276,7 +277,8 @@ def stage_tree(r: Recipe, w: Work, model: Path, force: bool) -> None:
             continue
         say(f"tree: cost curve at batch {bs}, tree sizes {sizes}")
         curves[bs] = measure_cost_curve(str(model), str(w.medusa1 / "heads"), sizes, bs,
-                                        num_prompts=max(8, bs), max_tokens=64)
+                                        num_prompts=max(8, bs), max_tokens=64,
+                                        repeats=r.cost_repeats)
         write_json(curve_file, {
             "what": "engine step time with an n-node tree / vanilla decode step time "
                     "(vLLM, float32, eager, this machine; medusa_vllm.calibrate.measure_cost_curve)",
@@ -318,9 +320,10 @@ def stage_tree(r: Recipe, w: Work, model: Path, force: bool) -> None:
 
 
 # ----------------------------------------------------------------------------- export
-def _heldout_hidden_eval(model: Path, heads, eval_file: Path, seq_len: int, num_heads: int,
-                         max_rows: int = 10_000):
-    """Held-out top-k accuracy of ``heads`` (HF backbone forward, float32)."""
+def _heldout_hidden_eval(model: Path, heads_list: list, eval_file: Path, seq_len: int,
+                         num_heads: int, max_rows: int = 10_000) -> list:
+    """Held-out top-k accuracy of each heads in ``heads_list`` (HF backbone forward,
+    float32, run once and shared by all of them)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -334,9 +337,11 @@ def _heldout_hidden_eval(model: Path, heads, eval_file: Path, seq_len: int, num_
                        vocab_size=lm.config.vocab_size)
     n = min(len(data), max_rows)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    batches = (collate(data, list(range(s, min(s + 8, n))), pad) for s in range(0, n, 8))
-    return evaluate_heads(heads, batches, lambda b: backbone_hidden(lm, b.input_ids, b.attention_mask),
-                          lm_head=lm.get_output_embeddings())
+    batches = [collate(data, list(range(s, min(s + 8, n))), pad) for s in range(0, n, 8)]
+    with torch.inference_mode():
+        hidden = {id(b): backbone_hidden(lm, b.input_ids, b.attention_mask) for b in batches}
+    return [evaluate_heads(h, batches, lambda b: hidden[id(b)], lm_head=lm.get_output_embeddings())
+            for h in heads_list]
 
 
 def stage_export(r: Recipe, w: Work, model: Path, force: bool) -> None:
@@ -361,8 +366,8 @@ def stage_export(r: Recipe, w: Work, model: Path, force: bool) -> None:
         check = json.loads(acc_file.read_text())
     else:
         say("export: checking the bf16 heads against the float32 ones on the held-out set")
-        a32 = _heldout_hidden_eval(model, fp32, w.distill_heldout, r.seq_len, r.num_heads)
-        a16 = _heldout_hidden_eval(model, bf16, w.distill_heldout, r.seq_len, r.num_heads)
+        a32, a16 = _heldout_hidden_eval(model, [fp32, bf16], w.distill_heldout, r.seq_len,
+                                        r.num_heads)
         g = torch.Generator().manual_seed(0)
         h = torch.randn(4096, fp32.config.hidden_size, generator=g) * 1.5
         with torch.no_grad():
@@ -412,7 +417,8 @@ def _readme(r: Recipe, w: Work, ev: dict, tree: dict, check: dict) -> str:
         "## Files",
         "",
         "- `config.json`, `model.safetensors`: medusa_vllm layout, bfloat16 "
-        f"({r.num_heads} heads, {r.num_layers} ResBlock each, per-head LM layer over a "
+        f"({r.num_heads} heads, {r.num_layers} ResBlock{'s' * (r.num_layers != 1)} each, "
+        f"per-head LM layer over a "
         f"{r.draft_vocab_size}-token draft vocabulary `token_map`).",
         "- `medusa_tree.json`: the calibrated tree (`medusa_choices`) and how it was chosen.",
         "- `accuracies.json`: held-out cumulative top-1..10 accuracy per head "
