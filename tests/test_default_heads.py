@@ -79,5 +79,5 @@ def test_default_model_with_shipped_heads_in_vllm():
         assert a == b, f"prompt {i}: vanilla {a} != medusa_tree {b}"
     m = ours["metrics"]
     print("default model + shipped heads:", m)
-    # calibrated 3-node tree: expected 1.62, measured 1.58 on 32 held-out prompts
+    # calibrated 6-node tree: expected 1.77, measured 1.65 on 12 held-out prompts
     assert m["mean_accepted_length"] > 1.35, m
