@@ -313,7 +313,8 @@ def gather_kv(
 class TreePlan:
     """Per-step tree attention plan, shared by all layers of a KV-cache group.
 
-    - ``rows``: ``[M]`` batch rows of all tree tokens (request-major, node order).
+    - ``rows``: ``[M]`` batch rows of all tree tokens (request-major, node order),
+      or a ``slice`` when they are contiguous.
     - ``valid``: ``[R, T_max]`` which ``(request, node)`` slots are real.
     - ``blocks``: ``[R, nblk]`` kernel block ids covering ``[0, P+T)``.
     - ``attn_mask``: ``[R, 1, T_max, nblk*block_size]`` bool SDPA mask.
@@ -325,7 +326,7 @@ class TreePlan:
     req_indices: torch.Tensor
     num_tokens: torch.Tensor
     prefix_lens: torch.Tensor
-    rows: torch.Tensor
+    rows: slice | torch.Tensor
     valid: torch.Tensor
     blocks: torch.Tensor
     attn_mask: torch.Tensor
@@ -480,11 +481,14 @@ def plan_tree_batch(
     def dev(x: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(x).to(device)
 
+    # contiguous tree rows (e.g. every request of the step verifies a tree):
+    # a slice, so each layer reads and writes them without index copies
+    contiguous = int(rows[-1]) - int(rows[0]) + 1 == rows.size
     return TreePlan(
         req_indices=dev(req),
         num_tokens=dev(ntok),
         prefix_lens=dev(plen),
-        rows=dev(rows),
+        rows=slice(int(rows[0]), int(rows[-1]) + 1) if contiguous else dev(rows),
         valid=dev(valid),
         blocks=dev(blocks),
         attn_mask=dev(attn_mask).unsqueeze(1),

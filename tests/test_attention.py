@@ -308,6 +308,7 @@ def test_tree_rows_match_reference_in_a_mixed_batch(env):
     out, expected, meta, qsl = run_step(env, reqs, seed=4)
     assert meta.tree is not None and meta.tree.plain_metadata is not None
     assert not isinstance(meta.tree.plain_rows, slice)  # interleaved plain rows
+    assert isinstance(meta.tree.rows, torch.Tensor)  # ... so tree rows are indexed
     torch.testing.assert_close(out, expected, **tol(env["dtype"]))
     # the tree really matters: causal attention differs on tree rows
     chain_out, _, _, _ = run_step(env, [dataclasses.replace(r, tree=None) for r in reqs], seed=4)
@@ -368,6 +369,7 @@ def test_equal_size_trees_take_the_dense_path(env):
     reqs = [Req(prefix=p, qlen=8, tree=tree) for p in (31, 70, 2)] + [Req(prefix=12, qlen=1)]
     out, expected, meta, _ = run_step(env, reqs, seed=10)
     assert meta.tree.dense  # no query padding: the query rows are viewed, not scattered
+    assert meta.tree.rows == slice(0, 24)  # tree requests first: their rows are a slice
     torch.testing.assert_close(out, expected, **tol(env["dtype"]))
     assert len(meta.tree.layer_cache) == 1  # one reading plan (tile rows + mask bias) shared by every layer
 
@@ -428,7 +430,7 @@ def test_stale_or_bad_tree_batch_is_refused(env):
     mask = torch.ones(5, 5, dtype=torch.bool).tril()
     ok = TreeBatch(torch.tensor([1]), torch.tensor([5]), torch.tensor([20]), mask)
     plan = plan_tree_batch(ok, cm, BLOCK)
-    assert plan.req_indices.tolist() == [1] and plan.rows.tolist() == [1, 2, 3, 4, 5]
+    assert plan.req_indices.tolist() == [1] and plan.rows == slice(1, 6)
     with pytest.raises(ValueError, match="stale"):  # wrong row
         plan_tree_batch(dataclasses.replace(ok, query_start=torch.tensor([0])), cm, BLOCK)
     with pytest.raises(ValueError, match="prefix_lens"):

@@ -653,6 +653,32 @@ def test_self_distill_medusa1_kl_heads_and_topk(tmp_path, tiny):
         assert sum(losses[-5:]) < sum(losses[:5])
 
 
+def test_medusa1_draft_vocab_teacher_equals_full_teacher(tmp_path, tiny):
+    """With a reduced draft vocabulary the Medusa-1 teacher multiplies by only
+    those lm_head rows; every head's KL equals the full-logits teacher's."""
+    data = _self_generated(tmp_path, tiny, n=8)
+    trainer = MedusaTrainer(_cfg(tmp_path, tiny, data=[str(data)], self_distill=True,
+                                 distill_heads_loss="kl", draft_vocab_size=16))
+    trainer.setup()
+    tm = trainer.heads.token_map
+    assert tm is not None and tm.numel() == 16
+    batch = collate(trainer.train_data, [0, 1, 2], trainer.pad_id)
+    hidden = trainer._hidden_for(batch)
+    draft = trainer._teacher(batch, hidden)
+    assert draft.draft and draft.logits.shape[-1] == 16
+    full = TeacherLogits.from_logits(trainer.model.get_output_embeddings()(hidden).float())
+    torch.testing.assert_close(draft.logits, full.logits[..., tm], rtol=1e-5, atol=1e-5)
+    g = torch.Generator().manual_seed(1)
+    student = torch.randn(hidden.shape[0] * hidden.shape[1], 16, generator=g)
+    for k in range(3):
+        a = kl_from_logits(student, TeacherLogits(
+            logits=draft.shifted(k + 1).logits.reshape(-1, 16), draft=True), tm, trainer.inverse)
+        b = kl_from_logits(student, TeacherLogits(
+            logits=full.shifted(k + 1).logits.reshape(-1, full.logits.shape[-1])), tm,
+            trainer.inverse)
+        assert float(a) == pytest.approx(float(b), rel=1e-5)
+
+
 def test_self_distill_ce_needs_no_teacher(tmp_path, tiny):
     data = _self_generated(tmp_path, tiny, n=8)
     trainer = MedusaTrainer(_cfg(tmp_path, tiny, data=[str(data)], self_distill=True))

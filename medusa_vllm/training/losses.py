@@ -85,11 +85,15 @@ class TeacherLogits:
     Either ``logits`` ``[..., V]`` (full distribution) or ``values`` and
     ``ids`` ``[..., k]`` (its ``k`` largest logits and their token ids; the
     distribution is renormalised over those ``k`` tokens).
+    ``draft``: full ``logits`` already restricted to a student's draft
+    vocabulary (columns in ``token_map`` order), e.g. computed with only those
+    rows of the lm_head.
     """
 
     logits: torch.Tensor | None = None
     values: torch.Tensor | None = None
     ids: torch.Tensor | None = None
+    draft: bool = False
 
     @classmethod
     def from_logits(cls, logits: torch.Tensor, top_k: int | None = None) -> "TeacherLogits":
@@ -103,7 +107,7 @@ class TeacherLogits:
     def select(self, index: tuple[torch.Tensor, ...] | torch.Tensor) -> "TeacherLogits":
         """Rows ``self[index]`` of every tensor (e.g. a boolean position mask)."""
         if self.logits is not None:
-            return TeacherLogits(logits=self.logits[index])
+            return TeacherLogits(logits=self.logits[index], draft=self.draft)
         assert self.values is not None and self.ids is not None
         return TeacherLogits(values=self.values[index], ids=self.ids[index])
 
@@ -117,7 +121,7 @@ class TeacherLogits:
             return x[:, idx.clamp(max=x.shape[1] - 1)]
 
         if self.logits is not None:
-            return TeacherLogits(logits=sh(self.logits))
+            return TeacherLogits(logits=sh(self.logits), draft=self.draft)
         assert self.values is not None and self.ids is not None
         return TeacherLogits(values=sh(self.values), ids=sh(self.ids))
 
@@ -148,7 +152,7 @@ def kl_from_logits(
     logp_s = F.log_softmax(student_logits.float(), dim=-1)
     if teacher.logits is not None:
         t = teacher.logits.float()
-        if token_map is not None:
+        if token_map is not None and not teacher.draft:
             t = t.index_select(-1, token_map.to(t.device))
         if t.shape != logp_s.shape:
             raise ValueError(

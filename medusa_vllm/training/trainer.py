@@ -435,7 +435,17 @@ class MedusaTrainer:
         with torch.no_grad():
             if cfg.recipe == "medusa1":
                 assert hidden is not None
-                logits = self.model.get_output_embeddings()(hidden.to(self._bb_dtype()))
+                lm = self.model.get_output_embeddings()
+                token_map = self.heads.token_map
+                if token_map is not None and cfg.distill_top_k is None:
+                    # only the draft vocabulary's rows of the lm_head: the KL
+                    # renormalises over them anyway ([B, T, V_draft], not [B, T, V])
+                    tm = token_map.to(lm.weight.device)
+                    bias = getattr(lm, "bias", None)
+                    logits = F.linear(hidden.to(self._bb_dtype()), lm.weight.index_select(0, tm),
+                                      None if bias is None else bias.index_select(0, tm))
+                    return TeacherLogits(logits=logits.float(), draft=True)
+                logits = lm(hidden.to(self._bb_dtype()))
             else:
                 with self.model.disable_adapter():
                     logits = self.model(input_ids=batch.input_ids,
