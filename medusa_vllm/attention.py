@@ -9,7 +9,9 @@ tree. vLLM's C++ CPU kernel has no custom-mask argument and returns no LSE, so
 
 - rows of requests *without* a tree (prefills, plain decodes) still go through
   the C++ kernel, unchanged (a batch without any tree takes exactly vLLM's
-  code path);
+  code path); so do tree requests whose nodes form a chain (a chain-shaped
+  tree, or the leading chain of a truncated one): there the ancestor mask is
+  the causal mask;
 - rows of tree requests are computed in torch: read the request's keys and
   values ``[0, P+1+n)`` from the paged cache (whole ``(block, kv_head)`` tiles
   for the K-transposed ``vec``/``vec16`` layouts, element indices otherwise;
@@ -71,6 +73,7 @@ __all__ = [
     "TreeCPUAttentionMetadata",
     "TreeCPUAttentionMetadataBuilder",
     "TreePlan",
+    "causal_rows",
     "gather_kv",
     "get_tree_batch",
     "paged_tree_attention",
@@ -388,10 +391,26 @@ def _validate_tree_mask(mask: torch.Tensor) -> np.ndarray:
     return arr
 
 
+def causal_rows(mask: np.ndarray) -> int:
+    """How many leading nodes of a BFS tree mask form a chain (root, its child,
+    that child's child, ...): for a request verifying at most that many rows,
+    the ancestor mask *is* the causal mask, so vLLM's kernel is exact for it."""
+    n = mask.shape[0]
+    lower = np.tril(np.ones((n, n), dtype=bool))
+    ok = (mask == lower).all(axis=1)
+    return n if ok.all() else int(np.argmin(ok))
+
+
 def plan_tree_batch(
-    tree_batch: TreeBatch, cm: CommonAttentionMetadata, block_size: int
-) -> TreePlan:
+    tree_batch: TreeBatch, cm: CommonAttentionMetadata, block_size: int,
+    causal_exact: bool = False,
+) -> TreePlan | None:
     """Validate ``tree_batch`` against the step's metadata and build the tree plan.
+
+    With ``causal_exact``, requests whose rows all lie on the tree's leading
+    chain (:func:`causal_rows`: a chain-shaped tree, or a tree truncated to
+    its chain) are left to vLLM's causal kernel, exact for them; returns
+    ``None`` when no request is left.
 
     Raises ``ValueError`` naming the ``TreeBatch`` field when it disagrees with
     ``query_start_loc`` / ``seq_lens`` (e.g. a stale tree batch left over from
@@ -446,6 +465,12 @@ def plan_tree_batch(
             f"{(seq_lens[req] - ntok).tolist()}{stale}"
         )
 
+    if causal_exact:
+        keep = ntok > causal_rows(mask)
+        if not keep.any():
+            return None
+        req, start, ntok, plen = req[keep], start[keep], ntok[keep], plen[keep]
+        r = start.size
     t_max = int(ntok.max())
     total = plen + ntok
     nblk = int((int(total.max()) + block_size - 1) // block_size)
@@ -731,7 +756,10 @@ class TreeCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
             return meta
         if self.tree_layout is None:
             self.tree_layout = self._tree_layout_or_fallback(self.layer_names)
-        plan = plan_tree_batch(tree_batch, common_attn_metadata, self.block_size)
+        plan = plan_tree_batch(tree_batch, common_attn_metadata, self.block_size,
+                               causal_exact=True)
+        if plan is None:  # every tree is a chain: vLLM's causal kernel is exact
+            return meta
         self._plan_plain_rows(plan, meta, common_attn_metadata)
         meta.tree = plan
         return meta

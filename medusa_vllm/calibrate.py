@@ -9,7 +9,10 @@
 3. Fit: for every size the greedy tree of :meth:`MedusaTree.from_accuracies`
    maximises E[accepted length]; :meth:`MedusaTree.best_for_cost` picks the size
    maximising E[tokens per step] / cost(n) (cost linearly interpolated between
-   measured sizes) at the first batch size. For every calibrated batch size,
+   measured sizes) at the first batch size. Top-1 chains are timed on their own
+   curve and compete with it: a chain verifies through vLLM's causal kernel
+   (:mod:`medusa_vllm.attention`), so it costs less than a wider tree of as
+   many nodes. For every calibrated batch size,
    :func:`fit_nodes_by_batch` then picks how many of that tree's BFS-first
    nodes to draft (0 = plain decoding), which the engine follows step by step
    (``nodes_by_batch`` in ``medusa_tree.json``).
@@ -36,8 +39,11 @@ __all__ = [
     "fit_nodes_by_batch",
     "fit_tree",
     "interpolate_cost",
+    "is_chain",
     "measure_accuracies",
     "measure_cost_curve",
+    "measure_cost_curves",
+    "prefix_cost",
 ]
 
 
@@ -58,24 +64,62 @@ def interpolate_cost(curve: dict[int, float]) -> Callable[[int], float]:
     return cost
 
 
+def is_chain(tree: MedusaTree) -> bool:
+    """Every node on one path (what vLLM's causal kernel verifies exactly)."""
+    return tree.max_depth == tree.num_nodes
+
+
 def fit_tree(per_rank: Sequence[Sequence[float]] | torch.Tensor, curve: dict[int, float],
-             max_nodes: int) -> tuple[MedusaTree, float, float]:
-    """Best tree for one batch size: (tree, expected accepted length, expected speedup)."""
-    tree, speedup = MedusaTree.best_for_cost(per_rank, interpolate_cost(curve), max_nodes)
+             max_nodes: int, chain_curve: dict[int, float] | None = None
+             ) -> tuple[MedusaTree, float, float]:
+    """Best tree for one batch size: (tree, expected accepted length, expected speedup).
+
+    ``chain_curve`` (``{depth: relative step time}`` of top-1 chains, measured
+    separately because chains verify through the cheaper causal kernel) adds
+    those chains as candidates.
+    """
+    tree_cost = interpolate_cost(curve)
+    chains = {int(d): float(c) for d, c in (chain_curve or {}).items()}
+    num_heads = len(per_rank)
+
+    def cost(n: int) -> float:  # a greedy tree that happens to be a chain is priced as one
+        if n in chains and n <= num_heads and is_chain(MedusaTree.from_accuracies(per_rank, n)):
+            return chains[n]
+        return tree_cost(n)
+
+    tree, speedup = MedusaTree.best_for_cost(per_rank, cost, max_nodes)
+    for depth, c in sorted(chains.items()):
+        if not 1 <= int(depth) <= min(num_heads, max_nodes):
+            continue
+        chain = MedusaTree.chain(int(depth))
+        speed = chain.expected_accept_length(per_rank) / max(float(c), 1e-9)
+        if speed > speedup + 1e-12:
+            tree, speedup = chain, speed
     return tree, tree.expected_accept_length(per_rank), speedup
 
 
+def prefix_cost(tree: MedusaTree, n: int, curve: dict[int, float],
+                chain_curve: dict[int, float] | None = None) -> float:
+    """Relative step time of ``tree``'s first ``n`` BFS nodes: the chain curve's
+    point when that prefix is a measured chain, else the tree curve."""
+    if chain_curve and n in chain_curve and is_chain(tree.truncate(n)):
+        return float(chain_curve[n])
+    return interpolate_cost(curve)(n)
+
+
 def fit_nodes_by_batch(tree: MedusaTree, per_rank: Sequence[Sequence[float]] | torch.Tensor,
-                       curves: dict[int, dict[int, float]]) -> dict[int, int]:
+                       curves: dict[int, dict[int, float]],
+                       chain_curves: dict[int, dict[int, float]] | None = None) -> dict[int, int]:
     """``{batch_size: n}``: the BFS prefix of ``tree`` (n nodes, 0 = no drafts)
     maximising E[accepted length] / cost(n) under each batch size's cost curve
-    (relative step time, vanilla = 1)."""
+    (relative step time, vanilla = 1; chain prefixes priced by ``chain_curves``)."""
     out: dict[int, int] = {}
     for bs, curve in sorted(curves.items()):
-        cost = interpolate_cost(curve)
+        chain_curve = (chain_curves or {}).get(bs)
         best, best_speed = 0, 1.0
         for n in range(1, tree.num_nodes + 1):
-            speed = tree.truncate(n).expected_accept_length(per_rank) / max(cost(n), 1e-9)
+            cost = prefix_cost(tree, n, curve, chain_curve)
+            speed = tree.truncate(n).expected_accept_length(per_rank) / max(cost, 1e-9)
             if speed > best_speed + 1e-9:
                 best, best_speed = n, speed
         out[int(bs)] = best
@@ -114,7 +158,23 @@ def measure_cost_curve(model: str, heads_dir: str, sizes: Sequence[int], batch_s
                        max_model_len: int = 1024, repeats: int = 2,
                        run: Callable[[dict], dict] | None = None) -> dict[int, float]:
     """Relative engine step time with trees of each size vs vanilla decoding
-    (the tree of ``n`` nodes: the BFS-first ``n`` nodes of ``sparse-64``).
+    (the tree of ``n`` nodes: the BFS-first ``n`` nodes of ``sparse-64``);
+    :func:`measure_cost_curves` without chains."""
+    return measure_cost_curves(model, heads_dir, sizes, (), batch_size, num_prompts=num_prompts,
+                               max_tokens=max_tokens, dtype=dtype, max_model_len=max_model_len,
+                               repeats=repeats, run=run)[0]
+
+
+def measure_cost_curves(model: str, heads_dir: str, sizes: Sequence[int],
+                        chain_sizes: Sequence[int], batch_size: int, *,
+                        num_prompts: int = 8, max_tokens: int = 64, dtype: str = "float32",
+                        max_model_len: int = 1024, repeats: int = 2,
+                        run: Callable[[dict], dict] | None = None
+                        ) -> tuple[dict[int, float], dict[int, float]]:
+    """(tree curve, chain curve): relative engine step time vs vanilla decoding
+    with the BFS-first ``n`` nodes of ``sparse-64`` for each of ``sizes``, and
+    with the top-1 chain of each depth in ``chain_sizes``, timed in the same
+    rounds against the same vanilla runs.
 
     Machine speed drifts between engine runs (±20% seen on 2 shared cores), so
     each of ``repeats`` rounds times vanilla first and then every size, in
@@ -139,23 +199,30 @@ def measure_cost_curve(model: str, heads_dir: str, sizes: Sequence[int], batch_s
     base = dict(model=model, dtype=dtype, max_model_len=max_model_len, max_tokens=max_tokens,
                 ignore_eos=True, prompts=_prompts(max(num_prompts, batch_size), seed=99),
                 batch_size=batch_size)
-    ratios: dict[int, list[float]] = {int(n): [] for n in sizes}
+    bad = [d for d in chain_sizes if not 1 <= int(d) <= num_heads]
+    if bad:
+        raise ValueError(f"measure_cost_curves: chain depths {bad} outside 1..{num_heads} (heads)")
+    trees = {("tree", int(n)): big.truncate(min(int(n), big.num_nodes)).to_list() for n in sizes}
+    trees.update({("chain", int(d)): MedusaTree.chain(int(d)).to_list() for d in chain_sizes})
+    ratios: dict[tuple[str, int], list[float]] = {key: [] for key in trees}
     bar = tqdm(total=repeats * (len(ratios) + 1), desc=f"cost curve (batch {batch_size})")
     for rep in range(repeats):
         van = run({**base, "name": "vanilla", "speculative_config": None})
         bar.update()
         per_tok = van["wall_s"] / van["output_tokens"]
         order = list(ratios) if rep % 2 == 0 else list(reversed(list(ratios)))
-        for n in order:
-            tree = big.truncate(min(n, big.num_nodes)).to_list()
-            r = run({**base, "name": f"tree-{n}",
-                     "speculative_config": {"method": "medusa_tree", "model": heads_dir, "tree": tree,
-                                            "nodes_by_batch": "off"}})
+        for shape, n in order:
+            r = run({**base, "name": f"{shape}-{n}",
+                     "speculative_config": {"method": "medusa_tree", "model": heads_dir,
+                                            "tree": trees[shape, n], "nodes_by_batch": "off"}})
             steps = r["output_tokens"] / max(r["spec"]["mean_accepted_length"], 1.0)
-            ratios[n].append((r["wall_s"] / steps) / per_tok)
+            ratios[shape, n].append((r["wall_s"] / steps) / per_tok)
             bar.update()
     bar.close()
-    return {n: float(median(v)) for n, v in ratios.items()}
+    curves: dict[str, dict[int, float]] = {"tree": {}, "chain": {}}
+    for (shape, n), v in ratios.items():
+        curves[shape][n] = float(median(v))
+    return curves["tree"], curves["chain"]
 
 
 def add_calibrate_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -163,7 +230,10 @@ def add_calibrate_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--heads", required=True, help="heads folder (results are written into it)")
     p.add_argument("--data", nargs="*", default=[], help="held-out data files for the accuracies "
                    "(default: reuse accuracies.json/eval.json in the heads folder)")
-    p.add_argument("--sizes", default="1,4,8,16,32,64", help="tree sizes to time through vLLM")
+    p.add_argument("--sizes", default="2,4,8,16,32,64", help="tree sizes to time through vLLM")
+    p.add_argument("--chain-sizes", default="1,2,3,4", help="top-1 chain depths to time (they "
+                   "verify through vLLM's causal kernel, cheaper than a tree of as many nodes); "
+                   "clipped to the number of heads; empty: none")
     p.add_argument("--batch-sizes", default="1", help="batch sizes to calibrate; the tree is fitted "
                    "for the first one")
     p.add_argument("--max-nodes", type=int, default=64)
@@ -199,13 +269,17 @@ def calibrate_main(args: argparse.Namespace) -> int:
     heads_dir = Path(args.heads)
     per_rank, acc_info = _per_rank(heads_dir, args.data, args)
     sizes = [int(x) for x in args.sizes.split(",") if x]
-    result: dict = {"accuracies": acc_info, "cost_curves": {}, "trees": {}}
+    chain_sizes = [int(x) for x in (args.chain_sizes or "").split(",") if x]
+    chain_sizes = [d for d in chain_sizes if d <= len(per_rank)]
+    result: dict = {"accuracies": acc_info, "cost_curves": {}, "chain_cost_curves": {}, "trees": {}}
     chosen = None
     for bs in [int(x) for x in args.batch_sizes.split(",") if x]:
-        curve = measure_cost_curve(args.model, str(heads_dir), sizes, bs, max_tokens=args.max_tokens,
-                                   dtype=args.dtype, repeats=args.repeats)
-        tree, exp_len, speed = fit_tree(per_rank, curve, args.max_nodes)
+        curve, chain_curve = measure_cost_curves(
+            args.model, str(heads_dir), sizes, chain_sizes, bs, max_tokens=args.max_tokens,
+            dtype=args.dtype, repeats=args.repeats)
+        tree, exp_len, speed = fit_tree(per_rank, curve, args.max_nodes, chain_curve)
         result["cost_curves"][str(bs)] = curve
+        result["chain_cost_curves"][str(bs)] = chain_curve
         result["trees"][str(bs)] = {"num_nodes": tree.num_nodes, "expected_accept_length": exp_len,
                                     "expected_speedup": speed, "medusa_choices": tree.to_list()}
         print(f"batch {bs}: cost {curve} -> tree of {tree.num_nodes} nodes, "
@@ -214,7 +288,8 @@ def calibrate_main(args: argparse.Namespace) -> int:
     assert chosen is not None
     bs, tree, exp_len, speed = chosen
     curves = {int(b): c for b, c in result["cost_curves"].items()}
-    nodes_by_batch = fit_nodes_by_batch(tree, per_rank, curves)
+    chain_curves = {int(b): c for b, c in result["chain_cost_curves"].items()}
+    nodes_by_batch = fit_nodes_by_batch(tree, per_rank, curves, chain_curves)
     result["nodes_by_batch"] = nodes_by_batch
     print(f"tree size per batch size (BFS prefix of the {tree.num_nodes}-node tree): {nodes_by_batch}")
     tree.save(heads_dir / "medusa_tree.json", batch_size=bs, expected_accept_length=exp_len,
@@ -245,6 +320,11 @@ def _plot(per_rank, result: dict, out: Path) -> None:
     for bs, curve in result["cost_curves"].items():
         pts = sorted((int(n), c) for n, c in curve.items())
         ax.plot([0] + [p[0] for p in pts], [1.0] + [p[1] for p in pts], marker="o", label=f"batch {bs}")
+    for bs, curve in result.get("chain_cost_curves", {}).items():
+        pts = sorted((int(n), c) for n, c in curve.items())
+        if pts:
+            ax.plot([0] + [p[0] for p in pts], [1.0] + [p[1] for p in pts], marker="s",
+                    linestyle="--", label=f"batch {bs}, top-1 chains")
     ax.set_xlabel("tree nodes")
     ax.set_ylabel("step time / vanilla decode step")
     ax.legend()

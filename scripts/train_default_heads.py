@@ -81,7 +81,10 @@ class Recipe:
     # tree
     max_tree_nodes: int = 64
     # batch size -> tree sizes whose engine step time is measured
-    cost_curves: dict = field(default_factory=lambda: {"1": [1, 4, 8, 16, 32, 64], "8": [1, 2, 4, 8, 16]})
+    cost_curves: dict = field(default_factory=lambda: {"1": [2, 4, 8, 16, 32, 64], "8": [2, 4, 8, 16]})
+    # batch size -> top-1 chain depths timed beside them (chains verify through vLLM's
+    # causal kernel, so they cost less than a tree of as many nodes)
+    chain_cost_curves: dict = field(default_factory=lambda: {"1": [1, 2, 3, 4], "8": [1, 2]})
     cost_repeats: int = 2  # timing rounds per curve (medusa_vllm.calibrate.measure_cost_curve)
     # Medusa-2 comparison (smaller)
     m2_rows: int = 240
@@ -257,7 +260,7 @@ def stage_train(r: Recipe, w: Work, model: Path, force: bool) -> None:
 def stage_tree(r: Recipe, w: Work, model: Path, force: bool) -> None:
     """Optimized sparse tree: per-rank accuracies + measured cost curves -> the
     tree (``best_for_cost`` at batch 1) and its size per batch size."""
-    from medusa_vllm.calibrate import fit_nodes_by_batch, fit_tree, interpolate_cost, measure_cost_curve
+    from medusa_vllm.calibrate import fit_nodes_by_batch, fit_tree, measure_cost_curves, prefix_cost
     from medusa_vllm.tree import MedusaTree
 
     d = w / "tree"
@@ -269,33 +272,47 @@ def stage_tree(r: Recipe, w: Work, model: Path, force: bool) -> None:
     per_rank = ev["per_rank"]
     curve_file = d / "cost_curves.json"
     curves: dict[int, dict[int, float]] = {}
+    chain_curves: dict[int, dict[int, float]] = {}
     if curve_file.is_file() and not force:
-        saved = json.loads(curve_file.read_text())["relative_step_time"]
-        curves = {int(b): {int(n): c for n, c in cv.items()} for b, cv in saved.items()}
+        saved = json.loads(curve_file.read_text())
+        curves = {int(b): {int(n): c for n, c in cv.items()}
+                  for b, cv in saved["relative_step_time"].items()}
+        chain_curves = {int(b): {int(n): c for n, c in cv.items()}
+                        for b, cv in saved.get("chain_relative_step_time", {}).items()}
     for bs, sizes in sorted((int(b), v) for b, v in r.cost_curves.items()):
         if bs in curves:
             continue
-        say(f"tree: cost curve at batch {bs}, tree sizes {sizes}")
-        curves[bs] = measure_cost_curve(str(model), str(w.medusa1 / "heads"), sizes, bs,
-                                        num_prompts=max(8, bs), max_tokens=64,
-                                        repeats=r.cost_repeats)
+        depths = [d for d in r.chain_cost_curves.get(str(bs), []) if d <= r.num_heads]
+        say(f"tree: cost curve at batch {bs}, tree sizes {sizes}, chain depths {depths}")
+        curves[bs], chain_curves[bs] = measure_cost_curves(
+            str(model), str(w.medusa1 / "heads"), sizes, depths, bs, num_prompts=max(8, bs),
+            max_tokens=64, repeats=r.cost_repeats)
         write_json(curve_file, {
-            "what": "engine step time with an n-node tree / vanilla decode step time "
-                    "(vLLM, float32, eager, this machine; medusa_vllm.calibrate.measure_cost_curve)",
+            "what": "engine step time with an n-node tree (or a top-1 chain of depth n) / vanilla "
+                    "decode step time (vLLM, float32, eager, this machine; "
+                    "medusa_vllm.calibrate.measure_cost_curves)",
             "relative_step_time": {str(b): {str(n): c for n, c in cv.items()} for b, cv in curves.items()},
+            "chain_relative_step_time": {str(b): {str(n): c for n, c in cv.items()}
+                                         for b, cv in chain_curves.items()},
         })
-        say(f"tree: batch {bs}: " + ", ".join(f"{n}: {c:.2f}" for n, c in sorted(curves[bs].items())))
-    tree, exp_len, speed = fit_tree(per_rank, curves[1], r.max_tree_nodes)
-    nodes_by_batch = fit_nodes_by_batch(tree, per_rank, curves)
-    cost = interpolate_cost(curves[1])
+        say(f"tree: batch {bs}: " + ", ".join(f"{n}: {c:.2f}" for n, c in sorted(curves[bs].items()))
+            + "; chains " + ", ".join(f"{n}: {c:.2f}" for n, c in sorted(chain_curves[bs].items())))
+    tree, exp_len, speed = fit_tree(per_rank, curves[1], r.max_tree_nodes, chain_curves.get(1))
+    nodes_by_batch = fit_nodes_by_batch(tree, per_rank, curves, chain_curves)
     rows = []
     for n in sorted({1, 2, 4, 8, 16, 32, 64, tree.num_nodes}):
         if n > r.max_tree_nodes:
             continue
         t = MedusaTree.from_accuracies(per_rank, n)
         e = t.expected_accept_length(per_rank)
-        rows.append({"nodes": n, "expected_accept_length": e, "relative_cost": cost(n),
-                     "expected_speedup": e / cost(n)})
+        c = prefix_cost(t, n, curves[1], chain_curves.get(1))
+        rows.append({"nodes": n, "expected_accept_length": e, "relative_cost": c,
+                     "expected_speedup": e / c})
+    for d in sorted(chain_curves.get(1, {})):
+        t = MedusaTree.chain(d)
+        e, c = t.expected_accept_length(per_rank), chain_curves[1][d]
+        rows.append({"nodes": d, "chain": True, "expected_accept_length": e, "relative_cost": c,
+                     "expected_speedup": e / c})
     chain = MedusaTree.chain(r.num_heads)
     info = {
         "source": "scripts/train_default_heads.py stage 'tree': medusa_vllm.calibrate.fit_tree / "
@@ -309,13 +326,15 @@ def stage_tree(r: Recipe, w: Work, model: Path, force: bool) -> None:
         "nodes_by_batch": {str(b): n for b, n in nodes_by_batch.items()},
         "per_rank_accuracy": per_rank,
         "cost_curves_relative": {str(b): {str(n): c for n, c in cv.items()} for b, cv in curves.items()},
+        "chain_cost_curves_relative": {str(b): {str(n): c for n, c in cv.items()}
+                                       for b, cv in chain_curves.items()},
         "candidates_batch_1": rows,
     }
     tree.save(d / "medusa_tree.json", **info)
     say(f"tree: {tree} expected accept length {exp_len:.3f}, expected speedup {speed:.2f}; "
         f"nodes by batch {nodes_by_batch}")
     for row in rows:
-        say(f"  nodes {row['nodes']:3d}: E[len] {row['expected_accept_length']:.3f}, cost "
+        say(f"  {'chain' if row.get('chain') else 'nodes'} {row['nodes']:3d}: E[len] {row['expected_accept_length']:.3f}, cost "
             f"{row['relative_cost']:.2f}, E[speedup] {row['expected_speedup']:.2f}")
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -21,11 +23,13 @@ pytest.importorskip("vllm")
 from vllm import _custom_ops as ops
 from vllm.v1.attention.backends import cpu_attn
 
+from medusa_vllm import attention
 from medusa_vllm.attention import (
     TreeBatch,
     TreeCPUAttentionBackend,
     TreeCPUAttentionBackendImpl,
     TreeCPUAttentionMetadataBuilder,
+    causal_rows,
     gather_kv,
     kv_gather_index,
     plan_tree_batch,
@@ -377,25 +381,56 @@ def test_equal_size_trees_take_the_dense_path(env):
 def test_short_tree_ending_at_a_block_edge_next_to_a_long_tree(env):
     gen = torch.Generator().manual_seed(14)
     tree = random_tree_mask(12, gen)
-    # request 0 fills exactly two blocks; request 1's tree is wider
-    reqs = [Req(prefix=2 * BLOCK - 1, qlen=1, tree=tree[:1, :1]), Req(prefix=10, qlen=13, tree=tree)]
+    # request 0 fills exactly two blocks with the shortest prefix of the tree
+    # that is not a chain (chains go to vLLM's kernel); request 1's tree is wider
+    n = causal_rows(tree.numpy()) + 1
+    reqs = [Req(prefix=2 * BLOCK - n, qlen=n, tree=tree[:n, :n]), Req(prefix=10, qlen=13, tree=tree)]
     out, expected, meta, _ = run_step(env, reqs, seed=15)
+    assert meta.tree.req_indices.tolist() == [0, 1]
     assert meta.tree.attn_mask.shape[-1] == 2 * BLOCK
     torch.testing.assert_close(out, expected, **tol(env["dtype"]))
 
 
-def test_chain_tree_equals_vllm_causal_kernel(env):
+def test_chain_tree_equals_vllm_causal_kernel(env, monkeypatch):
     """A chain-shaped tree must give what vLLM's own C++ kernel gives causally."""
     chain = torch.ones(9, 9, dtype=torch.bool).tril()
     reqs = [Req(prefix=45, qlen=9, tree=chain), Req(prefix=0, qlen=5), Req(prefix=77, qlen=4, tree=chain[:4, :4])]
-    out, _, meta, _ = run_step(env, reqs, seed=16)
-    assert meta.tree is not None
     kernel, _, base_meta, _ = run_step(
         env, [dataclasses.replace(r, tree=None) for r in reqs], seed=16,
         impl_cls=cpu_attn.CPUAttentionBackendImpl,
     )
     assert base_meta.tree is None
+    # chains are left to vLLM's kernel (no tree plan at all) ...
+    out, expected, meta, _ = run_step(env, reqs, seed=16)
+    assert meta.tree is None
     torch.testing.assert_close(out, kernel, **tol(env["dtype"]))
+    torch.testing.assert_close(out, expected, **tol(env["dtype"]))
+    # ... and the torch tree path, forced onto the same chains, agrees with it
+    monkeypatch.setattr(attention, "causal_rows", lambda mask: 0)
+    out, _, meta, _ = run_step(env, reqs, seed=16)
+    assert meta.tree is not None and meta.tree.req_indices.tolist() == [0, 2]
+    torch.testing.assert_close(out, kernel, **tol(env["dtype"]))
+
+
+def test_causal_rows_counts_the_leading_chain():
+    chain = np.tril(np.ones((5, 5), dtype=bool))
+    assert causal_rows(chain) == 5
+    wide = chain.copy()
+    wide[2, 1] = False  # node 2 is a second child of the root
+    assert causal_rows(wide) == 2
+    assert causal_rows(np.ones((1, 1), dtype=bool)) == 1
+
+
+def test_chain_requests_go_to_the_kernel_next_to_a_wide_tree(env):
+    gen = torch.Generator().manual_seed(21)
+    tree = random_tree_mask(9, gen)  # node 1 is always the root's child
+    c = causal_rows(tree.numpy())
+    assert 2 <= c < 10
+    reqs = [Req(prefix=20, qlen=c, tree=tree[:c, :c]), Req(prefix=50, qlen=10, tree=tree),
+            Req(prefix=7, qlen=1)]
+    out, expected, meta, _ = run_step(env, reqs, seed=22)
+    assert meta.tree.req_indices.tolist() == [1]  # only the wide tree takes the torch path
+    torch.testing.assert_close(out, expected, **tol(env["dtype"]))
 
 
 def test_contiguous_plain_rows_use_views(env):

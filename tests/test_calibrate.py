@@ -103,3 +103,58 @@ def test_cost_curve_rounds_interleave_and_take_the_median(tmp_path):
         assert abs(curve[n] - c) < 1e-9, (n, curve[n], c)
     with pytest.raises(ValueError, match="repeats must be >= 1"):
         measure_cost_curve("model", str(heads), [1], 1, repeats=0, run=fake_run)
+
+
+def test_cheaper_chains_compete_with_trees():
+    """Chains verify through the causal kernel: with their own (cheaper) curve a
+    chain wins when it gives more expected tokens per unit cost, and every
+    candidate's speed matches a direct computation."""
+    from medusa_vllm.calibrate import fit_nodes_by_batch, is_chain, prefix_cost
+
+    acc = [[0.5, 0.1, 0.05], [0.45, 0.1, 0.05], [0.4, 0.1, 0.05]]
+    curve = {1: 1.4, 2: 1.5, 4: 1.55, 8: 1.65}
+    tree, _, speed = fit_tree(acc, curve, 8)
+    assert not is_chain(tree)
+    chain_curve = {1: 1.05, 2: 1.1, 3: 1.15}
+    best, exp_len, best_speed = fit_tree(acc, curve, 8, chain_curve)
+    speeds = {d: MedusaTree.chain(d).expected_accept_length(acc) / c for d, c in chain_curve.items()}
+    d = max(speeds, key=speeds.get)
+    assert is_chain(best) and best.num_nodes == d
+    assert best_speed == pytest.approx(speeds[d]) and best_speed > speed
+    assert exp_len == pytest.approx(MedusaTree.chain(d).expected_accept_length(acc))
+    # expensive chains: the tree stays
+    assert not is_chain(fit_tree(acc, curve, 8, {1: 3.0, 2: 3.0, 3: 3.0})[0])
+    # prefixes: chain-shaped ones take the chain curve's price, others the tree curve
+    wide = MedusaTree([[0], [1], [0, 0]])
+    assert prefix_cost(wide, 1, curve, chain_curve) == pytest.approx(1.05)
+    assert prefix_cost(wide, 2, curve, chain_curve) == pytest.approx(1.5)
+    assert prefix_cost(wide, 1, curve) == pytest.approx(1.4)
+    chain = MedusaTree.chain(3)
+    table = fit_nodes_by_batch(chain, acc, {1: curve}, {1: chain_curve})
+    assert table[1] == d
+
+
+def test_cost_curves_time_chains_against_the_same_vanilla(tmp_path):
+    from medusa_vllm.calibrate import measure_cost_curves
+    from medusa_vllm.testing import write_medusa_heads_config
+
+    heads = write_medusa_heads_config(tmp_path / "heads", num_heads=3)
+    true_cost = {"tree-2": 1.6, "tree-4": 1.9, "chain-1": 1.1, "chain-3": 1.3}
+    calls = []
+
+    def fake_run(spec):
+        calls.append(spec["name"])
+        if spec["name"] == "vanilla":
+            return {"wall_s": 1.0, "output_tokens": 100, "spec": {"mean_accepted_length": 1.0}}
+        tree = spec["speculative_config"]["tree"]
+        if spec["name"].startswith("chain"):
+            assert tree == MedusaTree.chain(int(spec["name"].split("-")[1])).to_list()
+        return {"wall_s": true_cost[spec["name"]] / 2.0, "output_tokens": 100,
+                "spec": {"mean_accepted_length": 2.0}}
+
+    trees, chains = measure_cost_curves("model", str(heads), [2, 4], [1, 3], 1, repeats=1,
+                                        run=fake_run)
+    assert calls == ["vanilla", "tree-2", "tree-4", "chain-1", "chain-3"]
+    assert trees == pytest.approx({2: 1.6, 4: 1.9}) and chains == pytest.approx({1: 1.1, 3: 1.3})
+    with pytest.raises(ValueError, match="chain depths"):
+        measure_cost_curves("model", str(heads), [2], [4], 1, run=fake_run)
