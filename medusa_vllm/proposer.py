@@ -17,6 +17,7 @@ compute-bound as the batch grows.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -35,6 +36,29 @@ def medusa_options(vllm_config) -> dict[str, Any]:
             "(the medusa-vllm plugin translates that), not with custom_class by hand"
         )
     return opts
+
+
+def _engine_linear(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return layer.cpu_linear(x, layer.weight, layer.bias)
+
+
+def use_engine_gemm(module: torch.nn.Module) -> int:
+    """On CPU, run ``module``'s ``nn.Linear`` layers through the GEMM vLLM picks
+    for its own CPU linear layers (oneDNN with cached primitives on x86: at
+    decode sizes ~1.5x faster than ``F.linear``). Weights stay in place, so
+    the module's state dict is unchanged. No-op elsewhere (GPU: plain torch).
+    Returns the number of layers switched."""
+    linears = [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
+    if not linears or linears[0].weight.device.type != "cpu":
+        return 0
+    try:
+        from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+    except ImportError:
+        return 0
+    for layer in linears:
+        dispatch_cpu_unquantized_gemm(layer, remove_weight=False)
+        layer.forward = functools.partial(_engine_linear, layer)
+    return len(linears)
 
 
 class MedusaTreeProposer:
@@ -68,6 +92,7 @@ class MedusaTreeProposer:
             )
         param = next(target_model.parameters())
         self.heads = heads.to(device=param.device, dtype=self.dtype).eval()
+        use_engine_gemm(self.heads)
 
     @torch.inference_mode()
     def propose_tree(self, hidden_states: torch.Tensor, eligible: list[bool]) -> list[list[int]]:

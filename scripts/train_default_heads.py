@@ -308,10 +308,10 @@ def stage_tree(r: Recipe, w: Work, model: Path, force: bool) -> None:
         c = prefix_cost(t, n, curves[1], chain_curves.get(1))
         rows.append({"nodes": n, "expected_accept_length": e, "relative_cost": c,
                      "expected_speedup": e / c})
-    for d in sorted(chain_curves.get(1, {})):
-        t = MedusaTree.chain(d)
-        e, c = t.expected_accept_length(per_rank), chain_curves[1][d]
-        rows.append({"nodes": d, "chain": True, "expected_accept_length": e, "relative_cost": c,
+    for depth in sorted(chain_curves.get(1, {})):
+        t = MedusaTree.chain(depth)
+        e, c = t.expected_accept_length(per_rank), chain_curves[1][depth]
+        rows.append({"nodes": depth, "chain": True, "expected_accept_length": e, "relative_cost": c,
                      "expected_speedup": e / c})
     chain = MedusaTree.chain(r.num_heads)
     info = {
@@ -460,7 +460,8 @@ def _readme(r: Recipe, w: Work, ev: dict, tree: dict, check: dict) -> str:
         "4. Tree: `medusa_vllm.calibrate.fit_tree` (per-rank held-out accuracy, the engine's "
         f"measured step-time curve at batch 1, max {r.max_tree_nodes} nodes) and "
         "`fit_nodes_by_batch` (how many of its BFS-first nodes to draft at each batch size, "
-        f"from the curves at batch sizes {sorted(int(b) for b in r.cost_curves)}).",
+        f"from the curves at batch sizes {sorted(int(b) for b in r.cost_curves)}); top-1 chains "
+        "are timed on their own curve (they verify through vLLM's causal kernel) and compete.",
         "",
         "## Held-out accuracy (greedy answers to prompts the heads never saw)",
         "",

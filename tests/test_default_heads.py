@@ -79,5 +79,6 @@ def test_default_model_with_shipped_heads_in_vllm():
         assert a == b, f"prompt {i}: vanilla {a} != medusa_tree {b}"
     m = ours["metrics"]
     print("default model + shipped heads:", m)
-    # calibrated 6-node tree: expected 1.77, measured 1.65 on 12 held-out prompts
-    assert m["mean_accepted_length"] > 1.35, m
+    # calibrated top-1 chain of 2 (session 5): expected 1.52, measured 1.42 on 12 held-out
+    # prompts; random heads accept ~1.0
+    assert m["mean_accepted_length"] > 1.25, m

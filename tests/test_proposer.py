@@ -92,3 +92,27 @@ def test_only_the_heads_the_tree_reaches_run(setup, monkeypatch):
     assert sorted(set(used)) == [0] and [len(x) for x in two] == [2, 2]
     with pytest.raises(ValueError, match=r"num_heads must be in \[1, 3\]"):
         p.heads.topk(hidden, 2, num_heads=4)
+
+
+@pytest.mark.parametrize("reduced", [False, True])
+def test_engine_gemm_heads_match_torch_heads(reduced):
+    """On CPU the proposer's heads run through vLLM's CPU GEMM: same logits as
+    torch's, same state dict, and the switch really happened."""
+    from medusa_vllm.proposer import use_engine_gemm
+
+    torch.manual_seed(1)
+    cfg = MedusaConfig(hidden_size=H, vocab_size=V, num_heads=3, num_layers=2,
+                       truncated_vocab_size=16 if reduced else None)
+    heads = MedusaHeads(cfg, token_map=torch.randperm(V)[:16] if reduced else None).eval()
+    ref = MedusaHeads(cfg, token_map=heads.token_map).eval()
+    ref.load_state_dict(heads.state_dict())
+    before = {k: v.clone() for k, v in heads.state_dict().items()}
+    n = use_engine_gemm(heads)
+    assert n == sum(isinstance(m, torch.nn.Linear) for m in heads.modules()) == 3 * 2 + 3
+    x = torch.randn(5, H)
+    with torch.no_grad():
+        torch.testing.assert_close(heads(x), ref(x), rtol=1e-4, atol=1e-4)
+        assert torch.equal(heads.topk(x, 3), ref.topk(x, 3))
+    after = heads.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert all(hasattr(m, "cpu_linear") for m in heads.modules() if isinstance(m, torch.nn.Linear))
