@@ -156,8 +156,10 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
         from medusa_vllm.config import read_heads_info
 
         num_heads = read_heads_info(args.heads).num_heads
+        # vLLM 0.32's Medusa needs full-vocabulary LM layers: a reduced draft
+        # vocabulary is expanded (zero rows elsewhere), the same top-1 proposals
         convert(args.heads, vllm_heads, layout="vllm", overwrite=True,
-                lm_head_weight=load_backbone_lm_head(args.model))
+                lm_head_weight=load_backbone_lm_head(args.model), expand_vocab=True)
 
     prompts = _prompts(args.num_prompts, seed=1234)
     base = dict(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,

@@ -54,6 +54,7 @@ or field, what was expected and what was found.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -70,6 +71,7 @@ from safetensors.torch import load_file, save_file
 from medusa_vllm.heads import MedusaConfig, MedusaHeads, strip_vocab_padding, token_map_problem
 
 __all__ = [
+    "expand_draft_vocab",
     "FORMAT_VERSION",
     "READ_LAYOUTS",
     "WRITE_LAYOUTS",
@@ -813,7 +815,8 @@ def save_heads(
             "reduced draft vocabulary (truncated_vocab_size="
             f"{cfg.truncated_vocab_size}): its per-head ParallelLMHead has "
             f"vocab_size={cfg.vocab_size} rows. Use original_lm_head=True or the "
-            "full vocabulary, or keep layout 'medusa_vllm'"
+            "full vocabulary, keep layout 'medusa_vllm', or expand the LM layers to the "
+            "full vocabulary (convert --expand-vocab / expand_draft_vocab)"
         )
     if layout == "medusa" and cfg.truncated_vocab_size is not None:
         raise MedusaCheckpointError(
@@ -960,6 +963,37 @@ def load_backbone_lm_head(path: str | os.PathLike[str]) -> torch.Tensor:
     )
 
 
+def expand_draft_vocab(heads: MedusaHeads) -> MedusaHeads:
+    """The same heads with per-head LM layers over the *full* vocabulary.
+
+    Each head's draft-vocabulary rows go to their token ids (``token_map``);
+    every other row is zero (logit 0), so a head's full-vocabulary top-1 is
+    its draft-vocabulary top-1 whenever that logit is positive. This is how
+    heads with a reduced draft vocabulary run in vLLM 0.32's built-in Medusa
+    (layout ``vllm``), which cannot load per-head LM layers smaller than the
+    vocabulary; it then pays for the full-vocabulary LM layers.
+    """
+    cfg = heads.config
+    if cfg.truncated_vocab_size is None or cfg.original_lm_head:
+        raise MedusaCheckpointError(
+            "expand_draft_vocab: these heads have no per-head reduced draft vocabulary "
+            f"(truncated_vocab_size={cfg.truncated_vocab_size}, original_lm_head="
+            f"{cfg.original_lm_head}); nothing to expand"
+        )
+    full_cfg = dataclasses.replace(cfg, truncated_vocab_size=None)
+    ref = next(heads.parameters())
+    out = MedusaHeads(full_cfg, device=ref.device, dtype=ref.dtype)
+    state = {k: v for k, v in heads.state_dict().items() if k != "token_map"}
+    token_map = heads.token_map.to(ref.device)
+    for k in range(cfg.num_heads):
+        name = f"lm_heads.{k}.weight"
+        w = torch.zeros(cfg.vocab_size, cfg.hidden_size, device=ref.device, dtype=ref.dtype)
+        w[token_map] = state[name]
+        state[name] = w
+    out.load_state_dict(state)
+    return out
+
+
 def convert(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
@@ -970,11 +1004,14 @@ def convert(
     lm_head_weight: torch.Tensor | None = None,
     include_lm_head: bool = True,
     dtype: torch.dtype | None = None,
+    expand_vocab: bool = False,
 ) -> Path:
     """Read heads from ``src`` (any readable layout) and write ``dst`` in ``layout``.
 
     Returns the destination directory. See :func:`load_heads` and
-    :func:`save_heads` for the arguments.
+    :func:`save_heads` for the arguments; ``expand_vocab`` first applies
+    :func:`expand_draft_vocab` to heads with a reduced per-head draft vocabulary
+    (needed for layout ``vllm``).
     """
     s, t = Path(src), Path(dst)
     if s.exists() and t.exists() and s.resolve() == t.resolve():
@@ -986,6 +1023,9 @@ def convert(
             f"unknown output layout {layout!r}; writable layouts: {list(WRITE_LAYOUTS)}"
         )
     heads = load_heads(s, lm_head_weight=lm_head_weight, layout=src_layout)
+    cfg = heads.config
+    if expand_vocab and cfg.truncated_vocab_size is not None and not cfg.original_lm_head:
+        heads = expand_draft_vocab(heads)
     return save_heads(
         heads,
         t,
@@ -1033,6 +1073,12 @@ def add_convert_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         help="omit the shared lm_head weight from the output (medusa_vllm only)",
     )
     parser.add_argument(
+        "--expand-vocab",
+        action="store_true",
+        help="per-head LM layers over a reduced draft vocabulary -> full-vocabulary rows "
+        "(zero outside the draft vocabulary); needed for --layout vllm",
+    )
+    parser.add_argument(
         "--overwrite", action="store_true", help="allow a non-empty DST"
     )
     return parser
@@ -1052,6 +1098,7 @@ def convert_main(args: argparse.Namespace) -> int:
             lm_head_weight=weight,
             include_lm_head=not args.no_lm_head,
             dtype=None if args.dtype == "auto" else _DTYPES[args.dtype],
+            expand_vocab=args.expand_vocab,
         )
     except MedusaCheckpointError as e:
         print(f"medusa-vllm convert: error: {e}", file=sys.stderr)

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from medusa_vllm.checkpoints import (
+    expand_draft_vocab,
     MedusaCheckpointError,
     add_convert_args,
     check_compatible,
@@ -789,6 +790,35 @@ _VLLM_SCRIPT = textwrap.dedent(
 )
 
 
+def test_expand_draft_vocab_keeps_the_heads_predictions(tmp_path):
+    """Per-head draft-vocabulary LM layers expanded to the full vocabulary (what
+    vLLM's built-in Medusa can load): draft columns keep their logits, the rest
+    are 0, so the top-1 is the draft top-1 whenever that logit is positive."""
+    heads = random_heads(seed=30, truncated_vocab_size=7).eval()
+    full = expand_draft_vocab(heads).eval()
+    assert full.config.truncated_vocab_size is None and full.token_map is None
+    x = hidden(64, seed=31)
+    with torch.no_grad():
+        draft, wide = heads(x), full(x)
+    assert wide.shape[-1] == V
+    tm = heads.token_map
+    torch.testing.assert_close(wide[..., tm], draft)
+    others = torch.ones(V, dtype=torch.bool)
+    others[tm] = False
+    assert bool((wide[..., others] == 0).all())
+    pos = draft.max(-1).values > 0  # [K, N]
+    assert bool(pos.any())
+    top_draft = heads.map_to_full(draft.argmax(-1))
+    assert torch.equal(wide.argmax(-1)[pos], top_draft[pos])
+    # round trip through the vLLM layout; the un-expanded heads are refused there
+    out = save_heads(full, tmp_path / "vllm", layout="vllm")
+    assert_same_heads(load_heads(out), full)
+    with pytest.raises(MedusaCheckpointError, match="expand"):
+        save_heads(heads, tmp_path / "bad", layout="vllm")
+    with pytest.raises(MedusaCheckpointError, match="nothing to expand"):
+        expand_draft_vocab(full)
+
+
 @pytest.mark.slow
 def test_vllm_builtin_medusa_loads_exports(tmp_path):
     """vLLM 0.32's own ``Medusa`` model loads our vLLM (and FasterDecoding)
@@ -801,6 +831,8 @@ def test_vllm_builtin_medusa_loads_exports(tmp_path):
             seed=22, original_lm_head=True, truncated_vocab_size=7
         ),
         "no_bias_one_layer": random_heads(seed=23, num_layers=1, resblock_bias=False),
+        # per-head reduced draft vocabulary: vLLM loads it only expanded
+        "per_head_reduced_expanded": expand_draft_vocab(random_heads(seed=25, truncated_vocab_size=7)),
     }
     cases = []
     for name, heads in variants.items():
