@@ -71,7 +71,6 @@ from safetensors.torch import load_file, save_file
 from medusa_vllm.heads import MedusaConfig, MedusaHeads, strip_vocab_padding, token_map_problem
 
 __all__ = [
-    "expand_draft_vocab",
     "FORMAT_VERSION",
     "READ_LAYOUTS",
     "WRITE_LAYOUTS",
@@ -81,6 +80,7 @@ __all__ = [
     "convert",
     "convert_main",
     "detect_layout",
+    "expand_draft_vocab",
     "load_backbone_lm_head",
     "load_heads",
     "save_heads",
