@@ -82,3 +82,21 @@ def test_default_model_with_shipped_heads_in_vllm():
     # calibrated top-1 chain of 2 (session 5): expected 1.52, measured 1.42 on 12 held-out
     # prompts; random heads accept ~1.0
     assert m["mean_accepted_length"] > 1.25, m
+
+
+def test_shipped_heads_convert_for_vllms_builtin_medusa(tmp_path):
+    """What `make demo` / `medusa-vllm bench` do for the vLLM-Medusa baseline:
+    the shipped draft-vocabulary heads, expanded, in vLLM's layout (this
+    conversion crashed the demo before expand_vocab existed)."""
+    from medusa_vllm.checkpoints import MedusaCheckpointError, convert, load_heads
+
+    with pytest.raises(MedusaCheckpointError, match="expand"):
+        convert(HEADS, tmp_path / "plain", layout="vllm")
+    out = convert(HEADS, tmp_path / "vllm", layout="vllm", expand_vocab=True)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["MedusaModel"] and cfg["vocab_size"] == 49152
+    full = load_heads(out)
+    ours = MedusaHeads.from_pretrained(HEADS)
+    x = torch.randn(4, 576, dtype=ours.dtype)
+    with torch.no_grad():
+        torch.testing.assert_close(full(x)[..., ours.token_map], ours(x))
