@@ -363,14 +363,15 @@ def _as_long_1d(x, name: str) -> np.ndarray:
 
 
 # Tree masks already validated, by identity: the runner publishes the same
-# static mask every step, so the O(N^2) checks run once, not per step.
-_VALID_MASKS: dict[int, tuple[torch.Tensor, np.ndarray]] = {}
+# static mask every step, so the O(N^2) checks (and causal_rows) run once, not per step.
+_VALID_MASKS: dict[int, tuple[torch.Tensor, np.ndarray, int]] = {}
 
 
-def _validate_tree_mask(mask: torch.Tensor) -> np.ndarray:
+def _validate_tree_mask(mask: torch.Tensor) -> tuple[np.ndarray, int]:
+    """The validated mask as numpy, and its :func:`causal_rows`."""
     hit = _VALID_MASKS.get(id(mask))
     if hit is not None and hit[0] is mask:
-        return hit[1]
+        return hit[1], hit[2]
     m = torch.as_tensor(mask).to("cpu")
     if m.dim() != 2 or m.shape[0] != m.shape[1] or m.shape[0] < 1:
         raise ValueError(f"TreeBatch.tree_mask: expected a square [N+1, N+1] tensor, found shape {tuple(m.shape)}")
@@ -384,11 +385,12 @@ def _validate_tree_mask(mask: torch.Tensor) -> np.ndarray:
             "order (parents before children)"
         )
     arr = m.numpy().copy()
+    chain = causal_rows(arr)
     if isinstance(mask, torch.Tensor):
         if len(_VALID_MASKS) >= 16:
             _VALID_MASKS.clear()
-        _VALID_MASKS[id(mask)] = (mask, arr)
-    return arr
+        _VALID_MASKS[id(mask)] = (mask, arr, chain)
+    return arr, chain
 
 
 def causal_rows(mask: np.ndarray) -> int:
@@ -425,7 +427,7 @@ def plan_tree_batch(
     start = _as_long_1d(tree_batch.query_start, "query_start")
     ntok = _as_long_1d(tree_batch.num_tokens, "num_tokens")
     plen = _as_long_1d(tree_batch.prefix_lens, "prefix_lens")
-    mask = _validate_tree_mask(tree_batch.tree_mask)
+    mask, chain_rows = _validate_tree_mask(tree_batch.tree_mask)
     r = start.size
     if ntok.size != r or plen.size != r:
         raise ValueError(
@@ -466,7 +468,7 @@ def plan_tree_batch(
         )
 
     if causal_exact:
-        keep = ntok > causal_rows(mask)
+        keep = ntok > chain_rows
         if not keep.any():
             return None
         req, start, ntok, plen = req[keep], start[keep], ntok[keep], plen[keep]

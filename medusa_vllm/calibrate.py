@@ -83,8 +83,8 @@ def fit_tree(per_rank: Sequence[Sequence[float]] | torch.Tensor, curve: dict[int
     num_heads = len(per_rank)
 
     def cost(n: int) -> float:  # a greedy tree that happens to be a chain is priced as one
-        if n in chains and n <= num_heads and is_chain(MedusaTree.from_accuracies(per_rank, n)):
-            return chains[n]
+        if n in chains:
+            return prefix_cost(MedusaTree.from_accuracies(per_rank, n), n, curve, chains)
         return tree_cost(n)
 
     tree, speedup = MedusaTree.best_for_cost(per_rank, cost, max_nodes)

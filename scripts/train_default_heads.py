@@ -257,6 +257,15 @@ def stage_train(r: Recipe, w: Work, model: Path, force: bool) -> None:
 
 
 # ----------------------------------------------------------------------------- tree
+def _curves_to_json(curves: dict[int, dict[int, float]]) -> dict[str, dict[str, float]]:
+    """``{batch: {nodes: cost}}`` with string keys, as JSON stores them."""
+    return {str(b): {str(n): c for n, c in cv.items()} for b, cv in curves.items()}
+
+
+def _curves_from_json(saved: dict[str, dict[str, float]]) -> dict[int, dict[int, float]]:
+    return {int(b): {int(n): c for n, c in cv.items()} for b, cv in saved.items()}
+
+
 def stage_tree(r: Recipe, w: Work, model: Path, force: bool) -> None:
     """Optimized sparse tree: per-rank accuracies + measured cost curves -> the
     tree (``best_for_cost`` at batch 1) and its size per batch size."""
@@ -275,10 +284,8 @@ def stage_tree(r: Recipe, w: Work, model: Path, force: bool) -> None:
     chain_curves: dict[int, dict[int, float]] = {}
     if curve_file.is_file() and not force:
         saved = json.loads(curve_file.read_text())
-        curves = {int(b): {int(n): c for n, c in cv.items()}
-                  for b, cv in saved["relative_step_time"].items()}
-        chain_curves = {int(b): {int(n): c for n, c in cv.items()}
-                        for b, cv in saved.get("chain_relative_step_time", {}).items()}
+        curves = _curves_from_json(saved["relative_step_time"])
+        chain_curves = _curves_from_json(saved.get("chain_relative_step_time", {}))
     for bs, sizes in sorted((int(b), v) for b, v in r.cost_curves.items()):
         if bs in curves:
             continue
@@ -291,9 +298,8 @@ def stage_tree(r: Recipe, w: Work, model: Path, force: bool) -> None:
             "what": "engine step time with an n-node tree (or a top-1 chain of depth n) / vanilla "
                     "decode step time (vLLM, float32, eager, this machine; "
                     "medusa_vllm.calibrate.measure_cost_curves)",
-            "relative_step_time": {str(b): {str(n): c for n, c in cv.items()} for b, cv in curves.items()},
-            "chain_relative_step_time": {str(b): {str(n): c for n, c in cv.items()}
-                                         for b, cv in chain_curves.items()},
+            "relative_step_time": _curves_to_json(curves),
+            "chain_relative_step_time": _curves_to_json(chain_curves),
         })
         say(f"tree: batch {bs}: " + ", ".join(f"{n}: {c:.2f}" for n, c in sorted(curves[bs].items()))
             + "; chains " + ", ".join(f"{n}: {c:.2f}" for n, c in sorted(chain_curves[bs].items())))
@@ -325,9 +331,8 @@ def stage_tree(r: Recipe, w: Work, model: Path, force: bool) -> None:
         "topk": tree.topk,
         "nodes_by_batch": {str(b): n for b, n in nodes_by_batch.items()},
         "per_rank_accuracy": per_rank,
-        "cost_curves_relative": {str(b): {str(n): c for n, c in cv.items()} for b, cv in curves.items()},
-        "chain_cost_curves_relative": {str(b): {str(n): c for n, c in cv.items()}
-                                       for b, cv in chain_curves.items()},
+        "cost_curves_relative": _curves_to_json(curves),
+        "chain_cost_curves_relative": _curves_to_json(chain_curves),
         "candidates_batch_1": rows,
     }
     tree.save(d / "medusa_tree.json", **info)
