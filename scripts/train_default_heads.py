@@ -61,6 +61,9 @@ class Recipe:
     train_prompts: int = 2000  # greedy answers
     sampled_prompts: int = 400  # extra answers at temperature 0.7 (other prompts)
     sampled_temperature: float = 0.7
+    # further greedy answers, to prompts drawn after the first sets (the drawing is
+    # sequential, so the first sets and their caches stay valid when this grows)
+    extra_train_prompts: int = 0
     heldout_prompts: int = 256
     prompt_seed: int = 0
     max_tokens: int = 256
@@ -138,12 +141,20 @@ class Work:
         return self.root / "prompts-heldout.jsonl"
 
     @property
+    def prompts_extra(self) -> Path:
+        return self.root / "prompts-train-extra.jsonl"
+
+    @property
     def distill_train(self) -> Path:
         return self.root / "distill-train-greedy.jsonl"
 
     @property
     def distill_sampled(self) -> Path:
         return self.root / "distill-train-sampled.jsonl"
+
+    @property
+    def distill_extra(self) -> Path:
+        return self.root / "distill-train-extra-greedy.jsonl"
 
     @property
     def distill_heldout(self) -> Path:
@@ -163,18 +174,31 @@ def stage_prompts(r: Recipe, w: Work, force: bool) -> None:
     """Train (greedy + sampled) and held-out prompt sets, disjoint by construction."""
     from medusa_vllm.data import build_prompt_records, write_prompts
 
-    if not force and all(p.is_file() for p in (w.prompts_train, w.prompts_sampled, w.prompts_heldout)):
+    files = [w.prompts_train, w.prompts_sampled, w.prompts_heldout]
+    if r.extra_train_prompts:
+        files.append(w.prompts_extra)
+    if not force and all(p.is_file() for p in files):
         say("prompts: cached")
         return
     t0 = time.perf_counter()
-    train = build_prompt_records(r.train_prompts + r.sampled_prompts, seed=r.prompt_seed, split="train")
+    first = r.train_prompts + r.sampled_prompts
+    train = build_prompt_records(first + r.extra_train_prompts, seed=r.prompt_seed, split="train")
     held = build_prompt_records(r.heldout_prompts, seed=r.prompt_seed, split="heldout")
-    write_prompts(w.prompts_train, train[: r.train_prompts])
-    write_prompts(w.prompts_sampled, train[r.train_prompts:])
-    write_prompts(w.prompts_heldout, held)
     overlap = {p.text for p in train} & {p.text for p in held}
     if overlap:
         raise RuntimeError(f"{len(overlap)} held-out prompts also appear in the train prompts")
+    sets = [(w.prompts_train, train[: r.train_prompts]), (w.prompts_sampled, train[r.train_prompts: first]),
+            (w.prompts_heldout, held)]
+    if r.extra_train_prompts:
+        sets.append((w.prompts_extra, train[first:]))
+    for path, records in sets:
+        if path.is_file() and not force:
+            # a cached set must be what the recipe draws now (its answers are cached too)
+            if [x["text"] for x in read_jsonl(path)] != [p.text for p in records]:
+                raise RuntimeError(f"{path} differs from the prompts the recipe draws now; "
+                                   f"pass --force prompts,distill to rebuild both")
+            continue
+        write_prompts(path, records)
     say(f"prompts: {len(train)} train, {len(held)} held-out in {time.perf_counter() - t0:.0f} s")
 
 
@@ -216,6 +240,9 @@ def stage_distill(r: Recipe, w: Work, model: Path, force: bool) -> None:
         _generate(r, model, w.prompts_sampled, w.distill_sampled, r.sampled_temperature, r.seed + 1,
                   force, timings)
         write_json(tfile, timings)
+    if r.extra_train_prompts:
+        _generate(r, model, w.prompts_extra, w.distill_extra, 0.0, r.seed, force, timings)
+        write_json(tfile, timings)
 
 
 def _count_rows(paths: list[Path]) -> int:
@@ -224,7 +251,8 @@ def _count_rows(paths: list[Path]) -> int:
 
 def train_files(r: Recipe, w: Work) -> list[Path]:
     """The self-distillation files the heads train on."""
-    return [w.distill_train] + ([w.distill_sampled] if r.sampled_prompts else [])
+    return ([w.distill_train] + ([w.distill_sampled] if r.sampled_prompts else [])
+            + ([w.distill_extra] if r.extra_train_prompts else []))
 
 
 def stage_train(r: Recipe, w: Work, model: Path, force: bool) -> None:
@@ -455,7 +483,9 @@ def _readme(r: Recipe, w: Work, ev: dict, tree: dict, check: dict) -> str:
         "```",
         "",
         f"1. Prompts from offline Debian texts (`medusa_vllm.data`, train split): {r.train_prompts} "
-        f"answered greedily + {r.sampled_prompts} at temperature {r.sampled_temperature}; "
+        f"answered greedily + {r.sampled_prompts} at temperature {r.sampled_temperature}"
+        + (f" + {r.extra_train_prompts} more answered greedily" if r.extra_train_prompts else "")
+        + "; "
         f"{r.heldout_prompts} held-out prompts (disjoint split) for evaluation.",
         f"2. Self-distillation with vLLM (float32, eager, max {r.max_tokens} new tokens): "
         f"{ntok} training response tokens.",

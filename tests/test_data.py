@@ -87,6 +87,17 @@ def test_prompts_deterministic_unique_and_seed_dependent():
     assert codes and all("```python" in p.text for p in codes)
 
 
+def test_more_prompts_extend_fewer():
+    """Drawing more prompts keeps the first ones: a recipe can grow its train set
+    (scripts/train_default_heads.py extra_train_prompts) without invalidating answers
+    already generated for it."""
+    for n in (10, 35, 60):  # 60 draws past a pool's end: still a prefix of 90
+        few = D.prompts_from_passages(_pools(), n, seed=5, split="train")
+        more = D.prompts_from_passages(_pools(), 90, seed=5, split="train")
+        assert [p.text for p in more[:n]] == [p.text for p in few]
+        assert len({p.text for p in more}) == 90
+
+
 def test_prompts_weights_and_exhaustion():
     only_jokes = D.prompts_from_passages(_pools(), 20, seed=0, split="train", weights={"docs": 0, "code": 0})
     assert all(p.source == "fortunes" for p in only_jokes)

@@ -440,7 +440,7 @@ def test_medusa1_hidden_cache_memory_and_disk(tmp_path, tiny):
     disk_cfg.cache_dtype = "bfloat16"
     train(disk_cfg)
     now = list((tmp_path / "disk" / "cache").glob("hidden-*"))
-    assert len(now) == 2 and files[0] not in now  # the new .bin + .json only
+    assert len(now) == 3 and files[0] not in now  # the new .bin, .json and .rows.json only
 
 
 def test_auto_cache_mode(tmp_path, tiny):
@@ -763,3 +763,52 @@ def test_hidden_cache_rows_equal_single_row_forward(tiny):
         got = cache.storage[cache.offsets[i]: cache.offsets[i] + len(row)]
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(cache.batch([i], 32)[0, :len(row)], want, atol=1e-5, rtol=1e-5)
+
+
+def test_hidden_cache_grown_data_copies_old_rows(tmp_path, tiny, monkeypatch):
+    """Adding rows to a disk cache's data runs only the new rows through the backbone."""
+    from medusa_vllm.training import cache as cache_mod
+    from medusa_vllm.training.cache import HiddenCache, row_keys
+
+    _, model_dir, _ = tiny
+    lm = _base_model(model_dir)
+    computed = []
+    real = cache_mod.backbone_hidden
+
+    def counting(model, input_ids, attention_mask):
+        computed.append(int(input_ids.shape[0]))
+        return real(model, input_ids, attention_mask)
+
+    monkeypatch.setattr(cache_mod, "backbone_hidden", counting)
+    g = torch.Generator().manual_seed(1)
+    ids = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (7, 30, 2, 19, 30, 11, 5, 9)]
+    old_data = EncodedData(ids[:5], [list(x) for x in ids[:5]])
+    new_data = EncodedData(ids[2:] + ids[:2], [list(x) for x in ids[2:] + ids[:2]])
+    folder = tmp_path / "cache"
+
+    def build(data, name, parts=("m", "float32")):
+        return HiddenCache.build(lm, data, pad_id=0, batch_size=2, mode="disk",
+                                 path=folder / f"hidden-{name}.bin", fingerprint=name,
+                                 keys=row_keys(data, *parts))
+
+    old = build(old_data, "a")
+    assert sum(computed) == 5
+    old_rows = [old.storage[o: o + n].clone() for o, n in zip(old.offsets, old.lengths)]
+    computed.clear()
+    new = build(new_data, "b")
+    assert sum(computed) == 3  # ids[5:], the rows the old cache lacked
+    for j, i in enumerate([2, 3, 4, 0, 1]):  # copied rows are the old numbers, bit for bit
+        slot = j if j < 3 else j + 3
+        got = new.storage[new.offsets[slot]: new.offsets[slot] + new.lengths[slot]]
+        assert torch.equal(got, old_rows[i])
+    fresh = HiddenCache.build(lm, new_data, pad_id=0, batch_size=2)
+    torch.testing.assert_close(new.storage, fresh.storage, atol=1e-5, rtol=1e-5)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "hidden-b.bin", "hidden-b.json", "hidden-b.rows.json"]  # the old cache is gone
+    # rows keyed for another model (or dtype) are never reused
+    computed.clear()
+    build(old_data, "c", parts=("other-model", "float32"))
+    assert sum(computed) == 5
+    with pytest.raises(ValueError, match="keys: 2 for 5 rows"):
+        HiddenCache.build(lm, old_data, pad_id=0, batch_size=2, mode="disk",
+                          path=folder / "hidden-d.bin", keys=["x", "y"])

@@ -5,6 +5,11 @@ states, so they can be computed once per row and kept in memory or in a
 memory-mapped file (``cache_hidden="memory"|"disk"``). Rows are computed in a
 fixed order (so a resumed run reads the very same numbers) and stored
 back-to-back in one ``[total_tokens, H]`` tensor.
+
+A disk cache also records a key per row (its token ids, the model and the dtypes;
+``hidden-*.rows.json``). When the data grows (more self-distilled answers), the
+rows an older cache in the same folder already holds are copied from it, and only
+the new rows run through the backbone.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from torch import nn
 
 from medusa_vllm.training.data import EncodedData, collate
 
-__all__ = ["HiddenCache", "backbone_hidden", "data_fingerprint"]
+__all__ = ["HiddenCache", "backbone_hidden", "data_fingerprint", "row_keys"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -46,6 +51,52 @@ def data_fingerprint(data: EncodedData, *parts: object) -> str:
         h.update(len(ids).to_bytes(4, "little"))
         h.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def row_keys(data: EncodedData, *parts: object) -> list[str]:
+    """A key per row: SHA-256 of ``parts`` (model path, dtypes...) and the row's ids."""
+    head = hashlib.sha256()
+    for p in parts:
+        head.update(repr(p).encode())
+    keys = []
+    for ids in data.input_ids:
+        h = head.copy()
+        h.update(len(ids).to_bytes(4, "little"))
+        h.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
+        keys.append(h.hexdigest()[:24])
+    return keys
+
+
+def _rows_file(file: Path) -> Path:
+    return file.with_name(file.stem + ".rows.json")
+
+
+def _reusable_rows(folder: Path, keep: Path, hidden_size: int, dtype: str
+                   ) -> dict[str, tuple[torch.Tensor, int, int]]:
+    """Rows held by the other complete caches in ``folder``: key -> (storage, offset, length)."""
+    found: dict[str, tuple[torch.Tensor, int, int]] = {}
+    for meta_file in sorted(folder.glob("hidden-*.json")):
+        if meta_file.name.endswith(".rows.json") or meta_file.stem == keep.stem:
+            continue
+        bin_file, rows_file = meta_file.with_suffix(".bin"), _rows_file(meta_file.with_suffix(".bin"))
+        try:
+            meta = json.loads(meta_file.read_text())
+            rows = json.loads(rows_file.read_text())
+        except (OSError, ValueError):
+            continue
+        if not (meta.get("complete") and meta.get("hidden") == hidden_size
+                and meta.get("dtype") == dtype and bin_file.is_file()):
+            continue
+        keys, lengths = rows["keys"], rows["lengths"]
+        if len(keys) != len(lengths) or sum(lengths) != meta.get("total"):
+            continue
+        storage = torch.from_file(str(bin_file), shared=False, size=meta["total"] * hidden_size,
+                                  dtype=_DTYPES[dtype]).view(meta["total"], hidden_size)
+        offset = 0
+        for key, n in zip(keys, lengths):
+            found.setdefault(key, (storage, offset, n))
+            offset += n
+    return found
 
 
 class HiddenCache:
@@ -89,10 +140,15 @@ class HiddenCache:
         path: str | Path | None = None,
         dtype: str = "float32",
         fingerprint: str = "",
+        keys: Sequence[str] | None = None,
         progress: bool = False,
     ) -> "HiddenCache":
         """Compute (or, for ``mode="disk"``, reuse a complete matching file at
-        ``path``) the hidden states of every row of ``data``."""
+        ``path``) the hidden states of every row of ``data``.
+
+        ``keys`` (see :func:`row_keys`), for ``mode="disk"``: rows whose key another
+        complete cache in the same folder holds are copied from it, not recomputed.
+        """
         from tqdm.auto import tqdm
 
         if mode not in ("memory", "disk"):
@@ -119,9 +175,9 @@ class HiddenCache:
                     return cls(storage, offsets, lengths)
             file.parent.mkdir(parents=True, exist_ok=True)
             meta_file.unlink(missing_ok=True)
-            for stale in file.parent.glob("hidden-*"):  # caches of other data/models
-                if stale.stem != file.stem:
-                    stale.unlink()
+            if keys is not None and len(keys) != len(data):
+                raise ValueError(f"keys: {len(keys)} for {len(data)} rows")
+            old = _reusable_rows(file.parent, file, hidden_size, dtype) if keys is not None else {}
             nbytes = total * hidden_size * torch.empty((), dtype=tdtype).element_size()
             with open(file, "wb") as f:
                 f.truncate(nbytes)
@@ -129,12 +185,31 @@ class HiddenCache:
                                       dtype=tdtype).view(total, hidden_size)
         else:
             storage = torch.empty(total, hidden_size, dtype=tdtype)
+            old = {}
+        todo = list(range(len(data)))
+        if old:
+            copied = []
+            for i in todo:
+                hit = old.get(keys[i])
+                if hit is not None and hit[2] == lengths[i]:
+                    src, o, n = hit
+                    storage[offsets[i]: offsets[i] + n] = src[o: o + n]
+                    copied.append(i)
+            todo = sorted(set(todo) - set(copied))
+            if progress:
+                print(f"hidden-state cache: {len(copied)} of {len(data)} rows copied from an "
+                      f"older cache, {len(todo)} to compute", flush=True)
+        if mode == "disk":
+            old.clear()
+            for stale in file.parent.glob("hidden-*"):  # caches of other data/models
+                if not stale.name.startswith(file.stem + "."):
+                    stale.unlink()
         was_training = model.training
         model.eval()
         # Rows of similar length share a batch (less padding to run through the
         # backbone); each row still lands at its own offset, so the cache is the same.
-        order = sorted(range(len(data)), key=lambda i: (lengths[i], i))
-        starts = range(0, len(data), batch_size)
+        order = sorted(todo, key=lambda i: (lengths[i], i))
+        starts = range(0, len(order), batch_size)
         for s in tqdm(starts, desc="caching hidden states", disable=not progress, unit="batch"):
             idx = order[s: s + batch_size]
             b = collate(data, idx, pad_id)
@@ -146,6 +221,8 @@ class HiddenCache:
         model.train(was_training)
         if mode == "disk":
             del storage  # flush the shared mapping
+            if keys is not None:
+                _rows_file(file).write_text(json.dumps({"keys": list(keys), "lengths": lengths}))
             meta_file.write_text(json.dumps({**meta, "complete": True}))
             storage = torch.from_file(str(file), shared=False, size=total * hidden_size,
                                       dtype=tdtype).view(total, hidden_size)

@@ -66,7 +66,8 @@ _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16"
 CHECKPOINT_DIR = "checkpoints"
 # Everything a run writes in its output folder (what --overwrite removes, except
 # the hidden-state cache: it is keyed by a fingerprint of the data, model and
-# dtypes, reused only on an exact match and replaced otherwise).
+# dtypes, reused on an exact match and otherwise replaced by a cache that copies
+# the rows it shares with the old one).
 OUTPUT_ARTIFACTS = (
     "heads", "model", "adapter", CHECKPOINT_DIR, "cache", "distill.jsonl",
     "accuracies.json", "eval.json", "train_config.json", "train_log.jsonl",
@@ -179,14 +180,16 @@ class MedusaTrainer:
         mode = cfg.resolve_cache_mode(self.train_data.num_tokens, self.hidden_size,
                                       len(self.train_data))
         if mode != "none":
-            from medusa_vllm.training.cache import HiddenCache, data_fingerprint
+            from medusa_vllm.training.cache import HiddenCache, data_fingerprint, row_keys
 
             _say(cfg, f"caching backbone hidden states ({mode})")
-            fp = data_fingerprint(self.train_data, cfg.model, cfg.dtype, cfg.cache_dtype)
+            parts = (cfg.model, cfg.dtype, cfg.cache_dtype)
+            fp = data_fingerprint(self.train_data, *parts)
             self.cache = HiddenCache.build(
                 self.model, self.train_data, pad_id=self.pad_id, batch_size=cfg.batch_size,
                 mode=mode, path=self.output / "cache" / f"hidden-{fp}.bin",
                 dtype=cfg.cache_dtype, fingerprint=fp, progress=cfg.progress,
+                keys=row_keys(self.train_data, *parts) if mode == "disk" else None,
             )
 
     def _resume_dir(self) -> Path:
