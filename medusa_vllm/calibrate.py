@@ -43,14 +43,30 @@ __all__ = [
     "measure_accuracies",
     "measure_cost_curve",
     "measure_cost_curves",
+    "monotone_curve",
     "prefix_cost",
 ]
 
 
+def monotone_curve(curve: dict[int, float]) -> dict[int, float]:
+    """``curve`` made non-decreasing in the number of drafted nodes, from vanilla's 1.0
+    (running maximum). Verifying more nodes adds rows to every matrix multiply and
+    never removes work, so a measured point below a smaller one (or below 1.0) is
+    timing noise; pricing it at the smaller one's cost keeps the noise from
+    choosing the tree."""
+    out: dict[int, float] = {}
+    top = 1.0
+    for n, c in sorted((int(k), float(v)) for k, v in curve.items()):
+        top = c if n == 0 else max(top, c)
+        out[n] = top
+    return out
+
+
 def interpolate_cost(curve: dict[int, float]) -> Callable[[int], float]:
     """Piecewise-linear cost(n) through measured points ``{nodes: relative step time}``
-    (``0`` = vanilla decode = 1.0 unless given); extrapolates the last slope."""
-    pts = sorted({0: 1.0, **{int(k): float(v) for k, v in curve.items()}}.items())
+    (``0`` = vanilla decode = 1.0 unless given), made monotone
+    (:func:`monotone_curve`); extrapolates the last slope."""
+    pts = sorted({0: 1.0, **monotone_curve(curve)}.items())
     if len(pts) < 2:
         raise ValueError("cost curve: need at least one measured tree size")
 
@@ -79,7 +95,7 @@ def fit_tree(per_rank: Sequence[Sequence[float]] | torch.Tensor, curve: dict[int
     those chains as candidates.
     """
     tree_cost = interpolate_cost(curve)
-    chains = {int(d): float(c) for d, c in (chain_curve or {}).items()}
+    chains = monotone_curve(chain_curve or {})
     num_heads = len(per_rank)
 
     def cost(n: int) -> float:  # a greedy tree that happens to be a chain is priced as one
@@ -101,9 +117,11 @@ def fit_tree(per_rank: Sequence[Sequence[float]] | torch.Tensor, curve: dict[int
 def prefix_cost(tree: MedusaTree, n: int, curve: dict[int, float],
                 chain_curve: dict[int, float] | None = None) -> float:
     """Relative step time of ``tree``'s first ``n`` BFS nodes: the chain curve's
-    point when that prefix is a measured chain, else the tree curve."""
-    if chain_curve and n in chain_curve and is_chain(tree.truncate(n)):
-        return float(chain_curve[n])
+    point when that prefix is a measured chain, else the tree curve (both made
+    monotone, :func:`monotone_curve`)."""
+    chains = monotone_curve(chain_curve or {})
+    if n in chains and is_chain(tree.truncate(n)):
+        return chains[n]
     return interpolate_cost(curve)(n)
 
 

@@ -297,7 +297,8 @@ def _curves_from_json(saved: dict[str, dict[str, float]]) -> dict[int, dict[int,
 def stage_tree(r: Recipe, w: Work, model: Path, force: bool) -> None:
     """Optimized sparse tree: per-rank accuracies + measured cost curves -> the
     tree (``best_for_cost`` at batch 1) and its size per batch size."""
-    from medusa_vllm.calibrate import fit_nodes_by_batch, fit_tree, measure_cost_curves, prefix_cost
+    from medusa_vllm.calibrate import (
+        fit_nodes_by_batch, fit_tree, measure_cost_curves, monotone_curve, prefix_cost)
     from medusa_vllm.tree import MedusaTree
 
     d = w / "tree"
@@ -344,7 +345,7 @@ def stage_tree(r: Recipe, w: Work, model: Path, force: bool) -> None:
                      "expected_speedup": e / c})
     for depth in sorted(chain_curves.get(1, {})):
         t = MedusaTree.chain(depth)
-        e, c = t.expected_accept_length(per_rank), chain_curves[1][depth]
+        e, c = t.expected_accept_length(per_rank), monotone_curve(chain_curves[1])[depth]
         rows.append({"nodes": depth, "chain": True, "expected_accept_length": e, "relative_cost": c,
                      "expected_speedup": e / c})
     chain = MedusaTree.chain(r.num_heads)

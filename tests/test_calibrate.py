@@ -158,3 +158,28 @@ def test_cost_curves_time_chains_against_the_same_vanilla(tmp_path):
     assert trees == pytest.approx({2: 1.6, 4: 1.9}) and chains == pytest.approx({1: 1.1, 3: 1.3})
     with pytest.raises(ValueError, match="chain depths"):
         measure_cost_curves("model", str(heads), [2], [4], 1, run=fake_run)
+
+
+def test_noisy_cost_points_never_make_a_bigger_draft_cheaper():
+    """A measured point below a smaller draft's (or below vanilla's 1.0) is timing
+    noise: it is priced at the running maximum, so it cannot win the fit."""
+    from medusa_vllm.calibrate import fit_nodes_by_batch, monotone_curve, prefix_cost
+
+    assert monotone_curve({1: 1.16, 2: 1.06, 3: 1.27, 4: 1.36}) == {1: 1.16, 2: 1.16, 3: 1.27, 4: 1.36}
+    assert monotone_curve({2: 0.97, 4: 1.2}) == {2: 1.0, 4: 1.2}
+    cost = interpolate_cost({4: 1.5, 8: 1.3, 16: 2.0})
+    assert cost(8) == pytest.approx(1.5) and cost(6) == pytest.approx(1.5)
+    # the session-5 shape: chain-2 measured below chain-1; equal accuracy at depth 2
+    # only just pays for it once priced honestly
+    acc = [[0.42, 0.1], [0.2, 0.05]]
+    noisy = {1: 1.16, 2: 1.06}
+    chain2 = MedusaTree.chain(2)
+    assert prefix_cost(chain2, 2, {2: 1.4}, noisy) == pytest.approx(1.16)
+    best, _, speed = fit_tree(acc, {2: 1.4, 4: 1.6}, 4, noisy)
+    e1, e2 = (MedusaTree.chain(d).expected_accept_length(acc) for d in (1, 2))
+    assert speed == pytest.approx(max(e1, e2) / 1.16)
+    assert best.num_nodes == (2 if e2 > e1 else 1)
+    # with depth 2 useless, chain-1 wins though chain-2's raw point was cheaper
+    weak = [[0.42, 0.1], [0.0, 0.0]]
+    assert fit_tree(weak, {2: 1.4, 4: 1.6}, 4, noisy)[0].num_nodes == 1
+    assert fit_nodes_by_batch(chain2, weak, {1: {2: 1.4}}, {1: noisy})[1] == 1
