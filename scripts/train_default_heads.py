@@ -176,12 +176,6 @@ def stage_prompts(r: Recipe, w: Work, force: bool) -> None:
     construction; cached sets are checked against what the recipe draws now."""
     from medusa_vllm.data import build_prompt_records, write_prompts
 
-    files = [w.prompts_train, w.prompts_sampled, w.prompts_heldout]
-    if r.extra_train_prompts:
-        files.append(w.prompts_extra)
-    if not force and all(p.is_file() for p in files):
-        say("prompts: cached")
-        return
     t0 = time.perf_counter()
     first = r.train_prompts + r.sampled_prompts
     train = build_prompt_records(first + r.extra_train_prompts, seed=r.prompt_seed, split="train")
@@ -193,6 +187,7 @@ def stage_prompts(r: Recipe, w: Work, force: bool) -> None:
             (w.prompts_heldout, held)]
     if r.extra_train_prompts:
         sets.append((w.prompts_extra, train[first:]))
+    written = 0
     for path, records in sets:
         if path.is_file() and not force:
             # a cached set must be what the recipe draws now (its answers are cached too)
@@ -201,7 +196,9 @@ def stage_prompts(r: Recipe, w: Work, force: bool) -> None:
                                    f"pass --force prompts,distill to rebuild both")
             continue
         write_prompts(path, records)
-    say(f"prompts: {len(train)} train, {len(held)} held-out in {time.perf_counter() - t0:.0f} s")
+        written += 1
+    say(f"prompts: {len(train)} train, {len(held)} held-out ({written} of {len(sets)} sets written, "
+        f"the others cached and checked) in {time.perf_counter() - t0:.0f} s")
 
 
 def _generate(r: Recipe, model: Path, prompts: Path, out: Path, temperature: float, seed: int,
