@@ -62,9 +62,11 @@ class Recipe:
     train_prompts: int = 2000  # greedy answers
     sampled_prompts: int = 400  # extra answers at temperature 0.7 (other prompts)
     sampled_temperature: float = 0.7
-    # further greedy answers, to prompts drawn after the first sets (the drawing is
-    # sequential, so the first sets and their caches stay valid when this grows)
+    # further greedy answers, to prompts drawn after the first sets, in files of
+    # extra_chunk prompts. The drawing is sequential, so growing this by whole chunks
+    # keeps every earlier file, its answers and their hidden-state cache rows valid.
     extra_train_prompts: int = 2000  # 0: session 5's 2,400 rows (top-1 0.421 vs 0.456)
+    extra_chunk: int = 2000
     heldout_prompts: int = 256
     prompt_seed: int = 0
     max_tokens: int = 256
@@ -141,9 +143,8 @@ class Work:
     def prompts_heldout(self) -> Path:
         return self.root / "prompts-heldout.jsonl"
 
-    @property
-    def prompts_extra(self) -> Path:
-        return self.root / "prompts-train-extra.jsonl"
+    def prompts_extra(self, i: int) -> Path:
+        return self.root / f"prompts-train-extra-{i}.jsonl"
 
     @property
     def distill_train(self) -> Path:
@@ -153,9 +154,8 @@ class Work:
     def distill_sampled(self) -> Path:
         return self.root / "distill-train-sampled.jsonl"
 
-    @property
-    def distill_extra(self) -> Path:
-        return self.root / "distill-train-extra-greedy.jsonl"
+    def distill_extra(self, i: int) -> Path:
+        return self.root / f"distill-train-extra-{i}-greedy.jsonl"
 
     @property
     def distill_heldout(self) -> Path:
@@ -168,6 +168,14 @@ class Work:
     @property
     def medusa2(self) -> Path:
         return self.root / "medusa2"
+
+
+def extra_chunks(r: Recipe) -> list[tuple[int, int]]:
+    """(start, stop) of each extra prompt file, counted from the first extra prompt."""
+    if r.extra_train_prompts and r.extra_chunk < 1:
+        raise SystemExit(f"extra_chunk: expected >= 1, found {r.extra_chunk}")
+    return [(a, min(a + r.extra_chunk, r.extra_train_prompts))
+            for a in range(0, r.extra_train_prompts, max(r.extra_chunk, 1))]
 
 
 # ----------------------------------------------------------------------------- stages
@@ -185,8 +193,8 @@ def stage_prompts(r: Recipe, w: Work, force: bool) -> None:
         raise RuntimeError(f"{len(overlap)} held-out prompts also appear in the train prompts")
     sets = [(w.prompts_train, train[: r.train_prompts]), (w.prompts_sampled, train[r.train_prompts: first]),
             (w.prompts_heldout, held)]
-    if r.extra_train_prompts:
-        sets.append((w.prompts_extra, train[first:]))
+    for i, (a, b) in enumerate(extra_chunks(r)):
+        sets.append((w.prompts_extra(i), train[first + a: first + b]))
     written = 0
     for path, records in sets:
         if path.is_file() and not force:
@@ -239,8 +247,8 @@ def stage_distill(r: Recipe, w: Work, model: Path, force: bool) -> None:
         _generate(r, model, w.prompts_sampled, w.distill_sampled, r.sampled_temperature, r.seed + 1,
                   force, timings)
         write_json(tfile, timings)
-    if r.extra_train_prompts:
-        _generate(r, model, w.prompts_extra, w.distill_extra, 0.0, r.seed, force, timings)
+    for i in range(len(extra_chunks(r))):
+        _generate(r, model, w.prompts_extra(i), w.distill_extra(i), 0.0, r.seed, force, timings)
         write_json(tfile, timings)
 
 
@@ -251,7 +259,7 @@ def _count_rows(paths: list[Path]) -> int:
 def train_files(r: Recipe, w: Work) -> list[Path]:
     """The self-distillation files the heads train on."""
     return ([w.distill_train] + ([w.distill_sampled] if r.sampled_prompts else [])
-            + ([w.distill_extra] if r.extra_train_prompts else []))
+            + [w.distill_extra(i) for i in range(len(extra_chunks(r)))])
 
 
 def stage_train(r: Recipe, w: Work, model: Path, force: bool) -> None:
