@@ -42,27 +42,33 @@ def backbone_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     return out.hidden_states[-1]
 
 
-def data_fingerprint(data: EncodedData, *parts: object) -> str:
-    """SHA-256 of the rows' token ids and ``parts`` (model path, dtypes...)."""
+def _parts_hash(parts: Sequence[object]) -> "hashlib._Hash":
     h = hashlib.sha256()
     for p in parts:
         h.update(repr(p).encode())
+    return h
+
+
+def _row_bytes(ids: Sequence[int]) -> bytes:
+    """A row as hashed: its length, then its ids as int64."""
+    return len(ids).to_bytes(4, "little") + torch.tensor(ids, dtype=torch.int64).numpy().tobytes()
+
+
+def data_fingerprint(data: EncodedData, *parts: object) -> str:
+    """SHA-256 of the rows' token ids and ``parts`` (model path, dtypes...)."""
+    h = _parts_hash(parts)
     for ids in data.input_ids:
-        h.update(len(ids).to_bytes(4, "little"))
-        h.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
+        h.update(_row_bytes(ids))
     return h.hexdigest()[:16]
 
 
 def row_keys(data: EncodedData, *parts: object) -> list[str]:
     """A key per row: SHA-256 of ``parts`` (model path, dtypes...) and the row's ids."""
-    head = hashlib.sha256()
-    for p in parts:
-        head.update(repr(p).encode())
+    head = _parts_hash(parts)
     keys = []
     for ids in data.input_ids:
         h = head.copy()
-        h.update(len(ids).to_bytes(4, "little"))
-        h.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
+        h.update(_row_bytes(ids))
         keys.append(h.hexdigest()[:24])
     return keys
 
