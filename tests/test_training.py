@@ -198,6 +198,12 @@ def test_evaluate_heads_hand_checked_with_draft_vocab(tmp_path):
     saved = json.loads(path.read_text())
     assert len(saved) == 2 and len(saved[0]) == 4 and saved[1][3] == pytest.approx(0.5)
     assert json.loads((tmp_path / "eval.json").read_text())["positions"] == [3, 2]
+    # the same with every row's target ranks: step starts t = 0..3 (labels[t + 1] scored);
+    # head 0: id 2 at rank 2, miss, id 5 at rank 0, past the end; head 1: miss, id 5 at rank 3
+    acc2 = evaluate_heads(heads, [batch], lambda b: hidden, topk=4, collect_ranks=True)
+    assert torch.equal(acc2.hits, acc.hits) and torch.equal(acc2.totals, acc.totals)
+    assert acc.ranks is None and len(acc2.ranks) == 1
+    assert acc2.ranks[0].tolist() == [[2, -1], [-1, 3], [0, -1], [-1, -1]]
 
 
 def test_head_logits_matches_full_forward():

@@ -21,7 +21,7 @@ from torch import nn
 
 from medusa_vllm.training.losses import IGNORE_INDEX, head_targets, next_token_targets, to_draft_targets
 
-__all__ = ["HeadAccuracy", "evaluate_heads", "head_logits", "topk_hits"]
+__all__ = ["HeadAccuracy", "evaluate_heads", "head_logits", "target_ranks", "topk_hits"]
 
 
 def head_logits(heads: nn.Module, k: int, hidden: torch.Tensor) -> torch.Tensor:
@@ -29,6 +29,39 @@ def head_logits(heads: nn.Module, k: int, hidden: torch.Tensor) -> torch.Tensor:
     (the same numbers as ``heads(hidden)[k]`` without computing the other heads)."""
     x = hidden.to(heads.dtype)
     return heads.lm_layers[k](heads.blocks[k](x))
+
+
+def target_ranks(logits: torch.Tensor, targets: torch.Tensor, topk: int = 10) -> torch.Tensor:
+    """Rank of each target among its row's ``topk`` highest logits.
+
+    Args:
+        logits: ``[N, V]`` scores.
+        targets: ``[N]`` correct ids in ``[0, V)``; any other value (e.g. a
+            token outside the draft vocabulary) is never found.
+        topk: number of ranks.
+
+    Returns:
+        ``LongTensor [N]``: 0 for the best candidate, ..., ``-1`` when the
+        target is not among the ``topk`` best.
+    """
+    if logits.dim() != 2 or targets.shape != logits.shape[:1]:
+        raise ValueError(
+            f"logits must be [N, V] and targets [N], found {list(logits.shape)} and "
+            f"{list(targets.shape)}"
+        )
+    n, v = logits.shape
+    if n == 0:
+        return torch.zeros(0, dtype=torch.long)
+    ranked = torch.topk(logits, min(topk, v), dim=-1).indices  # [N, k]
+    match = ranked == targets.to(ranked.device).unsqueeze(-1)
+    found = match.any(-1)
+    return torch.where(found, match.long().argmax(-1), torch.full_like(found, -1, dtype=torch.long)).cpu()
+
+
+def _hits(ranks: torch.Tensor, topk: int) -> torch.Tensor:
+    """Cumulative hit counts ``[topk]`` of :func:`target_ranks` output."""
+    found = ranks[ranks >= 0]
+    return torch.bincount(found, minlength=topk)[:topk].cumsum(0)
 
 
 def topk_hits(logits: torch.Tensor, targets: torch.Tensor, topk: int = 10) -> torch.Tensor:
@@ -44,23 +77,7 @@ def topk_hits(logits: torch.Tensor, targets: torch.Tensor, topk: int = 10) -> to
         ``LongTensor [topk]``: entry ``j`` = rows whose target is among the
         ``j + 1`` highest logits (ranks beyond ``V`` repeat the last count).
     """
-    if logits.dim() != 2 or targets.shape != logits.shape[:1]:
-        raise ValueError(
-            f"logits must be [N, V] and targets [N], found {list(logits.shape)} and "
-            f"{list(targets.shape)}"
-        )
-    n, v = logits.shape
-    out = torch.zeros(topk, dtype=torch.long)
-    if n == 0:
-        return out
-    k = min(topk, v)
-    ranked = torch.topk(logits, k, dim=-1).indices  # [N, k]
-    match = ranked == targets.to(ranked.device).unsqueeze(-1)
-    cum = match.long().cumsum(-1).clamp(max=1).sum(0).cpu()  # [k]
-    out[:k] = cum
-    if k < topk:
-        out[k:] = cum[-1]
-    return out
+    return _hits(target_ranks(logits, targets, topk), topk)
 
 
 @dataclass
@@ -71,12 +88,18 @@ class HeadAccuracy:
         hits: ``LongTensor [num_heads, topk]`` cumulative hit counts.
         totals: ``LongTensor [num_heads]`` scored positions per head.
         lm_hits, lm_total: the same for the backbone's next-token prediction.
+        ranks: with ``collect_ranks``, one ``LongTensor [n, num_heads]`` per row:
+            at each of the row's ``n`` step-start positions (those whose next
+            token is scored), in order, the rank of each head's correct token
+            among its ``topk`` candidates, ``-1`` if absent (the input of
+            :mod:`medusa_vllm.tree_stats`).
     """
 
     hits: torch.Tensor
     totals: torch.Tensor
     lm_hits: torch.Tensor | None = None
     lm_total: int = 0
+    ranks: list[torch.Tensor] | None = None
 
     @property
     def cumulative(self) -> torch.Tensor:
@@ -131,6 +154,7 @@ def evaluate_heads(
     *,
     topk: int = 10,
     lm_head: nn.Module | None = None,
+    collect_ranks: bool = False,
 ) -> HeadAccuracy:
     """Top-1..top-``topk`` accuracy of every head over ``batches``.
 
@@ -140,6 +164,7 @@ def evaluate_heads(
             ``[B, T]`` with :data:`IGNORE_INDEX` on positions not scored).
         hidden_fn: batch -> backbone last hidden states ``[B, T, H]``.
         lm_head: also score the backbone's next-token prediction with it.
+        collect_ranks: also return every row's target ranks (:attr:`HeadAccuracy.ranks`).
     """
     num_heads = heads.config.num_heads
     token_map = getattr(heads, "token_map", None)
@@ -152,21 +177,29 @@ def evaluate_heads(
     totals = torch.zeros(num_heads, dtype=torch.long)
     lm_hits = torch.zeros(topk, dtype=torch.long) if lm_head is not None else None
     lm_total = 0
+    rows: list[torch.Tensor] | None = [] if collect_ranks else None
     was_training = heads.training
     heads.eval()
     try:
         for batch in batches:
             hidden = hidden_fn(batch)
             labels = batch.labels.to(hidden.device)
+            start = next_token_targets(labels) != IGNORE_INDEX  # step-start positions
+            ranks = torch.full((*labels.shape, num_heads), -1, dtype=torch.long)
             for k in range(num_heads):
                 targets = head_targets(labels, k)
                 valid = targets != IGNORE_INDEX
-                if not valid.any():
+                pos = valid | start if collect_ranks else valid
+                if not pos.any():
                     continue
-                draft = to_draft_targets(targets, inverse)[valid]
-                logits = head_logits(heads, k, hidden[valid])
-                hits[k] += topk_hits(logits, draft, topk)
+                draft = to_draft_targets(targets, inverse)[pos]
+                r = target_ranks(head_logits(heads, k, hidden[pos]), draft, topk)
+                hits[k] += _hits(r[valid[pos].cpu()], topk)
                 totals[k] += int(valid.sum())
+                ranks[..., k][pos.cpu()] = r
+            if rows is not None:
+                st = start.cpu()
+                rows.extend(ranks[b][st[b]] for b in range(labels.shape[0]))
             if lm_head is not None:
                 targets = next_token_targets(labels)
                 valid = targets != IGNORE_INDEX
@@ -176,4 +209,4 @@ def evaluate_heads(
                     lm_total += int(valid.sum())
     finally:
         heads.train(was_training)
-    return HeadAccuracy(hits, totals, lm_hits, lm_total)
+    return HeadAccuracy(hits, totals, lm_hits, lm_total, rows)
