@@ -341,20 +341,28 @@ def stage_tree(r: Recipe, w: Work, model: Path, force: bool) -> None:
             + "; chains " + ", ".join(f"{n}: {c:.2f}" for n, c in sorted(chain_curves[bs].items())))
     tree, exp_len, speed = fit_tree(per_rank, curves[1], r.max_tree_nodes, chain_curves.get(1))
     nodes_by_batch = fit_nodes_by_batch(tree, per_rank, curves, chain_curves)
+    from medusa_vllm.tree_stats import tree_from_ranks
+
+    ranks = heldout_ranks(r, w, model)
+
+    def row(kind: str, t, c: float) -> dict:
+        m = tree_measures(t, per_rank, ranks)
+        return {"kind": kind, "nodes": t.num_nodes, **m, "relative_cost": c,
+                "expected_speedup": m["expected_accept_length"] / c,
+                "replayed_speedup": m["replayed_accept_length"] / c}
+
     rows = []
     for n in sorted({1, 2, 4, 8, 16, 32, 64, tree.num_nodes}):
         if n > r.max_tree_nodes:
             continue
         t = MedusaTree.from_accuracies(per_rank, n)
-        e = t.expected_accept_length(per_rank)
-        c = prefix_cost(t, n, curves[1], chain_curves.get(1))
-        rows.append({"nodes": n, "expected_accept_length": e, "relative_cost": c,
-                     "expected_speedup": e / c})
+        rows.append(row("paper", t, prefix_cost(t, n, curves[1], chain_curves.get(1))))
+        # the same size built from the joint (measured) path frequencies
+        tj = tree_from_ranks(ranks, n, max_rank=len(per_rank[0]))
+        rows.append(row("joint", tj, prefix_cost(tj, tj.num_nodes, curves[1], chain_curves.get(1))))
     for depth in sorted(chain_curves.get(1, {})):
         t = MedusaTree.chain(depth)
-        e, c = t.expected_accept_length(per_rank), monotone_curve(chain_curves[1])[depth]
-        rows.append({"nodes": depth, "chain": True, "expected_accept_length": e, "relative_cost": c,
-                     "expected_speedup": e / c})
+        rows.append(row("chain", t, monotone_curve(chain_curves[1])[depth]))
     chain = MedusaTree.chain(r.num_heads)
     info = {
         "source": "scripts/train_default_heads.py stage 'tree': medusa_vllm.calibrate.fit_tree / "
@@ -374,34 +382,88 @@ def stage_tree(r: Recipe, w: Work, model: Path, force: bool) -> None:
     tree.save(d / "medusa_tree.json", **info)
     say(f"tree: {tree} expected accept length {exp_len:.3f}, expected speedup {speed:.2f}; "
         f"nodes by batch {nodes_by_batch}")
-    for row in rows:
-        say(f"  {'chain' if row.get('chain') else 'nodes'} {row['nodes']:3d}: E[len] {row['expected_accept_length']:.3f}, cost "
-            f"{row['relative_cost']:.2f}, E[speedup] {row['expected_speedup']:.2f}")
+    say("  tree   nodes  E[len] paper / joint / replayed   cost  E[speedup] paper / replayed")
+    for x in rows:
+        say(f"  {x['kind']:6s} {x['nodes']:5d}  {x['expected_accept_length']:.3f} / "
+            f"{x['joint_accept_length']:.3f} / {x['replayed_accept_length']:.3f}   "
+            f"{x['relative_cost']:.2f}  {x['expected_speedup']:.2f} / {x['replayed_speedup']:.2f}")
 
 
 # ----------------------------------------------------------------------------- export
-def _heldout_hidden_eval(model: Path, heads_list: list, eval_file: Path, seq_len: int,
-                         num_heads: int, max_rows: int = 10_000) -> list:
-    """Held-out top-k accuracy of each heads in ``heads_list`` (HF backbone forward,
-    float32, run once and shared by all of them)."""
+def _hidden_eval(model: Path, heads_list: list, encode, max_rows: int = 10_000,
+                 collect_ranks: bool = False) -> list:
+    """Teacher-forced top-k accuracy (and, with ``collect_ranks``, every row's target
+    ranks) of each heads in ``heads_list`` on the rows ``encode(tokenizer, lm)`` returns
+    (an ``EncodedData``); one HF backbone forward, float32, shared by all of them."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from medusa_vllm.training.cache import backbone_hidden
-    from medusa_vllm.training.data import collate, encode_file
+    from medusa_vllm.training.data import collate
     from medusa_vllm.training.evaluate import evaluate_heads
 
     tok = AutoTokenizer.from_pretrained(str(model))
     lm = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32).eval()
-    data = encode_file(eval_file, tok, seq_len=seq_len, num_heads=num_heads,
-                       vocab_size=lm.config.vocab_size)
+    data = encode(tok, lm)
     n = min(len(data), max_rows)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     batches = [collate(data, list(range(s, min(s + 8, n))), pad) for s in range(0, n, 8)]
     with torch.inference_mode():
         hidden = {id(b): backbone_hidden(lm, b.input_ids, b.attention_mask) for b in batches}
-    return [evaluate_heads(h, batches, lambda b: hidden[id(b)], lm_head=lm.get_output_embeddings())
+    return [evaluate_heads(h, batches, lambda b: hidden[id(b)], lm_head=lm.get_output_embeddings(),
+                           collect_ranks=collect_ranks)
             for h in heads_list]
+
+
+def _heldout_hidden_eval(model: Path, heads_list: list, eval_file: Path, seq_len: int,
+                         num_heads: int, collect_ranks: bool = False) -> list:
+    """:func:`_hidden_eval` on the held-out distilled answers."""
+    from medusa_vllm.training.data import encode_file
+
+    return _hidden_eval(model, heads_list, lambda tok, lm: encode_file(
+        eval_file, tok, seq_len=seq_len, num_heads=num_heads, vocab_size=lm.config.vocab_size),
+        collect_ranks=collect_ranks)
+
+
+def _file_digest(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def heldout_ranks(r: Recipe, w: Work, model: Path) -> list:
+    """Target ranks of the trained heads at every held-out step-start position
+    (``evaluate_heads(collect_ranks=True)``), cached next to the heads."""
+    import torch
+
+    from medusa_vllm.heads import MedusaHeads
+
+    weights = w.medusa1 / "heads" / "model.safetensors"
+    out = w.medusa1 / "heldout_ranks.pt"
+    digest = _file_digest(weights)
+    if out.is_file():
+        saved = torch.load(out)
+        if saved["heads_digest"] == digest:
+            return saved["ranks"]
+    say("ranks: target ranks of the heads on the held-out answers")
+    heads = MedusaHeads.from_pretrained(w.medusa1 / "heads", dtype=torch.float32)
+    (acc,) = _heldout_hidden_eval(model, [heads], w.distill_heldout, r.seq_len, r.num_heads,
+                                  collect_ranks=True)
+    ranks = [x.to(torch.int16) for x in acc.ranks]
+    torch.save({"heads_digest": digest, "ranks": ranks}, out)
+    return ranks
+
+
+def tree_measures(tree, per_rank, ranks) -> dict:
+    """A tree's accepted length three ways: the paper's independence model, the joint
+    per-position frequency and the step-by-step replay (what the engine measures)."""
+    from medusa_vllm.tree_stats import joint_accept_length, simulate_acceptance
+
+    sim = simulate_acceptance(tree, ranks)
+    return {"expected_accept_length": tree.expected_accept_length(per_rank),
+            "joint_accept_length": joint_accept_length(tree, ranks),
+            "replayed_accept_length": sim.mean_accepted_length,
+            "replayed_acceptance_per_depth": sim.acceptance_per_depth}
 
 
 def stage_export(r: Recipe, w: Work, model: Path, force: bool) -> None:
@@ -689,6 +751,8 @@ def stage_accept(r: Recipe, w: Work, model: Path, force: bool) -> None:
     from medusa_vllm.tree import MedusaTree
 
     per_rank = json.loads((w.medusa1 / "eval.json").read_text())["per_rank"]
+    from medusa_vllm.tree_stats import simulate_acceptance
+
     big = MedusaTree.from_accuracies(per_rank, r.max_tree_nodes).to_list()
     configs = {
         "vanilla": None,
@@ -723,7 +787,55 @@ def stage_accept(r: Recipe, w: Work, model: Path, force: bool) -> None:
         say(f"accept: {name}: {res['tokens_per_s']:.1f} tok/s, x{summary[name]['speedup_vs_vanilla']:.2f}, "
             f"accepted length {s.get('mean_accepted_length', 1.0):.3f}, same output "
             f"{summary[name]['same_output_as_vanilla']}")
+    # the same greedy text replayed offline: do the engine's accepted lengths match
+    # what the heads' teacher-forced ranks on exactly this text predict?
+    ranks = accept_ranks(w, model, prompts, van["token_ids"])
+    for name, tree in accept_trees(r, w, big).items():
+        if name in summary:
+            sim = simulate_acceptance(tree, ranks)
+            summary[name]["replayed_accepted_length"] = sim.mean_accepted_length
+            summary[name]["replayed_acceptance_per_depth"] = sim.acceptance_per_depth
+            say(f"accept: {name}: replayed offline {sim.mean_accepted_length:.3f} "
+                f"(engine {summary[name]['mean_accepted_length']:.3f})")
     write_json(w / "accept_summary.json", summary)
+
+
+def accept_trees(r: Recipe, w: Work, big: list) -> dict:
+    """The trees the accept stage's configurations verify at batch 1."""
+    from medusa_vllm.default_model import default_heads_dir
+    from medusa_vllm.tree import MedusaTree, nodes_for_batch
+
+    spec = json.loads((default_heads_dir() / "medusa_tree.json").read_text())
+    shipped = MedusaTree(spec["medusa_choices"])
+    table = {int(b): n for b, n in spec.get("nodes_by_batch", {}).items()} or None
+    shipped = shipped.truncate(nodes_for_batch(table, 1, shipped.num_nodes))
+    return {"medusa_tree": shipped, f"chain-{r.num_heads}": MedusaTree.chain(r.num_heads),
+            f"tree-{r.max_tree_nodes}": MedusaTree(big)}
+
+
+def accept_ranks(w: Work, model: Path, prompts: list[str], outputs: list[list[int]]) -> list:
+    """Target ranks of the shipped heads on the engine's own greedy outputs (chat-templated
+    prompt + output, the output scored), teacher-forced through the HF backbone."""
+    import torch
+
+    from medusa_vllm.default_model import default_heads_dir
+    from medusa_vllm.heads import MedusaHeads
+    from medusa_vllm.training.data import EncodedData
+    from medusa_vllm.training.losses import IGNORE_INDEX
+
+    def encode(tok, lm) -> EncodedData:
+        data = EncodedData()
+        for p, out in zip(prompts, outputs, strict=True):
+            text = tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                           add_generation_prompt=True)
+            ids = tok(text).input_ids
+            data.input_ids.append(ids + list(out))
+            data.labels.append([IGNORE_INDEX] * len(ids) + list(out))
+        return data
+
+    heads = MedusaHeads.from_pretrained(default_heads_dir(), dtype=torch.float32)
+    (acc,) = _hidden_eval(model, [heads], encode, collect_ranks=True)
+    return acc.ranks
 
 
 # ----------------------------------------------------------------------------- medusa-2
