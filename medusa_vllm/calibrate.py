@@ -43,6 +43,7 @@ __all__ = [
     "measure_accuracies",
     "measure_cost_curve",
     "measure_cost_curves",
+    "measure_target_ranks",
     "monotone_curve",
     "prefix_cost",
 ]
@@ -169,6 +170,41 @@ def measure_accuracies(model: str, heads_dir: str, data: Sequence[str], *, max_r
         heads, batches, lambda b: backbone_hidden(lm, b.input_ids, b.attention_mask), topk=topk,
         lm_head=lm.get_output_embeddings(),
     )
+
+
+def measure_target_ranks(model: str, heads_dir: str, prompt_ids: Sequence[Sequence[int]],
+                         output_ids: Sequence[Sequence[int]], *, topk: int = 10,
+                         batch_size: int = 8) -> list[torch.Tensor]:
+    """The heads' target ranks (:mod:`medusa_vllm.tree_stats`) on given greedy outputs.
+
+    Each row is ``prompt_ids[i] + output_ids[i]`` teacher-forced through the HF
+    backbone (float32); the output tokens are scored. On an engine's own greedy
+    outputs, :func:`medusa_vllm.tree_stats.simulate_acceptance` then replays what
+    the engine should have accepted with any tree.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from medusa_vllm.heads import MedusaHeads
+    from medusa_vllm.training.cache import backbone_hidden
+    from medusa_vllm.training.data import EncodedData, collate
+    from medusa_vllm.training.evaluate import evaluate_heads
+    from medusa_vllm.training.losses import IGNORE_INDEX
+
+    if len(prompt_ids) != len(output_ids):
+        raise ValueError(f"{len(prompt_ids)} prompts but {len(output_ids)} outputs: pass one output per prompt")
+    tok = AutoTokenizer.from_pretrained(model)
+    lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    heads = MedusaHeads.from_pretrained(heads_dir, dtype=torch.float32).eval()
+    data = EncodedData([list(p) + list(o) for p, o in zip(prompt_ids, output_ids)],
+                       [[IGNORE_INDEX] * len(p) + list(o) for p, o in zip(prompt_ids, output_ids)])
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    batches = [collate(data, range(i, min(len(data), i + batch_size)), pad)
+               for i in range(0, len(data), batch_size)]
+    with torch.inference_mode():
+        acc = evaluate_heads(heads, batches, lambda b: backbone_hidden(lm, b.input_ids, b.attention_mask),
+                             topk=topk, collect_ranks=True)
+    assert acc.ranks is not None
+    return acc.ranks
 
 
 def measure_cost_curve(model: str, heads_dir: str, sizes: Sequence[int], batch_size: int, *,

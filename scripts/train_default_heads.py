@@ -814,28 +814,17 @@ def accept_trees(r: Recipe, w: Work, big: list) -> dict:
 
 
 def accept_ranks(w: Work, model: Path, prompts: list[str], outputs: list[list[int]]) -> list:
-    """Target ranks of the shipped heads on the engine's own greedy outputs (chat-templated
-    prompt + output, the output scored), teacher-forced through the HF backbone."""
-    import torch
+    """Target ranks of the shipped heads on the engine's own greedy outputs (the
+    chat-templated prompts as vLLM tokenizes them, then the outputs)."""
+    from transformers import AutoTokenizer
 
+    from medusa_vllm.calibrate import measure_target_ranks
     from medusa_vllm.default_model import default_heads_dir
-    from medusa_vllm.heads import MedusaHeads
-    from medusa_vllm.training.data import EncodedData
-    from medusa_vllm.training.losses import IGNORE_INDEX
 
-    def encode(tok, lm) -> EncodedData:
-        data = EncodedData()
-        for p, out in zip(prompts, outputs, strict=True):
-            text = tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                           add_generation_prompt=True)
-            ids = tok(text).input_ids
-            data.input_ids.append(ids + list(out))
-            data.labels.append([IGNORE_INDEX] * len(ids) + list(out))
-        return data
-
-    heads = MedusaHeads.from_pretrained(default_heads_dir(), dtype=torch.float32)
-    (acc,) = _hidden_eval(model, [heads], encode, collect_ranks=True)
-    return acc.ranks
+    tok = AutoTokenizer.from_pretrained(str(model))
+    ids = [tok(tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                       add_generation_prompt=True)).input_ids for p in prompts]
+    return measure_target_ranks(str(model), str(default_heads_dir()), ids, outputs)
 
 
 # ----------------------------------------------------------------------------- medusa-2

@@ -108,6 +108,18 @@ def test_distilled_heads_accept_and_stay_identical(tiny, greedy_vanilla):
     m = ours["metrics"]
     print("distilled heads:", m)
     assert m["mean_accepted_length"] > 1.5, m
+    # ... and the engine accepts what the heads can on this very text: greedy decoding
+    # replayed offline from the heads' teacher-forced target ranks, with the same
+    # 16-node tree, accepts as much (a verifier that missed a matching branch, or a
+    # proposer fed the wrong position's hidden state, stays lossless but accepts less)
+    from medusa_vllm.calibrate import measure_target_ranks
+    from medusa_vllm.tree import MedusaTree
+    from medusa_vllm.tree_stats import simulate_acceptance
+
+    ranks = measure_target_ranks(str(model), str(heads), prompts, vanilla["outputs"])
+    replay = simulate_acceptance(MedusaTree.load("sparse-16", num_heads=3), ranks)
+    print("replayed offline:", replay)
+    assert m["mean_accepted_length"] == pytest.approx(replay.mean_accepted_length, abs=0.1), (m, replay)
 
 
 def test_preemption_tiny_kv_cache(tiny):
