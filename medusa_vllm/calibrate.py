@@ -146,8 +146,10 @@ def fit_nodes_by_batch(tree: MedusaTree, per_rank: Sequence[Sequence[float]] | t
 
 
 def measure_accuracies(model: str, heads_dir: str, data: Sequence[str], *, max_rows: int = 256,
-                       seq_len: int = 512, batch_size: int = 8, topk: int = 10):
-    """Teacher-forced per-head top-k accuracy on ``data`` (JSONL / text files)."""
+                       seq_len: int = 512, batch_size: int = 8, topk: int = 10,
+                       collect_ranks: bool = False):
+    """Teacher-forced per-head top-k accuracy on ``data`` (JSONL / text files), and
+    with ``collect_ranks`` the target ranks of :mod:`medusa_vllm.tree_stats`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from medusa_vllm.heads import MedusaHeads
@@ -168,7 +170,7 @@ def measure_accuracies(model: str, heads_dir: str, data: Sequence[str], *, max_r
     batches = [collate(enc, range(i, min(n, i + batch_size)), pad) for i in range(0, n, batch_size)]
     return evaluate_heads(
         heads, batches, lambda b: backbone_hidden(lm, b.input_ids, b.attention_mask), topk=topk,
-        lm_head=lm.get_output_embeddings(),
+        lm_head=lm.get_output_embeddings(), collect_ranks=collect_ranks,
     )
 
 
@@ -299,16 +301,19 @@ def add_calibrate_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
-def _per_rank(heads_dir: Path, data: Sequence[str], args) -> tuple[list[list[float]], dict]:
+def _per_rank(heads_dir: Path, data: Sequence[str], args
+              ) -> tuple[list[list[float]], dict, list[torch.Tensor] | None]:
+    """Per-rank accuracies, their record, and the target ranks when measured on ``data``."""
     if data:
-        acc = measure_accuracies(args.model, str(heads_dir), data, max_rows=args.max_rows)
+        acc = measure_accuracies(args.model, str(heads_dir), data, max_rows=args.max_rows,
+                                 collect_ranks=True)
         acc.save(heads_dir)
         print(acc.table())
-        return acc.per_rank.tolist(), acc.to_dict()
+        return acc.per_rank.tolist(), acc.to_dict(), acc.ranks
     ev = heads_dir / "eval.json"
     if ev.exists():
         d = json.loads(ev.read_text())
-        return d["per_rank"], d
+        return d["per_rank"], d, None
     cum_path = heads_dir / "accuracies.json"
     if not cum_path.exists():
         raise FileNotFoundError(
@@ -316,12 +321,12 @@ def _per_rank(heads_dir: Path, data: Sequence[str], args) -> tuple[list[list[flo
         )
     cum = torch.tensor(json.loads(cum_path.read_text()), dtype=torch.float64)
     per = torch.cat([cum[:, :1], cum[:, 1:] - cum[:, :-1]], 1)
-    return per.tolist(), {"topk_cumulative": cum.tolist(), "per_rank": per.tolist()}
+    return per.tolist(), {"topk_cumulative": cum.tolist(), "per_rank": per.tolist()}, None
 
 
 def calibrate_main(args: argparse.Namespace) -> int:
     heads_dir = Path(args.heads)
-    per_rank, acc_info = _per_rank(heads_dir, args.data, args)
+    per_rank, acc_info, ranks = _per_rank(heads_dir, args.data, args)
     sizes = [int(x) for x in args.sizes.split(",") if x]
     chain_sizes = [int(x) for x in (args.chain_sizes or "").split(",") if x]
     chain_sizes = [d for d in chain_sizes if d <= len(per_rank)]
@@ -336,8 +341,17 @@ def calibrate_main(args: argparse.Namespace) -> int:
         result["chain_cost_curves"][str(bs)] = chain_curve
         result["trees"][str(bs)] = {"num_nodes": tree.num_nodes, "expected_accept_length": exp_len,
                                     "expected_speedup": speed, "medusa_choices": tree.to_list()}
+        replayed = ""
+        if ranks:
+            # what the engine will measure on text like --data: greedy decoding replayed
+            # from the heads' ranks (lower than the paper's per-position expectation)
+            from medusa_vllm.tree_stats import simulate_acceptance
+
+            sim = simulate_acceptance(tree, ranks)
+            result["trees"][str(bs)]["replayed_accept_length"] = sim.mean_accepted_length
+            replayed = f" (replayed on the data: {sim.mean_accepted_length:.2f})"
         print(f"batch {bs}: cost {curve} -> tree of {tree.num_nodes} nodes, "
-              f"E[accepted length] {exp_len:.2f}, expected speedup {speed:.2f}x")
+              f"E[accepted length] {exp_len:.2f}{replayed}, expected speedup {speed:.2f}x")
         chosen = chosen or (bs, tree, exp_len, speed)
     assert chosen is not None
     bs, tree, exp_len, speed = chosen

@@ -183,3 +183,42 @@ def test_noisy_cost_points_never_make_a_bigger_draft_cheaper():
     weak = [[0.42, 0.1], [0.0, 0.0]]
     assert fit_tree(weak, {2: 1.4, 4: 1.6}, 4, noisy)[0].num_nodes == 1
     assert fit_nodes_by_batch(chain2, weak, {1: {2: 1.4}}, {1: noisy})[1] == 1
+
+
+def test_calibrate_cli_fits_a_tree_and_replays_it_on_the_data(tmp_path, monkeypatch):
+    """``medusa-vllm calibrate --data``: accuracies measured on the data, the tree fitted
+    to a (here synthetic) cost curve, and its accepted length replayed on the data."""
+    import argparse
+    import json
+
+    import medusa_vllm.calibrate as C
+    from medusa_vllm.testing import build_tiny_llama, distill_tiny_heads
+    from medusa_vllm.tree_stats import simulate_acceptance
+
+    model = build_tiny_llama(tmp_path / "model", vocab=128, hidden=32, layers=1, seed=0)
+    heads = distill_tiny_heads(model, tmp_path / "heads", num_heads=3, steps=60, num_sequences=64)
+    g = torch.Generator().manual_seed(0)
+    rows = [{"text": " ".join(f"w{int(i)}" for i in torch.randint(0, 40, (30,), generator=g))}
+            for _ in range(6)]
+    data = tmp_path / "heldout.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    timed = []
+
+    def fake_curves(model_, heads_, sizes, chains, bs, **kw):
+        timed.append(bs)
+        return ({n: 1.0 + 0.05 * n for n in sizes}, {d: 1.0 + 0.04 * d for d in chains})
+
+    monkeypatch.setattr(C, "measure_cost_curves", fake_curves)
+    p = C.add_calibrate_args(argparse.ArgumentParser())
+    args = p.parse_args(["--model", str(model), "--heads", str(heads), "--data", str(data),
+                         "--sizes", "2,4,8", "--max-nodes", "8"])
+    assert C.calibrate_main(args) == 0 and timed == [1]
+    tree = MedusaTree.load(heads / "medusa_tree.json")
+    res = json.loads((heads / "calibration.json").read_text())
+    fitted = res["trees"]["1"]
+    assert fitted["medusa_choices"] == tree.to_list() and 1 <= tree.num_nodes <= 8
+    acc = C.measure_accuracies(str(model), str(heads), [str(data)], collect_ranks=True)
+    replay = simulate_acceptance(tree, acc.ranks)
+    assert fitted["replayed_accept_length"] == pytest.approx(replay.mean_accepted_length)
+    assert 1.0 <= replay.mean_accepted_length <= 1.0 + tree.max_depth
+    assert (heads / "accuracy.png").is_file() and (heads / "cost_curve.png").is_file()
