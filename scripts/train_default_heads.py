@@ -307,6 +307,7 @@ def stage_tree(r: Recipe, w: Work, model: Path, force: bool) -> None:
     from medusa_vllm.calibrate import (
         fit_nodes_by_batch, fit_tree, measure_cost_curves, monotone_curve, prefix_cost)
     from medusa_vllm.tree import MedusaTree
+    from medusa_vllm.tree_stats import tree_from_ranks
 
     d = w / "tree"
     d.mkdir(exist_ok=True)
@@ -341,8 +342,6 @@ def stage_tree(r: Recipe, w: Work, model: Path, force: bool) -> None:
             + "; chains " + ", ".join(f"{n}: {c:.2f}" for n, c in sorted(chain_curves[bs].items())))
     tree, exp_len, speed = fit_tree(per_rank, curves[1], r.max_tree_nodes, chain_curves.get(1))
     nodes_by_batch = fit_nodes_by_batch(tree, per_rank, curves, chain_curves)
-    from medusa_vllm.tree_stats import tree_from_ranks
-
     ranks = heldout_ranks(r, w, model)
 
     def row(kind: str, t, c: float) -> dict:
@@ -749,10 +748,9 @@ def stage_accept(r: Recipe, w: Work, model: Path, force: bool) -> None:
     base = {"model": str(model), "prompts": prompts, "max_tokens": r.accept_max_tokens,
             "max_model_len": 1024, "batch_size": 1}
     from medusa_vllm.tree import MedusaTree
-
-    per_rank = json.loads((w.medusa1 / "eval.json").read_text())["per_rank"]
     from medusa_vllm.tree_stats import simulate_acceptance
 
+    per_rank = json.loads((w.medusa1 / "eval.json").read_text())["per_rank"]
     big = MedusaTree.from_accuracies(per_rank, r.max_tree_nodes).to_list()
     configs = {
         "vanilla": None,
@@ -789,8 +787,8 @@ def stage_accept(r: Recipe, w: Work, model: Path, force: bool) -> None:
             f"{summary[name]['same_output_as_vanilla']}")
     # the same greedy text replayed offline: do the engine's accepted lengths match
     # what the heads' teacher-forced ranks on exactly this text predict?
-    ranks = accept_ranks(w, model, prompts, van["token_ids"])
-    for name, tree in accept_trees(r, w, big).items():
+    ranks = accept_ranks(model, prompts, van["token_ids"])
+    for name, tree in accept_trees(r, big).items():
         if name in summary:
             sim = simulate_acceptance(tree, ranks)
             summary[name]["replayed_accepted_length"] = sim.mean_accepted_length
@@ -800,7 +798,7 @@ def stage_accept(r: Recipe, w: Work, model: Path, force: bool) -> None:
     write_json(w / "accept_summary.json", summary)
 
 
-def accept_trees(r: Recipe, w: Work, big: list) -> dict:
+def accept_trees(r: Recipe, big: list) -> dict:
     """The trees the accept stage's configurations verify at batch 1."""
     from medusa_vllm.default_model import default_heads_dir
     from medusa_vllm.tree import MedusaTree, nodes_for_batch
@@ -813,7 +811,7 @@ def accept_trees(r: Recipe, w: Work, big: list) -> dict:
             f"tree-{r.max_tree_nodes}": MedusaTree(big)}
 
 
-def accept_ranks(w: Work, model: Path, prompts: list[str], outputs: list[list[int]]) -> list:
+def accept_ranks(model: Path, prompts: list[str], outputs: list[list[int]]) -> list:
     """Target ranks of the shipped heads on the engine's own greedy outputs (the
     chat-templated prompts as vLLM tokenizes them, then the outputs)."""
     from transformers import AutoTokenizer
