@@ -185,7 +185,7 @@ def evaluate_heads(
             hidden = hidden_fn(batch)
             labels = batch.labels.to(hidden.device)
             start = next_token_targets(labels) != IGNORE_INDEX  # step-start positions
-            ranks = torch.full((*labels.shape, num_heads), -1, dtype=torch.long)
+            ranks = torch.full((*labels.shape, num_heads), -1, dtype=torch.long) if collect_ranks else None
             for k in range(num_heads):
                 targets = head_targets(labels, k)
                 valid = targets != IGNORE_INDEX
@@ -196,8 +196,9 @@ def evaluate_heads(
                 r = target_ranks(head_logits(heads, k, hidden[pos]), draft, topk)
                 hits[k] += _hits(r[valid[pos].cpu()], topk)
                 totals[k] += int(valid.sum())
-                ranks[..., k][pos.cpu()] = r
-            if rows is not None:
+                if ranks is not None:
+                    ranks[..., k][pos.cpu()] = r
+            if rows is not None and ranks is not None:
                 st = start.cpu()
                 rows.extend(ranks[b][st[b]] for b in range(labels.shape[0]))
             if lm_head is not None:
