@@ -21,8 +21,10 @@ export   copy heads (bf16), ``medusa_tree.json``, ``accuracies.json`` and a
 cost     proposer cost (heads + top-k + tree build, the code path of
          ``MedusaTreeProposer.propose_tree``) vs a vanilla vLLM decode step
 accept   mean accepted length through the vLLM engine on held-out prompts
-medusa2  Medusa-2 (joint LoRA) comparison run: head accuracy and the
-         backbone's held-out perplexity before/after
+medusa2  Medusa-2 (joint LoRA) comparison run from the Medusa-1 heads (this
+         folder's, else the shipped ones), beside a Medusa-1 control trained as
+         long on the same rows: held-out head accuracy, replayed accepted
+         length, and the backbone's held-out perplexity before/after
 ====== =====================================================================
 
 Every stage caches its output and is skipped when the output exists (delete the
@@ -100,6 +102,11 @@ class Recipe:
     m2_lr: float = 1e-4
     m2_lora_rank: int = 8
     m2_lambda0: float = 0.2
+    m2_heads_lr_multiplier: float = 4.0
+    # also train the same heads as long on the same rows with the backbone frozen
+    # (Medusa-1, heads lr = m2_lr * m2_heads_lr_multiplier): what the joint training
+    # adds beyond more heads training
+    m2_control: bool = True
     # engine measurement
     accept_prompts: int = 32
     accept_max_tokens: int = 128
@@ -863,49 +870,101 @@ def ppl_sets(r: Recipe, w: Work, model: Path) -> dict[str, list[tuple[list[int],
     return {"heldout_distilled_answers": answers, "heldout_passages": texts}
 
 
+def m1_heads_dir(w: Work) -> Path:
+    """The Medusa-1 heads Medusa-2 starts from: this work folder's, else the shipped ones."""
+    from medusa_vllm.default_model import default_heads_dir
+
+    own = w.medusa1 / "heads"
+    return own if (own / "model.safetensors").is_file() else Path(default_heads_dir())
+
+
+def compare_heads(r: Recipe, w: Work, runs: dict[str, tuple[Path, Path]]) -> dict:
+    """Held-out accuracy and replayed accepted length of each ``name: (backbone, heads)``
+    on the held-out distilled answers, for the chains of 2 and 4 and the paper's trees of
+    16 and 64 nodes (built from each run's own accuracies)."""
+    import torch
+
+    from medusa_vllm.heads import MedusaHeads
+    from medusa_vllm.tree import MedusaTree
+
+    out = {}
+    for name, (backbone, heads_dir) in runs.items():
+        heads = MedusaHeads.from_pretrained(heads_dir, dtype=torch.float32)
+        (acc,) = _heldout_hidden_eval(backbone, [heads], w.distill_heldout, r.seq_len, r.num_heads,
+                                      collect_ranks=True)
+        per_rank = acc.per_rank.tolist()
+        trees = {"chain-2": MedusaTree.chain(2), "chain-4": MedusaTree.chain(r.num_heads),
+                 "paper-16": MedusaTree.from_accuracies(per_rank, 16),
+                 "paper-64": MedusaTree.from_accuracies(per_rank, 64)}
+        out[name] = {"backbone": str(backbone), "heads": str(heads_dir), **acc.to_dict(),
+                     "trees": {k: tree_measures(t, per_rank, acc.ranks) for k, t in trees.items()}}
+        say(f"medusa2: {name}: top-1 " + " / ".join(f"{x[0]:.3f}" for x in acc.cumulative.tolist())
+            + "; replayed " + ", ".join(f"{k} {v['replayed_accept_length']:.3f}"
+                                        for k, v in out[name]["trees"].items()))
+    return out
+
+
 def stage_medusa2(r: Recipe, w: Work, model: Path, force: bool) -> None:
     """Medusa-2 comparison: joint LoRA + heads (continuing the Medusa-1 heads) with
-    self-distillation (KL to the adapter-free backbone); accuracy and perplexity."""
+    self-distillation (KL to the adapter-free backbone); held-out accuracy, replayed
+    accepted length and the backbone's perplexity, before and after."""
     from medusa_vllm.training import TrainConfig, train
     from medusa_vllm.training.trainer import latest_checkpoint
 
     out = w.medusa2
     data = w / "medusa2-train.jsonl"
-    if not data.is_file():
-        rows = read_jsonl(w.distill_train)[: r.m2_rows]
+    rows = read_jsonl(w.distill_train)[: r.m2_rows]
+    if not data.is_file() or len(read_jsonl(data)) != len(rows):
         data.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in rows))
+    start = m1_heads_dir(w)
     if not (out / "train_summary.json").is_file() or force:
         resume = not force and latest_checkpoint(out) is not None
         cfg = TrainConfig(
             model=str(model), output=str(out), data=[str(data)], eval_data=[str(w.distill_heldout)],
             max_eval_rows=r.heldout_prompts, recipe="medusa2", self_distill=True,
             num_heads=r.num_heads, num_layers=r.num_layers, draft_vocab_size=r.draft_vocab_size,
-            original_lm_head=r.original_lm_head, heads_init=str(w.medusa1 / "heads"),
+            original_lm_head=r.original_lm_head, heads_init=str(start),
             seq_len=r.m2_seq_len, max_steps=r.m2_steps, batch_size=r.m2_batch_size,
             lr=r.m2_lr, lr_warmup_steps=10, lambda0=r.m2_lambda0, lora_rank=r.m2_lora_rank,
-            lambda_decay=r.lambda_decay, seed=r.seed, dtype="float32", save_steps=25,
-            save_total_limit=1, resume=resume, overwrite=not resume,
+            lora_alpha=2.0 * r.m2_lora_rank, heads_lr_multiplier=r.m2_heads_lr_multiplier,
+            lambda_decay=r.lambda_decay, seed=r.seed,
+            dtype="float32", save_steps=25, save_total_limit=1, resume=resume, overwrite=not resume,
         )
-        say(f"medusa2: {r.m2_steps} steps of {r.m2_batch_size} rows" + (" (resuming)" if resume else ""))
+        say(f"medusa2: {r.m2_steps} steps of {r.m2_batch_size} rows from {len(rows)}, heads from "
+            f"{start}" + (" (resuming)" if resume else ""))
         train(cfg)
+    control = w / "medusa2-control"
+    if r.m2_control and (not (control / "train_summary.json").is_file() or force):
+        ccfg = TrainConfig(
+            model=str(model), output=str(control), data=[str(data)],
+            eval_data=[str(w.distill_heldout)], max_eval_rows=r.heldout_prompts, recipe="medusa1",
+            num_heads=r.num_heads, num_layers=r.num_layers, draft_vocab_size=r.draft_vocab_size,
+            original_lm_head=r.original_lm_head, heads_init=str(start), seq_len=r.m2_seq_len,
+            max_steps=r.m2_steps, batch_size=r.m2_batch_size,
+            lr=r.m2_lr * r.m2_heads_lr_multiplier, lr_warmup_steps=10,
+            lambda_decay=r.lambda_decay, seed=r.seed, dtype="float32", cache_hidden="memory",
+            save_steps=10_000, save_total_limit=1, overwrite=True,
+        )
+        say(f"medusa2: control, Medusa-1 on the same rows and steps (heads lr {ccfg.heads_lr:g})")
+        train(ccfg)
     res_file = w / "medusa2_compare.json"
     if res_file.is_file() and not force:
         say("medusa2: comparison cached")
         return
-    sets = ppl_sets(r, w, model)
-    cmp: dict = {"perplexity": {}}
-    for name, rows in sets.items():
-        before = perplexity(model, rows)
-        after = perplexity(out / "model", rows)
+    cmp: dict = {"recipe": {k: v for k, v in asdict(r).items() if k.startswith("m2_")},
+                 "heads_init": str(start), "perplexity": {}}
+    for name, ppl_rows in ppl_sets(r, w, model).items():
+        before = perplexity(model, ppl_rows)
+        after = perplexity(out / "model", ppl_rows)
         cmp["perplexity"][name] = {"before": before["ppl"], "after_medusa2": after["ppl"],
                                    "tokens": before["tokens"]}
         say(f"medusa2: perplexity on {name}: {before['ppl']:.3f} -> {after['ppl']:.3f}")
-    m1 = json.loads((w.medusa1 / "eval.json").read_text())
-    m2 = json.loads((out / "eval.json").read_text())
-    cmp["medusa1_topk_cumulative"] = m1["topk_cumulative"]
-    cmp["medusa2_topk_cumulative"] = m2["topk_cumulative"]
-    cmp["medusa2_backbone_topk_cumulative"] = m2.get("backbone_topk_cumulative")
-    cmp["medusa1_backbone_topk_cumulative"] = m1.get("backbone_topk_cumulative")
+    # Accepted length is replayed on the original backbone's greedy answers for both:
+    # Medusa-2's merged backbone agrees with them at `backbone_topk_cumulative[0]`.
+    runs = {"medusa1": (model, start), "medusa2": (out / "model", out / "heads")}
+    if r.m2_control:
+        runs["medusa1_control"] = (model, control / "heads")
+    cmp["heads"] = compare_heads(r, w, runs)
     write_json(res_file, cmp)
 
 
