@@ -887,11 +887,18 @@ def compare_heads(r: Recipe, w: Work, runs: dict[str, tuple[Path, Path]]) -> dic
     from medusa_vllm.heads import MedusaHeads
     from medusa_vllm.tree import MedusaTree
 
+    # one backbone forward per distinct backbone, shared by the heads evaluated on it
+    by_backbone: dict[Path, list[str]] = {}
+    for name, (backbone, _) in runs.items():
+        by_backbone.setdefault(backbone, []).append(name)
+    accs = {}
+    for backbone, names in by_backbone.items():
+        heads = [MedusaHeads.from_pretrained(runs[n][1], dtype=torch.float32) for n in names]
+        accs.update(zip(names, _heldout_hidden_eval(backbone, heads, w.distill_heldout, r.seq_len,
+                                                    r.num_heads, collect_ranks=True)))
     out = {}
     for name, (backbone, heads_dir) in runs.items():
-        heads = MedusaHeads.from_pretrained(heads_dir, dtype=torch.float32)
-        (acc,) = _heldout_hidden_eval(backbone, [heads], w.distill_heldout, r.seq_len, r.num_heads,
-                                      collect_ranks=True)
+        acc = accs[name]
         per_rank = acc.per_rank.tolist()
         trees = {"chain-2": MedusaTree.chain(2), "chain-4": MedusaTree.chain(r.num_heads),
                  "paper-16": MedusaTree.from_accuracies(per_rank, 16),
