@@ -924,18 +924,22 @@ def stage_medusa2(r: Recipe, w: Work, model: Path, force: bool) -> None:
     if not data.is_file() or len(read_jsonl(data)) != len(rows):
         data.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in rows))
     start = m1_heads_dir(w)
+    # what the Medusa-2 run and its Medusa-1 control share
+    common = dict(
+        model=str(model), data=[str(data)], eval_data=[str(w.distill_heldout)],
+        max_eval_rows=r.heldout_prompts, num_heads=r.num_heads, num_layers=r.num_layers,
+        draft_vocab_size=r.draft_vocab_size, original_lm_head=r.original_lm_head,
+        heads_init=str(start), seq_len=r.m2_seq_len, max_steps=r.m2_steps,
+        batch_size=r.m2_batch_size, lr_warmup_steps=10, lambda_decay=r.lambda_decay, seed=r.seed,
+        dtype="float32", save_total_limit=1,
+    )
     if not (out / "train_summary.json").is_file() or force:
         resume = not force and latest_checkpoint(out) is not None
         cfg = TrainConfig(
-            model=str(model), output=str(out), data=[str(data)], eval_data=[str(w.distill_heldout)],
-            max_eval_rows=r.heldout_prompts, recipe="medusa2", self_distill=True,
-            num_heads=r.num_heads, num_layers=r.num_layers, draft_vocab_size=r.draft_vocab_size,
-            original_lm_head=r.original_lm_head, heads_init=str(start),
-            seq_len=r.m2_seq_len, max_steps=r.m2_steps, batch_size=r.m2_batch_size,
-            lr=r.m2_lr, lr_warmup_steps=10, lambda0=r.m2_lambda0, lora_rank=r.m2_lora_rank,
-            lora_alpha=2.0 * r.m2_lora_rank, heads_lr_multiplier=r.m2_heads_lr_multiplier,
-            lambda_decay=r.lambda_decay, seed=r.seed,
-            dtype="float32", save_steps=25, save_total_limit=1, resume=resume, overwrite=not resume,
+            **common, output=str(out), recipe="medusa2", self_distill=True, lr=r.m2_lr,
+            lambda0=r.m2_lambda0, lora_rank=r.m2_lora_rank, lora_alpha=2.0 * r.m2_lora_rank,
+            heads_lr_multiplier=r.m2_heads_lr_multiplier, save_steps=25, resume=resume,
+            overwrite=not resume,
         )
         say(f"medusa2: {r.m2_steps} steps of {r.m2_batch_size} rows from {len(rows)}, heads from "
             f"{start}" + (" (resuming)" if resume else ""))
@@ -943,14 +947,9 @@ def stage_medusa2(r: Recipe, w: Work, model: Path, force: bool) -> None:
     control = w / "medusa2-control"
     if r.m2_control and (not (control / "train_summary.json").is_file() or force):
         ccfg = TrainConfig(
-            model=str(model), output=str(control), data=[str(data)],
-            eval_data=[str(w.distill_heldout)], max_eval_rows=r.heldout_prompts, recipe="medusa1",
-            num_heads=r.num_heads, num_layers=r.num_layers, draft_vocab_size=r.draft_vocab_size,
-            original_lm_head=r.original_lm_head, heads_init=str(start), seq_len=r.m2_seq_len,
-            max_steps=r.m2_steps, batch_size=r.m2_batch_size,
-            lr=r.m2_lr * r.m2_heads_lr_multiplier, lr_warmup_steps=10,
-            lambda_decay=r.lambda_decay, seed=r.seed, dtype="float32", cache_hidden="memory",
-            save_steps=10_000, save_total_limit=1, overwrite=True,
+            **common, output=str(control), recipe="medusa1",
+            lr=r.m2_lr * r.m2_heads_lr_multiplier, cache_hidden="memory", save_steps=10_000,
+            overwrite=True,
         )
         say(f"medusa2: control, Medusa-1 on the same rows and steps (heads lr {ccfg.heads_lr:g})")
         train(ccfg)
