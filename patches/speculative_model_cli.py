@@ -11,7 +11,7 @@
 # made merge-aware; dotted `-sc.key value` options are appended last by vLLM's
 # parser), always building new dicts rather than mutating argparse defaults;
 # and (2) add "medusa_tree" to `--spec-method`'s choices. The translation
-# itself happens later, in `patches.speculative_method`, for all surfaces alike.
+# itself happens later, in `medusa_vllm_patches.speculative_method`, for all surfaces alike.
 """``--speculative-model medusa:HEADS`` and ``--spec-method medusa_tree`` for the vLLM CLI."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ __all__ = ["OPTION", "PREFIXES", "SpeculativeModelAction", "add_arguments", "app
 
 OPTION = "--speculative-model"
 PREFIXES = ("medusa:", "medusa_tree:")  # accepted forms: medusa:HEADS, medusa_tree:HEADS
-METHOD = "medusa_tree"  # same as medusa_vllm.plugin.METHOD (kept import-free)
+METHOD = "medusa_tree"  # same as medusa_vllm.engine.plugin.METHOD (kept import-free)
 _DEST = "speculative_model"
 _MARK = "__medusa_vllm_patch__"
 

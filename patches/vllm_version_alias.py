@@ -62,7 +62,7 @@ class _AliasDistribution(metadata.Distribution):
                 f"Name: {ALIAS}\n"
                 f"Version: {version}\n"
                 f"Summary: alias of the installed {TARGET} {self._target.version} "
-                "(added at run time by medusa-vllm's patches.vllm_version_alias)\n"
+                "(added at run time by medusa-vllm's medusa_vllm_patches.vllm_version_alias)\n"
             )
         return None
 

@@ -1,4 +1,4 @@
-"""Tests for medusa_vllm.acceptance: greedy, typical and lossless tree rejection sampling.
+"""Tests for medusa_vllm.core.acceptance: greedy, typical and lossless tree rejection sampling.
 
 - greedy / typical are compared with plain per-request, per-path reference
   loops on random prefix-closed trees, random logits and random absent nodes;
@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy.stats import chisquare
 
-from medusa_vllm.acceptance import (
+from medusa_vllm.core.acceptance import (
     AcceptanceParams,
     AcceptanceResult,
     AcceptanceRule,
@@ -30,7 +30,7 @@ from medusa_vllm.acceptance import (
     tree_accept,
     typical_accept,
 )
-from medusa_vllm.tree import MedusaTree
+from medusa_vllm.core.tree import MedusaTree
 
 SETTINGS = settings(
     max_examples=150,

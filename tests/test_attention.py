@@ -1,11 +1,13 @@
 """Tree attention over vLLM 0.32's real CPU paged KV cache vs a brute-force reference.
 
-The cache is allocated by vLLM's own ``allocate_kv_cache`` (the layout vLLM
-uses on this machine), prefix K/V are written by vLLM's own
-``cpu_attn_reshape_and_cache``, and the step runs through a real vLLM
-``Attention`` layer (backend picked by vLLM's selector after
-``register_tree_backend``), so ``do_kv_cache_update`` + ``forward`` run exactly
-as in a model forward.
+The cache is allocated by vLLM's own ``allocate_kv_cache``, prefix K/V are
+written by vLLM's own ``cpu_attn_reshape_and_cache``, and the step runs
+through a real vLLM ``Attention`` layer (backend picked by vLLM's selector
+after ``register_tree_backend``), so ``do_kv_cache_update`` + ``forward`` run
+exactly as in a model forward. Every KV layout vLLM picks on the CPUs this
+project meets (``vec``, ``vec16``, ``amx``; :mod:`tests.kv_layouts`) is a
+parameter; layouts this host cannot run are skipped with the reason. Also the
+device-agnostic tree plan (:mod:`medusa_vllm.engine.tree_plan`).
 """
 
 from __future__ import annotations
@@ -18,30 +20,44 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("vllm")
-
 from vllm import _custom_ops as ops
 from vllm.v1.attention.backends import cpu_attn
 
-from medusa_vllm import attention
-from medusa_vllm.attention import (
-    TreeBatch,
+from medusa_vllm.engine import tree_plan
+from medusa_vllm.engine.cpu import attention
+from medusa_vllm.engine.cpu.attention import (
     TreeCPUAttentionBackend,
     TreeCPUAttentionBackendImpl,
     TreeCPUAttentionMetadataBuilder,
-    causal_rows,
-    gather_kv,
-    kv_gather_index,
-    plan_tree_batch,
-    probe_cache_layout,
     register_tree_backend,
-    set_tree_batch,
     tree_attention_reference,
+)
+from medusa_vllm.engine.cpu.cache_layout import gather_kv, kv_gather_index, probe_cache_layout
+from medusa_vllm.engine.tree_plan import (
+    TreeBatch,
+    causal_rows,
+    plan_tree_batch,
+    set_tree_batch,
     tree_batch_context,
+    tree_rows,
+)
+from tests.kv_layouts import (
+    BF16,
+    BLOCK,
+    FP32,
+    LAYOUTS,
+    TRANSPOSED,
+    Layout,
+    params,
+    require_kernel,
+    require_writable,
 )
 
-HEADS, KV_HEADS, HEAD_SIZE, BLOCK = 4, 2, 64, 32
+HEADS, KV_HEADS = 4, 2
 NUM_BLOCKS = 40
+# the layouts the layer tests run a real vLLM Attention layer over
+ENV_LAYOUTS = [Layout("vec", FP32, 64), Layout("vec", BF16, 64), Layout("vec16", BF16, 80),
+               Layout("amx", BF16, 64)]
 LAYER = "model.layers.0.self_attn.attn"
 
 
@@ -58,7 +74,7 @@ def random_tree_mask(num_nodes: int, gen: torch.Generator) -> torch.Tensor:
     return m
 
 
-def make_kv_cache(dtype: torch.dtype, head_size: int = HEAD_SIZE, kv_heads: int = KV_HEADS):
+def make_kv_cache(dtype: torch.dtype, head_size: int, kv_heads: int = KV_HEADS):
     """One layer's KV cache exactly as vLLM 0.32 allocates it (LBHNC layer view)."""
     from vllm.v1.kv_cache_interface import (
         FullAttentionSpec,
@@ -86,20 +102,24 @@ def write_cache(kv, key, value, slots, isa):
     ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slots, isa)
 
 
-@pytest.fixture(scope="module", params=[torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.fixture(scope="module", params=params(ENV_LAYOUTS))
 def env(request, tmp_path_factory):
-    """A real VllmConfig + vLLM Attention layer served by the tree backend."""
+    """A real VllmConfig + vLLM Attention layer served by the tree backend, its
+    KV-cache group on the layout ``request.param`` (skipped where this host
+    cannot run it)."""
     from transformers import LlamaConfig
     from vllm.config import set_current_vllm_config
     from vllm.engine.arg_utils import EngineArgs
     from vllm.model_executor.layers.attention import Attention
     from vllm.v1.attention import selector
 
-    dtype = request.param
+    layout: Layout = request.param
+    require_kernel(layout, BLOCK)
+    dtype, head_size = layout.dtype, layout.head_size
     d = tmp_path_factory.mktemp("tinycfg")
     LlamaConfig(
-        vocab_size=128, hidden_size=HEADS * HEAD_SIZE, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_SIZE,
+        vocab_size=128, hidden_size=HEADS * head_size, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=head_size,
         max_position_embeddings=2048,
     ).save_pretrained(d)
     cfg = EngineArgs(
@@ -110,13 +130,19 @@ def env(request, tmp_path_factory):
     selector._cached_get_attn_backend.cache_clear()
     with set_current_vllm_config(cfg):
         layer = Attention(
-            num_heads=HEADS, head_size=HEAD_SIZE, scale=HEAD_SIZE**-0.5,
+            num_heads=HEADS, head_size=head_size, scale=head_size**-0.5,
             num_kv_heads=KV_HEADS, prefix=LAYER,
         )
-        kv, spec = make_kv_cache(dtype)
+        kv, spec = make_kv_cache(dtype, head_size)
         builder = TreeCPUAttentionMetadataBuilder(spec, [LAYER], cfg, torch.device("cpu"))
+        vllm_isa = builder.isa  # what vLLM picks for this group on this host
+        if builder.isa != layout.isa:
+            # e.g. vec on an AMX host: the group's ISA as the builder's fallback sets it
+            builder.isa = layout.isa
+            builder._set_isa_to_layers([LAYER])
     layer.kv_cache = kv
-    yield {"cfg": cfg, "layer": layer, "kv": kv, "spec": spec, "builder": builder, "dtype": dtype}
+    yield {"cfg": cfg, "layer": layer, "kv": kv, "spec": spec, "builder": builder,
+           "dtype": dtype, "head_size": head_size, "layout": layout, "vllm_isa": vllm_isa}
     set_tree_batch(None)
 
 
@@ -133,7 +159,7 @@ def run_step(env, reqs: list[Req], seed: int = 0, publish: bool = True, impl_cls
     from vllm.forward_context import set_forward_context
     from vllm.v1.attention.backend import CommonAttentionMetadata
 
-    dtype, kv, layer = env["dtype"], env["kv"], env["layer"]
+    dtype, kv, layer, head_size = env["dtype"], env["kv"], env["layer"], env["head_size"]
     gen = torch.Generator().manual_seed(seed)
     kv.zero_()
     free = torch.randperm(NUM_BLOCKS - 1, generator=gen) + 1  # block 0 = null block
@@ -147,14 +173,14 @@ def run_step(env, reqs: list[Req], seed: int = 0, publish: bool = True, impl_cls
         used += n
         pos = torch.arange(req.prefix + req.qlen)
         slot = block_table[r, pos // BLOCK].long() * BLOCK + pos % BLOCK
-        pk = torch.randn(req.prefix, KV_HEADS, HEAD_SIZE, generator=gen).to(dtype)
-        pv = torch.randn(req.prefix, KV_HEADS, HEAD_SIZE, generator=gen).to(dtype)
+        pk = torch.randn(req.prefix, KV_HEADS, head_size, generator=gen).to(dtype)
+        pv = torch.randn(req.prefix, KV_HEADS, head_size, generator=gen).to(dtype)
         write_cache(kv, pk, pv, slot[: req.prefix], layer.isa)
         prefixes.append((pk, pv))
         slots.append(slot[req.prefix :])
-        q.append(torch.randn(req.qlen, HEADS, HEAD_SIZE, generator=gen).to(dtype))
-        k.append(torch.randn(req.qlen, KV_HEADS, HEAD_SIZE, generator=gen).to(dtype))
-        v.append(torch.randn(req.qlen, KV_HEADS, HEAD_SIZE, generator=gen).to(dtype))
+        q.append(torch.randn(req.qlen, HEADS, head_size, generator=gen).to(dtype))
+        k.append(torch.randn(req.qlen, KV_HEADS, head_size, generator=gen).to(dtype))
+        v.append(torch.randn(req.qlen, KV_HEADS, head_size, generator=gen).to(dtype))
         qsl.append(qsl[-1] + req.qlen)
     query, key, value = torch.cat(q), torch.cat(k), torch.cat(v)
     slot_mapping = torch.cat(slots)
@@ -189,7 +215,7 @@ def run_step(env, reqs: list[Req], seed: int = 0, publish: bool = True, impl_cls
         impl.__dict__.update(layer.impl.__dict__)
     with set_current_vllm_config(env["cfg"]), set_forward_context({LAYER: meta}, env["cfg"], slot_mapping={LAYER: slot_mapping}):
         if impl_cls is None:
-            out = layer(query.clone(), key.clone(), value.clone()).view(-1, HEADS, HEAD_SIZE)
+            out = layer(query.clone(), key.clone(), value.clone()).view(-1, HEADS, head_size)
         else:  # a plain vLLM impl on the same metadata (after the same cache update)
             layer.impl.do_kv_cache_update(layer, key, value, kv, slot_mapping)
             out = torch.empty_like(query)
@@ -199,21 +225,20 @@ def run_step(env, reqs: list[Req], seed: int = 0, publish: bool = True, impl_cls
         rows = slice(qsl[i], qsl[i + 1])
         mask = req.tree if req.tree is not None else torch.ones(req.qlen, req.qlen, dtype=torch.bool).tril()
         expected[rows] = tree_attention_reference(
-            query[rows], key[rows], value[rows], *prefixes[i], mask, HEAD_SIZE**-0.5
+            query[rows], key[rows], value[rows], *prefixes[i], mask, head_size**-0.5
         )
     return out, expected, meta, qsl
 
 
-def tol(dtype):
+def tol(dtype: torch.dtype) -> dict[str, float]:
     return {"atol": 2e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 3e-2, "rtol": 2e-2}
 
 
 # -------------------------------------------------------------------- layout
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("head_size,isa", [(64, "vec"), (80, "vec16")])
-def test_probe_learns_the_documented_vec_layout(dtype, head_size, isa):
-    assert cpu_attn._get_attn_isa(dtype, BLOCK, head_size) == isa
-    layout = probe_cache_layout(isa, dtype, BLOCK, head_size)
+@pytest.mark.parametrize("case", params(TRANSPOSED))
+def test_probe_learns_the_documented_vec_layout(case):
+    layout = require_writable(case)
+    head_size = case.head_size
     t = torch.arange(BLOCK).view(-1, 1)
     d = torch.arange(head_size).view(1, -1)
     assert torch.equal(layout.k_offsets, d * BLOCK + t)  # K transposed [D, BS]
@@ -237,11 +262,11 @@ def test_probe_learns_amx_layout_or_refuses_naming_it():
     assert torch.equal(offsets.sort().values, torch.arange(layout.tile_numel))
 
 
-@pytest.mark.parametrize("head_size", [64, 80])
-def test_gather_kv_reads_what_vllm_wrote(head_size):
-    dtype = torch.bfloat16
+@pytest.mark.parametrize("case", params(LAYOUTS))
+def test_gather_kv_reads_what_vllm_wrote(case):
+    layout = require_writable(case)
+    isa, dtype, head_size = case
     kv, _ = make_kv_cache(dtype, head_size)
-    isa = cpu_attn._get_attn_isa(dtype, BLOCK, head_size)
     gen = torch.Generator().manual_seed(1)
     blocks = torch.tensor([[5, 2, 9], [7, 3, 0]])
     n = [3 * BLOCK, 2 * BLOCK - 5]
@@ -253,7 +278,6 @@ def test_gather_kv_reads_what_vllm_wrote(head_size):
         write_cache(kv, k, v, blocks[r, pos // BLOCK] * BLOCK + pos % BLOCK, isa)
         ks.append(k)
         vs.append(v)
-    layout = probe_cache_layout(isa, dtype, BLOCK, head_size)
     generic = dataclasses.replace(layout, k_transposed=False)
     for lay in (layout, generic):  # strided fast path and index path
         k_out, v_out = gather_kv(kv, blocks, lay)
@@ -269,10 +293,10 @@ def test_gather_kv_reads_what_vllm_wrote(head_size):
 
 def test_reference_is_causal_attention_on_a_chain():
     gen = torch.Generator().manual_seed(2)
-    t, p = 5, 7
-    q = torch.randn(t, HEADS, HEAD_SIZE, generator=gen, dtype=torch.float64)
-    k = torch.randn(p + t, KV_HEADS, HEAD_SIZE, generator=gen, dtype=torch.float64)
-    v = torch.randn(p + t, KV_HEADS, HEAD_SIZE, generator=gen, dtype=torch.float64)
+    t, p, d = 5, 7, 64
+    q = torch.randn(t, HEADS, d, generator=gen, dtype=torch.float64)
+    k = torch.randn(p + t, KV_HEADS, d, generator=gen, dtype=torch.float64)
+    v = torch.randn(p + t, KV_HEADS, d, generator=gen, dtype=torch.float64)
     chain = torch.ones(t, t, dtype=torch.bool).tril()
     ref = tree_attention_reference(q, k[p:], v[p:], k[:p], v[:p], chain, 0.3)
     causal = torch.ones(t, p + t, dtype=torch.bool).tril(diagonal=p)
@@ -294,7 +318,10 @@ def test_vllm_selects_the_tree_backend(env):
     assert AttentionBackendEnum.CPU_ATTN.get_class() is TreeCPUAttentionBackend
     assert isinstance(env["layer"].impl, TreeCPUAttentionBackendImpl)
     assert TreeCPUAttentionBackend.get_name() == "CPU_ATTN"
-    assert env["layer"].isa == "vec"
+    # the group's ISA reached the real layer (the KV writes use it)
+    assert env["builder"].isa == env["layer"].isa == env["layout"].isa
+    # vLLM's own pick on this host is one of the layouts the tests cover
+    assert env["vllm_isa"] in {layout.isa for layout in LAYOUTS}
 
 
 def test_tree_rows_match_reference_in_a_mixed_batch(env):
@@ -310,8 +337,8 @@ def test_tree_rows_match_reference_in_a_mixed_batch(env):
         Req(prefix=200, qlen=8, tree=big[:8, :8]),
     ]
     out, expected, meta, qsl = run_step(env, reqs, seed=4)
-    assert meta.tree is not None and meta.tree.plain_metadata is not None
-    assert not isinstance(meta.tree.plain_rows, slice)  # interleaved plain rows
+    assert meta.tree is not None and meta.plain is not None
+    assert not isinstance(meta.plain.rows, slice)  # interleaved plain rows
     assert isinstance(meta.tree.rows, torch.Tensor)  # ... so tree rows are indexed
     torch.testing.assert_close(out, expected, **tol(env["dtype"]))
     # the tree really matters: causal attention differs on tree rows
@@ -322,13 +349,16 @@ def test_tree_rows_match_reference_in_a_mixed_batch(env):
 
 def test_element_index_reads_match_tile_reads(env, monkeypatch):
     """Layouts that are not K-transposed (e.g. AMX's packing) are read through
-    flat element indices instead of whole tiles: same rows, same answer."""
-    import medusa_vllm.attention as attention
-
+    flat element indices instead of whole tiles: same rows, same answer (on a
+    K-transposed layout, forcing the index path checks it against the tile path)."""
     gen = torch.Generator().manual_seed(21)
     tree = random_tree_mask(9, gen)
     reqs = [Req(prefix=70, qlen=10, tree=tree), Req(prefix=5, qlen=1), Req(prefix=33, qlen=4, tree=tree[:4, :4])]
-    tile_out, expected, _, _ = run_step(env, reqs, seed=22)
+    tile_out, expected, meta, _ = run_step(env, reqs, seed=22)
+    transposed = require_kernel(env["layout"]).k_transposed
+    reads = next(iter(meta.tree.layer_cache.values()))
+    assert (reads.kv.blocks is not None) == transposed  # whole tiles exactly for vec/vec16
+    torch.testing.assert_close(tile_out, expected, **tol(env["dtype"]))
     real = attention.probe_cache_layout
     seen = []
 
@@ -339,7 +369,7 @@ def test_element_index_reads_match_tile_reads(env, monkeypatch):
 
     monkeypatch.setattr(attention, "probe_cache_layout", generic)
     index_out, _, meta, _ = run_step(env, reqs, seed=22)
-    assert seen and all(seen)  # this host's layout is the transposed one; forced generic here
+    assert seen and set(seen) == {transposed}
     reads = next(iter(meta.tree.layer_cache.values()))
     assert reads.kv.blocks is None and reads.kv.k_index is not None
     torch.testing.assert_close(index_out, expected, **tol(env["dtype"]))
@@ -363,7 +393,7 @@ def test_all_tree_batch_skips_the_kernel(env):
     tree = random_tree_mask(10, gen)
     reqs = [Req(prefix=p, qlen=n, tree=tree[:n, :n]) for p, n in [(31, 11), (64, 5), (1, 9)]]
     out, expected, meta, _ = run_step(env, reqs, seed=8)
-    assert meta.tree.plain_metadata is None
+    assert meta.tree is not None and meta.plain is None
     torch.testing.assert_close(out, expected, **tol(env["dtype"]))
 
 
@@ -406,7 +436,7 @@ def test_chain_tree_equals_vllm_causal_kernel(env, monkeypatch):
     torch.testing.assert_close(out, kernel, **tol(env["dtype"]))
     torch.testing.assert_close(out, expected, **tol(env["dtype"]))
     # ... and the torch tree path, forced onto the same chains, agrees with it
-    monkeypatch.setattr(attention, "causal_rows", lambda mask: 0)
+    monkeypatch.setattr(tree_plan, "causal_rows", lambda mask: 0)
     out, _, meta, _ = run_step(env, reqs, seed=16)
     assert meta.tree is not None and meta.tree.req_indices.tolist() == [0, 2]
     torch.testing.assert_close(out, kernel, **tol(env["dtype"]))
@@ -419,6 +449,12 @@ def test_causal_rows_counts_the_leading_chain():
     wide[2, 1] = False  # node 2 is a second child of the root
     assert causal_rows(wide) == 2
     assert causal_rows(np.ones((1, 1), dtype=bool)) == 1
+
+
+def test_tree_rows_lists_each_requests_rows_in_node_order():
+    rows, node = tree_rows(np.array([4, 0, 9]), np.array([3, 1, 2]))
+    assert rows.tolist() == [4, 5, 6, 0, 9, 10]
+    assert node.tolist() == [0, 1, 2, 0, 0, 1]
 
 
 def test_chain_requests_go_to_the_kernel_next_to_a_wide_tree(env):
@@ -438,7 +474,7 @@ def test_contiguous_plain_rows_use_views(env):
     tree = random_tree_mask(5, gen)
     reqs = [Req(prefix=20, qlen=6, tree=tree), Req(prefix=10, qlen=3), Req(prefix=70, qlen=1)]
     out, expected, meta, _ = run_step(env, reqs, seed=10)
-    assert meta.tree.plain_rows == slice(6, 10)
+    assert meta.plain.rows == slice(6, 10)
     torch.testing.assert_close(out, expected, **tol(env["dtype"]))
 
 
@@ -451,7 +487,7 @@ def test_without_tree_batch_the_metadata_is_vllms(env):
     torch.testing.assert_close(out, expected, **tol(env["dtype"]))
 
 
-def test_stale_or_bad_tree_batch_is_refused(env):
+def test_stale_or_bad_tree_batch_is_refused():
     from vllm.v1.attention.backend import CommonAttentionMetadata
 
     qsl = torch.tensor([0, 1, 6], dtype=torch.int32)
@@ -490,17 +526,16 @@ def test_unsupported_layer_features_are_refused(env):
         impl.sliding_window = -1
 
 
+@pytest.mark.parametrize("env", params([Layout("vec", BF16, 64)]), indirect=True)
 def test_builder_falls_back_to_vec_when_layout_unreadable(env, monkeypatch):
-    import medusa_vllm.attention as A
-
-    real = A.probe_cache_layout
+    real = attention.probe_cache_layout
 
     def probe(isa, *args):  # amx unreadable, as on hosts where vLLM's amx writer cannot run
         if isa == "amx":
             raise RuntimeError("probe_cache_layout(isa='amx', ...): op does not run on this host")
         return real(isa, *args)
 
-    monkeypatch.setattr(A, "probe_cache_layout", probe)
+    monkeypatch.setattr(attention, "probe_cache_layout", probe)
     builder, layer = env["builder"], env["layer"]
     monkeypatch.setattr(builder, "isa", "amx")
     monkeypatch.setattr(layer, "isa", "amx")

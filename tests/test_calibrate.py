@@ -5,8 +5,8 @@ import itertools
 import pytest
 import torch
 
-from medusa_vllm.calibrate import fit_tree, interpolate_cost
-from medusa_vllm.tree import MedusaTree, expected_accept_length
+from medusa_vllm.core.tree import MedusaTree
+from medusa_vllm.core.tree_fit import expected_accept_length, fit_tree, interpolate_cost, tree_from_accuracies
 
 ACC = [[0.55, 0.12, 0.05, 0.03], [0.35, 0.1, 0.04, 0.02], [0.25, 0.07, 0.03, 0.02]]
 
@@ -50,13 +50,13 @@ def test_steeper_cost_prefers_smaller_trees():
     flat = fit_tree(ACC, {1: 1.01, 64: 1.2}, 64)[0]
     steep = fit_tree(ACC, {1: 1.05, 64: 5.0}, 64)[0]
     assert isinstance(flat, MedusaTree) and steep.num_nodes < flat.num_nodes
-    assert torch.equal(steep.tree_mask, MedusaTree.from_accuracies(ACC, steep.num_nodes).tree_mask)
+    assert torch.equal(steep.tree_mask, tree_from_accuracies(ACC, steep.num_nodes).tree_mask)
 
 
 def test_fit_nodes_by_batch_shrinks_with_steeper_curves_and_matches_brute_force():
-    from medusa_vllm.calibrate import fit_nodes_by_batch
+    from medusa_vllm.core.tree_fit import fit_nodes_by_batch
 
-    tree = MedusaTree.from_accuracies(ACC, 16)
+    tree = tree_from_accuracies(ACC, 16)
     curves = {1: {1: 1.02, 16: 1.3}, 8: {1: 1.3, 16: 4.0}, 64: {1: 2.5, 16: 20.0}}
     table = fit_nodes_by_batch(tree, ACC, curves)
     assert set(table) == {1, 8, 64}
@@ -65,7 +65,8 @@ def test_fit_nodes_by_batch_shrinks_with_steeper_curves_and_matches_brute_force(
     assert table[1] > 0
     for bs, curve in curves.items():  # brute force over every BFS prefix (and 0)
         cost = interpolate_cost(curve)
-        speeds = [1.0] + [tree.truncate(n).expected_accept_length(ACC) / cost(n) for n in range(1, 17)]
+        speeds = [1.0] + [expected_accept_length(ACC, tree.truncate(n).medusa_choices) / cost(n)
+                          for n in range(1, 17)]
         assert speeds[table[bs]] == pytest.approx(max(speeds))
 
 
@@ -73,8 +74,8 @@ def test_cost_curve_rounds_interleave_and_take_the_median(tmp_path):
     """Each round times vanilla first, then every size (order alternating), and
     divides by its own round's vanilla: a machine that slows down 2x between
     rounds leaves the ratios intact; an outlier round is voted out by the median."""
-    from medusa_vllm.calibrate import measure_cost_curve
-    from medusa_vllm.testing import write_medusa_heads_config
+    from medusa_vllm.tools.calibrate import measure_cost_curve
+    from medusa_vllm.tools.tiny_models import write_medusa_heads_config
 
     heads = write_medusa_heads_config(tmp_path / "heads", num_heads=4)
     true_cost = {1: 1.2, 4: 1.5, 16: 2.5}
@@ -109,7 +110,7 @@ def test_cheaper_chains_compete_with_trees():
     """Chains verify through the causal kernel: with their own (cheaper) curve a
     chain wins when it gives more expected tokens per unit cost, and every
     candidate's speed matches a direct computation."""
-    from medusa_vllm.calibrate import fit_nodes_by_batch, is_chain, prefix_cost
+    from medusa_vllm.core.tree_fit import fit_nodes_by_batch, is_chain, prefix_cost
 
     acc = [[0.5, 0.1, 0.05], [0.45, 0.1, 0.05], [0.4, 0.1, 0.05]]
     curve = {1: 1.4, 2: 1.5, 4: 1.55, 8: 1.65}
@@ -117,11 +118,12 @@ def test_cheaper_chains_compete_with_trees():
     assert not is_chain(tree)
     chain_curve = {1: 1.05, 2: 1.1, 3: 1.15}
     best, exp_len, best_speed = fit_tree(acc, curve, 8, chain_curve)
-    speeds = {d: MedusaTree.chain(d).expected_accept_length(acc) / c for d, c in chain_curve.items()}
+    speeds = {d: expected_accept_length(acc, MedusaTree.chain(d).medusa_choices) / c
+              for d, c in chain_curve.items()}
     d = max(speeds, key=speeds.get)
     assert is_chain(best) and best.num_nodes == d
     assert best_speed == pytest.approx(speeds[d]) and best_speed > speed
-    assert exp_len == pytest.approx(MedusaTree.chain(d).expected_accept_length(acc))
+    assert exp_len == pytest.approx(expected_accept_length(acc, MedusaTree.chain(d).medusa_choices))
     # expensive chains: the tree stays
     assert not is_chain(fit_tree(acc, curve, 8, {1: 3.0, 2: 3.0, 3: 3.0})[0])
     # prefixes: chain-shaped ones take the chain curve's price, others the tree curve
@@ -135,8 +137,8 @@ def test_cheaper_chains_compete_with_trees():
 
 
 def test_cost_curves_time_chains_against_the_same_vanilla(tmp_path):
-    from medusa_vllm.calibrate import measure_cost_curves
-    from medusa_vllm.testing import write_medusa_heads_config
+    from medusa_vllm.tools.calibrate import measure_cost_curves
+    from medusa_vllm.tools.tiny_models import write_medusa_heads_config
 
     heads = write_medusa_heads_config(tmp_path / "heads", num_heads=3)
     true_cost = {"tree-2": 1.6, "tree-4": 1.9, "chain-1": 1.1, "chain-3": 1.3}
@@ -163,7 +165,7 @@ def test_cost_curves_time_chains_against_the_same_vanilla(tmp_path):
 def test_noisy_cost_points_never_make_a_bigger_draft_cheaper():
     """A measured point below a smaller draft's (or below vanilla's 1.0) is timing
     noise: it is priced at the running maximum, so it cannot win the fit."""
-    from medusa_vllm.calibrate import fit_nodes_by_batch, monotone_curve, prefix_cost
+    from medusa_vllm.core.tree_fit import fit_nodes_by_batch, monotone_curve, prefix_cost
 
     assert monotone_curve({1: 1.16, 2: 1.06, 3: 1.27, 4: 1.36}) == {1: 1.16, 2: 1.16, 3: 1.27, 4: 1.36}
     assert monotone_curve({2: 0.97, 4: 1.2}) == {2: 1.0, 4: 1.2}
@@ -176,7 +178,7 @@ def test_noisy_cost_points_never_make_a_bigger_draft_cheaper():
     chain2 = MedusaTree.chain(2)
     assert prefix_cost(chain2, 2, {2: 1.4}, noisy) == pytest.approx(1.16)
     best, _, speed = fit_tree(acc, {2: 1.4, 4: 1.6}, 4, noisy)
-    e1, e2 = (MedusaTree.chain(d).expected_accept_length(acc) for d in (1, 2))
+    e1, e2 = (expected_accept_length(acc, MedusaTree.chain(d).medusa_choices) for d in (1, 2))
     assert speed == pytest.approx(max(e1, e2) / 1.16)
     assert best.num_nodes == (2 if e2 > e1 else 1)
     # with depth 2 useless, chain-1 wins though chain-2's raw point was cheaper
@@ -191,9 +193,9 @@ def test_calibrate_cli_fits_a_tree_and_replays_it_on_the_data(tmp_path, monkeypa
     import argparse
     import json
 
-    import medusa_vllm.calibrate as C
-    from medusa_vllm.testing import build_tiny_llama, distill_tiny_heads
-    from medusa_vllm.tree_stats import simulate_acceptance
+    import medusa_vllm.tools.calibrate as C
+    from medusa_vllm.tools.tiny_models import build_tiny_llama, distill_tiny_heads
+    from medusa_vllm.core.tree_stats import simulate_acceptance
 
     model = build_tiny_llama(tmp_path / "model", vocab=128, hidden=32, layers=1, seed=0)
     heads = distill_tiny_heads(model, tmp_path / "heads", num_heads=3, steps=60, num_sequences=64)

@@ -25,7 +25,7 @@ from medusa_vllm.checkpoints import (
     load_heads,
     save_heads,
 )
-from medusa_vllm.heads import MedusaConfig, MedusaHeads, token_map_from_counts
+from medusa_vllm.core.heads import MedusaHeadsConfig, MedusaHeads, token_map_from_counts
 
 H, V = 8, 24
 
@@ -35,7 +35,7 @@ def random_heads(seed: int = 0, **cfg_kwargs) -> MedusaHeads:
     """Heads with random (non-zero) weights; token_map drawn if truncated."""
     kwargs = {"hidden_size": H, "vocab_size": V, "num_heads": 3, "num_layers": 2}
     kwargs.update(cfg_kwargs)
-    cfg = MedusaConfig(**kwargs)
+    cfg = MedusaHeadsConfig(**kwargs)
     g = torch.Generator().manual_seed(seed)
     tm = None
     if cfg.truncated_vocab_size is not None:
@@ -179,9 +179,9 @@ def edit_tensors(file: Path, fn) -> None:
 @pytest.mark.parametrize("shared", [False, True])
 def test_round_trip_each_layout(tmp_path, layout, shared):
     heads = random_heads(original_lm_head=shared)
-    out = heads.save_pretrained(tmp_path / layout, layout=layout)
+    out = save_heads(heads, tmp_path / layout, layout=layout)
     assert detect_layout(out) == layout
-    loaded = MedusaHeads.from_pretrained(out)
+    loaded = load_heads(out)
     assert_same_heads(heads, loaded)
     if layout != "medusa":  # FasterDecoding has no shared LM layer: duplicated
         assert loaded.config == heads.config
@@ -189,7 +189,7 @@ def test_round_trip_each_layout(tmp_path, layout, shared):
 
 def test_cross_load_chain_gives_identical_logits(tmp_path):
     heads = random_heads(seed=7, num_layers=1, base_model_name_or_path="tiny/base")
-    a = heads.save_pretrained(tmp_path / "ours")
+    a = save_heads(heads, tmp_path / "ours")
     b = convert(a, tmp_path / "vllm", "vllm")
     c = convert(b, tmp_path / "ours2", "medusa_vllm")
     d = convert(c, tmp_path / "ref", "medusa")
@@ -243,7 +243,7 @@ def test_trtllm_quantized_is_refused(tmp_path):
 @pytest.mark.parametrize("layout", ["medusa_vllm", "vllm"])
 def test_reduced_vocab_round_trip(tmp_path, layout):
     heads = random_heads(seed=6, truncated_vocab_size=7, original_lm_head=True)
-    out = heads.save_pretrained(tmp_path / layout, layout=layout)
+    out = save_heads(heads, tmp_path / layout, layout=layout)
     loaded = load_heads(out)
     assert loaded.config.truncated_vocab_size == 7
     assert torch.equal(loaded.token_map, heads.token_map)
@@ -253,13 +253,13 @@ def test_reduced_vocab_round_trip(tmp_path, layout):
 
 def test_reduced_vocab_per_head_round_trips_in_ours_only(tmp_path):
     heads = random_heads(seed=8, truncated_vocab_size=5)
-    assert_same_heads(heads, load_heads(heads.save_pretrained(tmp_path / "ours")))
+    assert_same_heads(heads, load_heads(save_heads(heads, tmp_path / "ours")))
     with pytest.raises(
         MedusaCheckpointError, match=r"vLLM 0\.32.*truncated_vocab_size=5"
     ):
-        heads.save_pretrained(tmp_path / "vllm", layout="vllm")
+        save_heads(heads, tmp_path / "vllm", layout="vllm")
     with pytest.raises(MedusaCheckpointError, match="reduced draft vocabulary"):
-        heads.save_pretrained(tmp_path / "ref", layout="medusa")
+        save_heads(heads, tmp_path / "ref", layout="medusa")
 
 
 def test_vllm_full_vocab_lm_weight_is_sliced_by_token_map(tmp_path):
@@ -326,7 +326,7 @@ def test_vllm_loader_key_variants(tmp_path):
 
 def test_vllm_bias_without_medusa_fc_bias_warns_and_loads(tmp_path):
     heads = random_heads(seed=10)
-    d = heads.save_pretrained(tmp_path / "vllm", layout="vllm")
+    d = save_heads(heads, tmp_path / "vllm", layout="vllm")
     edit_json(d / "config.json", medusa_fc_bias=False)
     with pytest.warns(UserWarning, match="medusa_fc_bias"):
         loaded = load_heads(d)
@@ -337,7 +337,7 @@ def test_vllm_export_config_fields(tmp_path):
     heads = random_heads(
         seed=11, truncated_vocab_size=9, original_lm_head=True, resblock_bias=False
     )
-    d = heads.save_pretrained(tmp_path / "vllm", layout="vllm")
+    d = save_heads(heads, tmp_path / "vllm", layout="vllm")
     cfg = json.loads((d / "config.json").read_text())
     assert cfg["model_type"] == "medusa"
     assert cfg["architectures"] == ["MedusaModel"]
@@ -357,9 +357,9 @@ def test_vllm_export_config_fields(tmp_path):
 # ------------------------------------------------------------ shared lm_head
 def test_shared_lm_head_may_be_omitted_and_supplied_at_load(tmp_path):
     backbone_lm = torch.randn(V, H)
-    cfg = MedusaConfig(hidden_size=H, vocab_size=V, num_heads=3, original_lm_head=True)
+    cfg = MedusaHeadsConfig(hidden_size=H, vocab_size=V, num_heads=3, original_lm_head=True)
     heads = MedusaHeads(cfg, lm_head_weight=backbone_lm)
-    d = heads.save_pretrained(tmp_path / "ours", include_lm_head=False)
+    d = save_heads(heads, tmp_path / "ours", include_lm_head=False)
     assert "lm_head.weight" not in load_file(str(d / "model.safetensors"))
 
     with pytest.raises(
@@ -386,7 +386,7 @@ def test_shared_lm_head_may_be_omitted_and_supplied_at_load(tmp_path):
 
 def test_shared_lm_head_omitted_with_reduced_vocab(tmp_path):
     backbone_lm = torch.randn(V, H)
-    cfg = MedusaConfig(
+    cfg = MedusaHeadsConfig(
         hidden_size=H,
         vocab_size=V,
         num_heads=2,
@@ -396,19 +396,19 @@ def test_shared_lm_head_omitted_with_reduced_vocab(tmp_path):
     heads = MedusaHeads(
         cfg, token_map=torch.tensor([3, 17, 0, 9]), lm_head_weight=backbone_lm
     )
-    d = heads.save_pretrained(tmp_path / "ours", include_lm_head=False)
+    d = save_heads(heads, tmp_path / "ours", include_lm_head=False)
     loaded = load_heads(d, lm_head_weight=backbone_lm)  # full weight, sliced on load
     assert_same_heads(heads, loaded)
 
 
 def test_include_lm_head_false_refusals(tmp_path):
     with pytest.raises(MedusaCheckpointError, match="original_lm_head=True"):
-        random_heads().save_pretrained(tmp_path / "a", include_lm_head=False)
+        save_heads(random_heads(), tmp_path / "a", include_lm_head=False)
     shared = random_heads(original_lm_head=True)
     with pytest.raises(
         MedusaCheckpointError, match="only possible for layout 'medusa_vllm'"
     ):
-        shared.save_pretrained(tmp_path / "b", layout="vllm", include_lm_head=False)
+        save_heads(shared, tmp_path / "b", layout="vllm", include_lm_head=False)
 
 
 def test_load_backbone_lm_head_variants(tmp_path):
@@ -456,9 +456,9 @@ def test_convert_main_cli(tmp_path, capsys):
     backbone.mkdir()
     backbone_lm = torch.randn(V, H)
     save_file({"lm_head.weight": backbone_lm}, str(backbone / "model.safetensors"))
-    cfg = MedusaConfig(hidden_size=H, vocab_size=V, num_heads=2, original_lm_head=True)
+    cfg = MedusaHeadsConfig(hidden_size=H, vocab_size=V, num_heads=2, original_lm_head=True)
     heads = MedusaHeads(cfg, lm_head_weight=backbone_lm)
-    src = heads.save_pretrained(tmp_path / "src", include_lm_head=False)
+    src = save_heads(heads, tmp_path / "src", include_lm_head=False)
 
     parser = add_convert_args(argparse.ArgumentParser())
     args = parser.parse_args(
@@ -492,7 +492,7 @@ def test_convert_main_cli(tmp_path, capsys):
 
 def test_dtype_is_preserved(tmp_path):
     heads = random_heads().to(torch.float16)
-    loaded = load_heads(heads.save_pretrained(tmp_path / "h"))
+    loaded = load_heads(save_heads(heads, tmp_path / "h"))
     assert loaded.dtype == torch.float16
     assert_same_heads(heads, loaded)
     assert load_heads(tmp_path / "h", dtype=torch.float32).dtype == torch.float32
@@ -505,7 +505,7 @@ def test_missing_directory(tmp_path):
 
 
 def test_file_instead_of_directory(tmp_path):
-    d = random_heads().save_pretrained(tmp_path / "h")
+    d = save_heads(random_heads(), tmp_path / "h")
     with pytest.raises(MedusaCheckpointError, match=r"model\.safetensors is a file"):
         load_heads(d / "model.safetensors")
 
@@ -538,7 +538,7 @@ def test_unknown_layout_lists_tried_layouts_and_files(tmp_path):
 
 
 def test_unknown_layout_argument(tmp_path):
-    d = random_heads().save_pretrained(tmp_path / "h")
+    d = save_heads(random_heads(), tmp_path / "h")
     with pytest.raises(MedusaCheckpointError, match="unknown layout 'eagle'"):
         load_heads(d, layout="eagle")
     with pytest.raises(MedusaCheckpointError, match="unknown output layout 'eagle'"):
@@ -546,14 +546,14 @@ def test_unknown_layout_argument(tmp_path):
 
 
 def test_invalid_json_names_file(tmp_path):
-    d = random_heads().save_pretrained(tmp_path / "h")
+    d = save_heads(random_heads(), tmp_path / "h")
     (d / "config.json").write_text("{not json")
     with pytest.raises(MedusaCheckpointError, match=r"config\.json: not valid JSON"):
         load_heads(d)
 
 
 def test_missing_weights_file_names_it(tmp_path):
-    d = random_heads().save_pretrained(tmp_path / "h")
+    d = save_heads(random_heads(), tmp_path / "h")
     (d / "model.safetensors").unlink()
     with pytest.raises(
         MedusaCheckpointError, match=r"weights file .*model\.safetensors is missing"
@@ -571,13 +571,13 @@ def test_missing_weights_file_names_it(tmp_path):
 
 
 def test_bad_format_version_and_bad_field(tmp_path):
-    d = random_heads().save_pretrained(tmp_path / "h")
+    d = save_heads(random_heads(), tmp_path / "h")
     edit_json(d / "config.json", medusa_vllm_format=99)
     with pytest.raises(MedusaCheckpointError, match=r"'medusa_vllm_format' is 99"):
         load_heads(d)
     edit_json(d / "config.json", medusa_vllm_format=1, num_heads=0)
     with pytest.raises(
-        MedusaCheckpointError, match=r"config\.json: MedusaConfig\.num_heads"
+        MedusaCheckpointError, match=r"config\.json: MedusaHeadsConfig\.num_heads"
     ):
         load_heads(d)
     ref = write_reference(random_heads(), tmp_path / "ref")
@@ -614,7 +614,7 @@ def test_heads_that_disagree_on_hidden_size_name_the_tensor(tmp_path):
 
 
 def test_vllm_config_size_disagrees_with_tensors(tmp_path):
-    d = random_heads().save_pretrained(tmp_path / "v", layout="vllm")
+    d = save_heads(random_heads(), tmp_path / "v", layout="vllm")
     edit_json(d / "config.json", hidden_size=H * 2)
     with pytest.raises(
         MedusaCheckpointError,
@@ -625,7 +625,7 @@ def test_vllm_config_size_disagrees_with_tensors(tmp_path):
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_weight_names_the_tensor(tmp_path, bad):
-    d = random_heads().save_pretrained(tmp_path / "h")
+    d = save_heads(random_heads(), tmp_path / "h")
 
     def poison(state):
         state["blocks.1.layers.0.bias"][3] = bad
@@ -639,7 +639,7 @@ def test_non_finite_weight_names_the_tensor(tmp_path, bad):
 
 
 def test_missing_keys_are_listed(tmp_path):
-    d = random_heads().save_pretrained(tmp_path / "h")
+    d = save_heads(random_heads(), tmp_path / "h")
     edit_tensors(d / "model.safetensors", lambda s: s.pop("blocks.2.layers.1.weight"))
     with pytest.raises(
         MedusaCheckpointError,
@@ -650,7 +650,7 @@ def test_missing_keys_are_listed(tmp_path):
 
 def test_unexpected_keys_strict_and_lenient(tmp_path):
     heads = random_heads()
-    d = heads.save_pretrained(tmp_path / "h")
+    d = save_heads(heads, tmp_path / "h")
     edit_tensors(
         d / "model.safetensors", lambda s: s.__setitem__("extra.weight", torch.ones(2))
     )
@@ -679,7 +679,7 @@ def test_config_head_count_disagrees_with_tensors(tmp_path):
 
 def test_bad_token_map_in_checkpoint(tmp_path):
     heads = random_heads(truncated_vocab_size=5, original_lm_head=True)
-    d = heads.save_pretrained(tmp_path / "h")
+    d = save_heads(heads, tmp_path / "h")
 
     def out_of_range(state):
         state["token_map"] = torch.tensor([0, 1, 2, 3, V + 5])
@@ -707,8 +707,8 @@ def test_refuses_to_overwrite_non_empty_destination(tmp_path):
     with pytest.raises(
         MedusaCheckpointError, match=r"not empty.*'notes\.txt'.*overwrite=True"
     ):
-        heads.save_pretrained(dst)
-    heads.save_pretrained(dst, overwrite=True)
+        save_heads(heads, dst)
+    save_heads(heads, dst, overwrite=True)
     assert (dst / "notes.txt").read_text() == "keep me"
     assert not (dst / "medusa_lm_head.pt").exists()  # stale weights removed
     assert_same_heads(heads, load_heads(dst))
@@ -716,11 +716,11 @@ def test_refuses_to_overwrite_non_empty_destination(tmp_path):
         convert(dst, dst, overwrite=True)
     (tmp_path / "file").write_text("x")
     with pytest.raises(MedusaCheckpointError, match="not a directory"):
-        heads.save_pretrained(tmp_path / "file")
+        save_heads(heads, tmp_path / "file")
 
 
 def test_check_compatible():
-    cfg = MedusaConfig(
+    cfg = MedusaHeadsConfig(
         hidden_size=H, vocab_size=V, num_heads=2, base_model_name_or_path="tiny/llama"
     )
     check_compatible(cfg, H, V)
@@ -734,7 +734,7 @@ def test_check_compatible():
         match=r"^my heads .*vocab_size 24 != backbone vocab_size 25$",
     ):
         check_compatible(
-            MedusaConfig(hidden_size=H, vocab_size=V, num_heads=2),
+            MedusaHeadsConfig(hidden_size=H, vocab_size=V, num_heads=2),
             H,
             25,
             source="my heads",
@@ -836,10 +836,10 @@ def test_vllm_builtin_medusa_loads_exports(tmp_path):
     }
     cases = []
     for name, heads in variants.items():
-        ours = heads.save_pretrained(tmp_path / f"{name}-ours")
+        ours = save_heads(heads, tmp_path / f"{name}-ours")
         cases.append(
             (
-                str(heads.save_pretrained(tmp_path / f"{name}-vllm", layout="vllm")),
+                str(save_heads(heads, tmp_path / f"{name}-vllm", layout="vllm")),
                 str(ours),
             )
         )
@@ -847,8 +847,8 @@ def test_vllm_builtin_medusa_loads_exports(tmp_path):
     ref = random_heads(seed=24)
     cases.append(
         (
-            str(ref.save_pretrained(tmp_path / "ref-medusa", layout="medusa")),
-            str(ref.save_pretrained(tmp_path / "ref-ours")),
+            str(save_heads(ref, tmp_path / "ref-medusa", layout="medusa")),
+            str(save_heads(ref, tmp_path / "ref-ours")),
         )
     )
 

@@ -6,17 +6,16 @@ import json
 
 import pytest
 
-from medusa_vllm.config import (
+from medusa_vllm.checkpoints import MedusaCheckpointError, read_heads_info
+from medusa_vllm.engine.options import (
     ACCEPTANCE_MODES,
     MedusaConfigError,
     MedusaTreeConfig,
-    RequestOverrides,
     default_tree_spec,
-    read_heads_info,
-    request_overrides,
 )
-from medusa_vllm.tree import MedusaTree
-from medusa_vllm.testing import write_medusa_heads_config
+from medusa_vllm.engine.request import RequestOverrides, request_overrides
+from medusa_vllm.core.tree import MedusaTree
+from medusa_vllm.tools.tiny_models import write_medusa_heads_config
 
 
 @pytest.fixture
@@ -25,10 +24,15 @@ def heads(tmp_path):
 
 
 def test_defaults(heads):
+    from medusa_vllm.core.acceptance import DEFAULT_POSTERIOR_ALPHA, DEFAULT_POSTERIOR_THRESHOLD
+    from medusa_vllm.engine.options import DEFAULT_ACCEPTANCE
+
     cfg = MedusaTreeConfig.from_dict({"heads": str(heads)})
-    assert cfg.acceptance == "rejection"
-    assert cfg.posterior_threshold == 0.09
-    assert cfg.posterior_alpha == 0.3
+    # the documented defaults, defined once (core.acceptance / engine.options)
+    assert cfg.acceptance == DEFAULT_ACCEPTANCE == "rejection"
+    assert cfg.posterior_threshold == DEFAULT_POSTERIOR_THRESHOLD == 0.09
+    assert cfg.posterior_alpha == DEFAULT_POSTERIOR_ALPHA == 0.3
+    assert ACCEPTANCE_MODES == ("greedy", "typical", "rejection")
     assert cfg.tree == "auto"
     assert cfg.max_nodes is None
     assert cfg.heads == str(heads.resolve())
@@ -98,6 +102,21 @@ def test_resolved_round_trip(heads):
     assert MedusaTreeConfig.from_dict(only) == res
 
 
+def test_resolved_caps_at_num_speculative_tokens(heads):
+    cfg = MedusaTreeConfig.from_dict({"heads": heads, "tree": "sparse-16"})
+    full = MedusaTree.load("sparse-16", 3).to_list()
+    cut = cfg.resolved(num_speculative_tokens=5)
+    assert cut.tree == full[:5]
+    assert cut.nodes_by_batch[1] == 5 and max(cut.nodes_by_batch.values()) == 5
+    assert cfg.resolved(num_speculative_tokens=16) == cfg.resolved()
+    assert cut.resolved() == cut  # resolving a resolved config changes nothing
+    with pytest.raises(MedusaConfigError, match=r"num_speculative_tokens=17 exceeds the tree's 16 nodes"):
+        cfg.resolved(num_speculative_tokens=17)
+    for bad in (0, True, "3", 2.0):
+        with pytest.raises(MedusaConfigError, match=r"num_speculative_tokens: expected an integer >= 1"):
+            cfg.resolved(num_speculative_tokens=bad)
+
+
 def test_medusa_choices_conflicting_with_tree(heads):
     with pytest.raises(MedusaConfigError, match="disagree"):
         MedusaTreeConfig.from_dict({"heads": heads, "tree": "chain-2", "medusa_choices": [[0], [1]]})
@@ -157,13 +176,13 @@ def test_heads_errors(tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "config.json").write_text(json.dumps({"hidden_size": 64}))
-    with pytest.raises(MedusaConfigError, match=r"number of heads as 'num_heads' or 'medusa_num_heads' or 'num_medusa_heads'"):
+    with pytest.raises(MedusaCheckpointError, match=r"number of heads as 'num_heads' or 'medusa_num_heads' or 'num_medusa_heads'"):
         read_heads_info(bad)
     (bad / "config.json").write_text(json.dumps({"num_heads": 0}))
-    with pytest.raises(MedusaConfigError, match=r"'num_heads' must be an integer >= 1, found 0"):
+    with pytest.raises(MedusaCheckpointError, match=r"'num_heads' must be an integer >= 1, found 0"):
         read_heads_info(bad)
     (bad / "config.json").write_text("{not json")
-    with pytest.raises(MedusaConfigError, match="cannot read"):
+    with pytest.raises(MedusaCheckpointError, match="cannot read"):
         read_heads_info(bad)
 
 
@@ -245,8 +264,8 @@ def test_request_overrides_errors(extra, needle):
 
 
 def test_nodes_by_batch_auto_off_explicit_and_saved(heads):
-    from medusa_vllm.config import DEFAULT_VERIFY_TOKEN_BUDGET
-    from medusa_vllm.tree import budget_nodes_by_batch
+    from medusa_vllm.engine.options import DEFAULT_VERIFY_TOKEN_BUDGET
+    from medusa_vllm.core.tree import budget_nodes_by_batch
 
     cfg = MedusaTreeConfig.from_dict({"heads": heads, "tree": "sparse-16"})
     tree = cfg.load_tree()

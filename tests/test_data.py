@@ -1,4 +1,5 @@
-"""Tests for medusa_vllm.data: splits, prompt building, reST/fortune/OSIS parsing, alignment.
+"""Tests for medusa_vllm.training.prompts and medusa_vllm.training.corpora: splits, prompt
+building, reST/fortune/OSIS parsing, alignment.
 
 All tests run on small synthetic inputs except those marked ``corpus`` (skipped when
 the Debian package is not installed) and ``slow`` (the full Bible extraction).
@@ -12,44 +13,45 @@ from pathlib import Path
 
 import pytest
 
-from medusa_vllm import data as D
+from medusa_vllm.training import prompts as P
+from medusa_vllm.training.corpora import bible, common, fortunes, python_docs
 
 # --------------------------------------------------------------------------- splits
 
 
 def test_split_of_is_deterministic_and_near_fraction():
     keys = [f"passage {i}" for i in range(5000)]
-    first = [D.split_of(k, 0.1) for k in keys]
-    assert first == [D.split_of(k, 0.1) for k in keys]
+    first = [common.split_of(k, 0.1) for k in keys]
+    assert first == [common.split_of(k, 0.1) for k in keys]
     share = first.count("heldout") / len(keys)
     assert 0.08 < share < 0.12
-    assert all(D.split_of(k, 0.0) == "train" for k in keys[:100])
-    assert all(D.split_of(k, 1.0) == "heldout" for k in keys[:100])
+    assert all(common.split_of(k, 0.0) == "train" for k in keys[:100])
+    assert all(common.split_of(k, 1.0) == "heldout" for k in keys[:100])
     # another salt gives another split
-    assert first != [D.split_of(k, 0.1, salt="other") for k in keys]
+    assert first != [common.split_of(k, 0.1, salt="other") for k in keys]
 
 
 def test_split_of_rejects_bad_fraction():
     with pytest.raises(ValueError, match="heldout_fraction"):
-        D.split_of("x", 1.5)
+        common.split_of("x", 1.5)
 
 
 def _p(text, group="", source="s", kind="prose"):
-    return D.Passage(source, kind, text, ref=text[:10], group=group)
+    return common.Passage(source, kind, text, ref=text[:10], group=group)
 
 
 def test_split_passages_groups_and_disjoint_texts():
     passages = [_p(f"chapter {g} verse {v}", group=f"g{g}") for g in range(200) for v in range(3)]
     # the same text in many groups: it must never end up in both splits
     passages += [_p("Amen.", group=f"g{g}") for g in range(200)]
-    train, held = D.split_passages(passages, 0.2)
+    train, held = common.split_passages(passages, 0.2)
     assert train and held
     split_by_group = {}
     for split, ps in (("train", train), ("heldout", held)):
         for p in ps:
             assert split_by_group.setdefault(p.group, split) == split, p.group
-    train_texts = {D.normalize_text(p.text) for p in train}
-    held_texts = {D.normalize_text(p.text) for p in held}
+    train_texts = {common.normalize_text(p.text) for p in train}
+    held_texts = {common.normalize_text(p.text) for p in held}
     assert not train_texts & held_texts
     assert "amen." in held_texts  # some group holding it was held out
     assert len(train_texts) == len(train) and len(held_texts) == len(held)  # deduplicated
@@ -57,7 +59,7 @@ def test_split_passages_groups_and_disjoint_texts():
 
 def test_split_passages_text_key_without_group():
     passages = [_p(f"text number {i}") for i in range(1000)] + [_p("TEXT   number 1")]
-    train, held = D.split_passages(passages, 0.3)
+    train, held = common.split_passages(passages, 0.3)
     assert len(train) + len(held) == 1000  # the case/space variant is a duplicate
 
 
@@ -66,16 +68,16 @@ def test_split_passages_text_key_without_group():
 
 def _pools():
     return {
-        "docs": [D.Passage("python-docs", "prose", f"Doc paragraph {i} about lists.", f"f{i}", title="Lists") for i in range(30)],
-        "jokes": [D.Passage("fortunes", "quote", f"Joke number {i}.", f"j{i}") for i in range(30)],
-        "code": [D.Passage("python-docs", "code", f"x = {i}\nprint(x)\nx += 1", f"c{i}") for i in range(30)],
+        "docs": [common.Passage("python-docs", "prose", f"Doc paragraph {i} about lists.", f"f{i}", title="Lists") for i in range(30)],
+        "jokes": [common.Passage("fortunes", "quote", f"Joke number {i}.", f"j{i}") for i in range(30)],
+        "code": [common.Passage("python-docs", "code", f"x = {i}\nprint(x)\nx += 1", f"c{i}") for i in range(30)],
     }
 
 
 def test_prompts_deterministic_unique_and_seed_dependent():
-    a = D.prompts_from_passages(_pools(), 40, seed=3, split="train")
-    b = D.prompts_from_passages(_pools(), 40, seed=3, split="train")
-    c = D.prompts_from_passages(_pools(), 40, seed=4, split="train")
+    a = P.prompts_from_passages(_pools(), 40, seed=3, split="train")
+    b = P.prompts_from_passages(_pools(), 40, seed=3, split="train")
+    c = P.prompts_from_passages(_pools(), 40, seed=4, split="train")
     assert [p.text for p in a] == [p.text for p in b]
     assert [p.text for p in a] != [p.text for p in c]
     assert len({p.text for p in a}) == 40
@@ -92,44 +94,44 @@ def test_more_prompts_extend_fewer():
     (scripts/train_default_heads.py extra_train_prompts) without invalidating answers
     already generated for it."""
     for n in (10, 35, 60):  # 60 draws past a pool's end: still a prefix of 90
-        few = D.prompts_from_passages(_pools(), n, seed=5, split="train")
-        more = D.prompts_from_passages(_pools(), 90, seed=5, split="train")
+        few = P.prompts_from_passages(_pools(), n, seed=5, split="train")
+        more = P.prompts_from_passages(_pools(), 90, seed=5, split="train")
         assert [p.text for p in more[:n]] == [p.text for p in few]
         assert len({p.text for p in more}) == 90
 
 
 def test_prompts_weights_and_exhaustion():
-    only_jokes = D.prompts_from_passages(_pools(), 20, seed=0, split="train", weights={"docs": 0, "code": 0})
+    only_jokes = P.prompts_from_passages(_pools(), 20, seed=0, split="train", weights={"docs": 0, "code": 0})
     assert all(p.source == "fortunes" for p in only_jokes)
     with pytest.raises(ValueError, match="ran out"):
-        D.prompts_from_passages(_pools(), 31, seed=0, split="train", weights={"docs": 0, "code": 0})
+        P.prompts_from_passages(_pools(), 31, seed=0, split="train", weights={"docs": 0, "code": 0})
     with pytest.raises(ValueError, match="only 90 passages"):
-        D.prompts_from_passages(_pools(), 91, seed=0, split="train")
+        P.prompts_from_passages(_pools(), 91, seed=0, split="train")
 
 
 def test_title_templates_skipped_without_title():
-    pool = {"q": [D.Passage("python-docs", "code", f"print({i})\nprint(1)\nprint(2)", "r") for i in range(50)]}
-    for p in D.prompts_from_passages(pool, 50, seed=1, split="train"):
+    pool = {"q": [common.Passage("python-docs", "code", f"print({i})\nprint(1)\nprint(2)", "r") for i in range(50)]}
+    for p in P.prompts_from_passages(pool, 50, seed=1, split="train"):
         assert "this section" not in p.text and "{title}" not in p.text
 
 
 def test_train_and_heldout_prompts_never_overlap():
-    passages = [D.Passage("fortunes", "quote", f"Saying {i % 150}: be kind.", f"r{i}") for i in range(300)]
-    train, held = D.split_passages(passages, 0.25)
-    tr = D.prompts_from_passages({"f": train}, len(train), seed=0, split="train")
-    he = D.prompts_from_passages({"f": held}, len(held), seed=0, split="heldout")
+    passages = [common.Passage("fortunes", "quote", f"Saying {i % 150}: be kind.", f"r{i}") for i in range(300)]
+    train, held = common.split_passages(passages, 0.25)
+    tr = P.prompts_from_passages({"f": train}, len(train), seed=0, split="train")
+    he = P.prompts_from_passages({"f": held}, len(held), seed=0, split="heldout")
     assert len(tr) + len(he) == 150
     assert not {p.text for p in tr} & {p.text for p in he}
 
 
 def test_build_prompts_rejects_bad_split():
     with pytest.raises(ValueError, match="split"):
-        D.build_prompt_records(1, split="test")
+        P.build_prompt_records(1, split="test")
 
 
 def test_write_prompts_jsonl(tmp_path):
-    prompts = D.prompts_from_passages(_pools(), 5, seed=0, split="heldout")
-    path = D.write_prompts(tmp_path / "p.jsonl", prompts)
+    prompts = P.prompts_from_passages(_pools(), 5, seed=0, split="heldout")
+    path = P.write_prompts(tmp_path / "p.jsonl", prompts)
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert [r["text"] for r in rows] == [p.text for p in prompts]
     assert all(r["split"] == "heldout" for r in rows)
@@ -137,9 +139,9 @@ def test_write_prompts_jsonl(tmp_path):
 
 def test_truncate_text():
     text = "First sentence here is long enough. Second sentence is longer than that. Third."
-    assert D.truncate_text(text, 200) == text
-    assert D.truncate_text(text, 50) == "First sentence here is long enough."
-    cut = D.truncate_text("word " * 50, 23)
+    assert common.truncate_text(text, 200) == text
+    assert common.truncate_text(text, 50) == "First sentence here is long enough."
+    cut = common.truncate_text("word " * 50, 23)
     assert cut.endswith(" ...") and len(cut) <= 27
 
 
@@ -191,7 +193,7 @@ Slicing
 
 
 def test_rst_passages_prose_code_and_skips():
-    out = D.rst_passages(RST, "tutorial/lists.rst.txt", min_prose_chars=100)
+    out = python_docs.rst_passages(RST, "tutorial/lists.rst.txt", min_prose_chars=100)
     prose = [p for p in out if p.kind == "prose"]
     code = [p for p in out if p.kind == "code"]
     joined = "\n".join(p.text for p in out)
@@ -210,20 +212,20 @@ def test_rst_passages_prose_code_and_skips():
 
 
 def test_clean_rst_inline():
-    assert D.clean_rst_inline(":func:`len`") == "`len`"
-    assert D.clean_rst_inline(":meth:`!str.join`") == "`str.join`"
-    assert D.clean_rst_inline(":ref:`Title here <label>`") == "Title here"
-    assert D.clean_rst_inline("``x + 1``") == "`x + 1`"
-    assert D.clean_rst_inline("`Python <https://python.org>`_ rocks") == "Python rocks"
-    assert D.clean_rst_inline("see note [#]_ here") == "see note here"
-    assert D.clean_rst_inline("**bold** text") == "bold text"
+    assert python_docs.clean_rst_inline(":func:`len`") == "`len`"
+    assert python_docs.clean_rst_inline(":meth:`!str.join`") == "`str.join`"
+    assert python_docs.clean_rst_inline(":ref:`Title here <label>`") == "Title here"
+    assert python_docs.clean_rst_inline("``x + 1``") == "`x + 1`"
+    assert python_docs.clean_rst_inline("`Python <https://python.org>`_ rocks") == "Python rocks"
+    assert python_docs.clean_rst_inline("see note [#]_ here") == "see note here"
+    assert python_docs.clean_rst_inline("**bold** text") == "bold text"
 
 
 def test_rst_length_limits():
     long_para = ("This sentence is fine. " * 60).strip()
-    out = D.rst_passages(long_para, "r", min_prose_chars=50, max_chars=300)
+    out = python_docs.rst_passages(long_para, "r", min_prose_chars=50, max_chars=300)
     assert len(out) == 1 and len(out[0].text) <= 300 and out[0].text.endswith(".")
-    assert D.rst_passages("Too short.", "r") == []
+    assert python_docs.rst_passages("Too short.", "r") == []
 
 
 # --------------------------------------------------------------------------- fortunes
@@ -244,7 +246,7 @@ Why did the chicken cross the road? To get to the other side, of course.
 
 
 def test_parse_fortunes_filters():
-    out = D.parse_fortunes(FORTUNES, "misc")
+    out = fortunes.parse_fortunes(FORTUNES, "misc")
     texts = [p.text for p in out]
     assert len(texts) == 2
     assert texts[0].startswith("A journey") and "\t" not in texts[0] and "-- Lao Tzu" in texts[0]
@@ -257,26 +259,26 @@ def test_fortune_passages_skips_index_files_and_excluded(tmp_path):
     (tmp_path / "misc.dat").write_bytes(b"\x00\x01binary index")
     (tmp_path / "rude").write_text(FORTUNES)
     (tmp_path / "misc.u8").symlink_to(tmp_path / "misc")
-    out = D.fortune_passages(tmp_path, exclude={"rude"})
+    out = fortunes.fortune_passages(tmp_path, exclude={"rude"})
     assert {p.ref for p in out} == {"misc"} and len(out) == 2
 
 
 def test_missing_corpora_name_package_and_command(tmp_path):
-    with pytest.raises(D.MissingCorpus, match=r"fortunes.*apt-get install -y --no-install-recommends fortunes"):
-        D.fortune_passages(tmp_path / "nope")
-    with pytest.raises(D.MissingCorpus, match=r"python3\.11-doc.*apt-get"):
-        D.python_docs_root(tmp_path / "nope")
+    with pytest.raises(common.MissingCorpus, match=r"fortunes.*apt-get install -y --no-install-recommends fortunes"):
+        fortunes.fortune_passages(tmp_path / "nope")
+    with pytest.raises(common.MissingCorpus, match=r"python3\.11-doc.*apt-get"):
+        python_docs.python_docs_root(tmp_path / "nope")
 
 
 def test_missing_debian_python(monkeypatch, tmp_path):
-    monkeypatch.setattr(D, "DEBIAN_PYTHON", tmp_path / "no-python3")
-    with pytest.raises(D.MissingCorpus, match="python3-sword"):
-        D._run_sword_dump(["spaRV1909eb"])
+    monkeypatch.setattr(bible, "DEBIAN_PYTHON", tmp_path / "no-python3")
+    with pytest.raises(common.MissingCorpus, match="python3-sword"):
+        bible._run_sword_dump(["spaRV1909eb"])
 
 
 def test_sword_verses_rejects_unknown_module():
     with pytest.raises(ValueError, match="Sword module"):
-        D.sword_verses("klingonBible")
+        bible.sword_verses("klingonBible")
 
 
 # --------------------------------------------------------------------------- OSIS / Bible
@@ -288,7 +290,7 @@ def test_clean_osis_footnote_does_not_glue_words():
         '<reference type="annotateRef">1:1 </reference>The Hebrew word.</note><w lemma="strong:H1254">created</w> '
         "<w>the</w> <w>heavens</w>."
     )
-    assert D.clean_osis(raw) == "beginning, God created the heavens."
+    assert bible.clean_osis(raw) == "beginning, God created the heavens."
 
 
 def test_clean_osis_titles_markers_and_glossary():
@@ -299,25 +301,25 @@ def test_clean_osis_titles_markers_and_glossary():
         "¶ Yahweh, how <w>my</w> foes<note n=\"a\">note</note>!<l eID=\"b\" level=\"1\"/><l sID=\"c\"/>Many"
         " &amp; more <G1234>. Amen. <div sID=\"g\" type=\"glossary\"/> Glossary text that must go."
     )
-    assert D.clean_osis(raw) == "A Psalm by David. Yahweh, how my foes! Many & more. Amen."
+    assert bible.clean_osis(raw) == "A Psalm by David. Yahweh, how my foes! Many & more. Amen."
 
 
 def test_clean_osis_adjacent_words_and_punctuation():
-    assert D.clean_osis("<w>Jesus</w><w>wept</w>.") == "Jesus wept."
-    assert D.clean_osis("<w>Yahweh</w><w>’s</w> word") == "Yahweh’s word"
+    assert bible.clean_osis("<w>Jesus</w><w>wept</w>.") == "Jesus wept."
+    assert bible.clean_osis("<w>Yahweh</w><w>’s</w> word") == "Yahweh’s word"
 
 
 def test_parse_verse_key():
-    assert D.parse_verse_key("Revelation of John 22:21") == ("Revelation of John", 22, 21)
-    assert D.parse_verse_key("I Samuel 3:10") == ("I Samuel", 3, 10)
+    assert bible.parse_verse_key("Revelation of John 22:21") == ("Revelation of John", 22, 21)
+    assert bible.parse_verse_key("I Samuel 3:10") == ("I Samuel", 3, 10)
     with pytest.raises(ValueError, match="Book C:V"):
-        D.parse_verse_key("Genesis")
+        bible.parse_verse_key("Genesis")
 
 
 def test_length_ratio_ok():
-    assert D.length_ratio_ok("a" * 10, "b" * 25)
-    assert not D.length_ratio_ok("a" * 10, "b" * 26)
-    assert not D.length_ratio_ok("", "b")
+    assert bible.length_ratio_ok("a" * 10, "b" * 25)
+    assert not bible.length_ratio_ok("a" * 10, "b" * 26)
+    assert not bible.length_ratio_ok("", "b")
 
 
 def _lengths(n, seed=0):
@@ -330,20 +332,20 @@ def _lengths(n, seed=0):
 def test_alignment_mask_keeps_aligned_and_flags_shift():
     en = _lengths(40)
     es = [int(x * 1.05) for x in en]
-    assert all(D.alignment_mask(es, en, log_ratio_center=0.05))
+    assert all(bible.alignment_mask(es, en, log_ratio_center=0.05))
     # last quarter of the Spanish chapter shifted by one verse (different numbering)
     shifted = es[:30] + es[29:39]
-    mask = D.alignment_mask(shifted, en, log_ratio_center=0.05)
+    mask = bible.alignment_mask(shifted, en, log_ratio_center=0.05)
     assert all(mask[:27])
     assert sum(mask[32:]) <= 1
     # the whole chapter shifted: every verse dropped
-    assert not any(D.alignment_mask(es[1:] + es[:1], en, log_ratio_center=0.05))
+    assert not any(bible.alignment_mask(es[1:] + es[:1], en, log_ratio_center=0.05))
     # one odd verse (e.g. an empty one) does not take its neighbours with it
     odd = list(es)
     odd[10] = 1
-    assert sum(D.alignment_mask(odd, en, log_ratio_center=0.05)) >= 38
+    assert sum(bible.alignment_mask(odd, en, log_ratio_center=0.05)) >= 38
     with pytest.raises(ValueError, match="es_lengths has 3"):
-        D.alignment_mask([1, 2, 3], [1, 2])
+        bible.alignment_mask([1, 2, 3], [1, 2])
 
 
 def _verse(book, ch, v, text):
@@ -360,7 +362,7 @@ def test_align_pairs_matches_keys_and_filters():
     en[5]["text"] = "x"  # ratio filter
     del en[7]  # missing key
     es.append(_verse("Tobit", 1, 1, "solo en español"))
-    pairs = D.align_pairs(es, en)
+    pairs = bible.align_pairs(es, en)
     keys = {p["key"] for p in pairs}
     assert "Genesis 1:6" not in keys and "Genesis 1:8" not in keys and "Tobit 1:1" not in keys
     assert len(pairs) >= 25
@@ -370,7 +372,7 @@ def test_align_pairs_matches_keys_and_filters():
 
 def test_bible_passages_stay_within_chapters():
     verses = [_verse("Ruth", 1, v, f"r1 v{v}.") for v in range(1, 6)] + [_verse("Ruth", 2, v, f"r2 v{v}.") for v in range(1, 3)]
-    ps = D.bible_passages(verses, verses_per_passage=3)
+    ps = bible.bible_passages(verses, verses_per_passage=3)
     assert [p.ref for p in ps] == ["Ruth 1:1-3", "Ruth 1:4-5", "Ruth 2:1-2"]
     assert ps[0].text == "r1 v1. r1 v2. r1 v3."
     assert ps[0].group == ps[1].group != ps[2].group
@@ -378,9 +380,9 @@ def test_bible_passages_stay_within_chapters():
 
 def test_translation_passages_keep_target():
     pairs = [{"key": "John 11:35", "book": "John", "chapter": 11, "verse": 35, "es": "Y lloró Jesús.", "en": "Jesus wept."}]
-    (p,) = D.translation_passages(pairs)
-    assert p.text == "Y lloró Jesús." and p.target == "Jesus wept." and p.group == D.chapter_group("John", 11)
-    (prompt,) = D.prompts_from_passages({"t": [p]}, 1, seed=0, split="heldout")
+    (p,) = bible.translation_passages(pairs)
+    assert p.text == "Y lloró Jesús." and p.target == "Jesus wept." and p.group == bible.chapter_group("John", 11)
+    (prompt,) = P.prompts_from_passages({"t": [p]}, 1, seed=0, split="heldout")
     assert "Spanish" in prompt.text or "English" in prompt.text
     assert prompt.target == "Jesus wept."
 
@@ -390,18 +392,18 @@ def test_translation_passages_keep_target():
 corpus = pytest.mark.skipif
 
 
-@corpus(not D.FORTUNES_DIR.is_dir(), reason="Debian package 'fortunes' not installed")
+@corpus(not fortunes.FORTUNES_DIR.is_dir(), reason="Debian package 'fortunes' not installed")
 def test_real_fortunes():
-    out = D.fortune_passages()
+    out = fortunes.fortune_passages()
     assert len(out) > 5000
     assert all(40 <= len(p.text) <= 600 for p in out)
 
 
-@corpus(not list(Path("/").glob(D.PYTHON_DOCS_GLOB.lstrip("/"))), reason="Debian package 'python3.11-doc' not installed")
+@corpus(not list(Path("/").glob(python_docs.PYTHON_DOCS_GLOB.lstrip("/"))), reason="Debian package 'python3.11-doc' not installed")
 def test_real_python_docs_tutorial():
-    root = D.python_docs_root()
+    root = python_docs.python_docs_root()
     text = (root / "tutorial" / "controlflow.rst.txt").read_text()
-    out = D.rst_passages(text, "tutorial/controlflow.rst.txt")
+    out = python_docs.rst_passages(text, "tutorial/controlflow.rst.txt")
     kinds = {p.kind for p in out}
     assert kinds == {"prose", "code"} and len(out) > 20
     assert not any(":keyword:" in p.text or ".. index::" in p.text for p in out)
@@ -416,7 +418,7 @@ def test_real_bible_pairs(tmp_path, monkeypatch):
     if shutil.which("/usr/bin/python3") is None:
         pytest.skip("Debian's /usr/bin/python3 not present")
     monkeypatch.setenv("MEDUSA_VLLM_CACHE", str(tmp_path))
-    path = D.extract_bible_pairs()
+    path = bible.extract_bible_pairs()
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert 29000 < len(rows) < 31102
     by_key = {r["key"]: r for r in rows}
@@ -424,7 +426,7 @@ def test_real_bible_pairs(tmp_path, monkeypatch):
     assert "God created" in by_key["Genesis 1:1"]["en"]
     assert "Numbers 13:5" not in by_key  # RV1909 numbers this chapter differently
     assert not any("<" in r["es"] or "¶" in r["en"] for r in rows)
-    held = D.load_bible_pairs("heldout")
-    train = D.load_bible_pairs("train")
+    held = bible.load_bible_pairs("heldout")
+    train = bible.load_bible_pairs("train")
     assert len(held) + len(train) == len(rows)
     assert not {(r["book"], r["chapter"]) for r in held} & {(r["book"], r["chapter"]) for r in train}

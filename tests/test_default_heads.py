@@ -13,10 +13,11 @@ import json
 import pytest
 import torch
 
-from medusa_vllm import default_model as DM
-from medusa_vllm.config import MedusaTreeConfig
-from medusa_vllm.heads import MedusaHeads
-from medusa_vllm.tree import MedusaTree
+from medusa_vllm.tools import default_model as DM
+from medusa_vllm.engine.options import MedusaTreeConfig
+from medusa_vllm.checkpoints import load_heads
+from medusa_vllm.core.tree import MedusaTree
+from medusa_vllm.core.tree_fit import expected_accept_length
 
 HEADS = DM.default_heads_dir()
 
@@ -26,7 +27,7 @@ def test_shipped_heads_are_complete_small_and_fit_the_default_model():
     assert {"config.json", "model.safetensors", "medusa_tree.json", "accuracies.json", "README.md"} <= names
     size = sum(p.stat().st_size for p in HEADS.iterdir())
     assert size < 60e6, f"{size / 1e6:.1f} MB"
-    heads = MedusaHeads.from_pretrained(HEADS, dtype=torch.float32)
+    heads = load_heads(HEADS, dtype=torch.float32)
     cfg = heads.config
     assert (cfg.hidden_size, cfg.vocab_size) == (576, 49152)  # SmolLM2-135M-Instruct
     assert cfg.num_heads >= 3
@@ -46,7 +47,7 @@ def test_shipped_tree_and_accuracies_are_consistent():
     assert tree.num_nodes == info["num_nodes"]
     per_rank = torch.cat([acc[:, :1], acc[:, 1:] - acc[:, :-1]], 1)
     # the saved expected accepted length is the one the paper's formula gives for this tree
-    assert tree.expected_accept_length(per_rank[:, : tree.topk]) == pytest.approx(
+    assert expected_accept_length(per_rank[:, : tree.topk], tree.medusa_choices) == pytest.approx(
         info["expected_accept_length"], abs=0.02)
     cfg = MedusaTreeConfig.from_dict({"heads": str(HEADS)})  # tree "auto"
     assert cfg.load_tree() == tree
@@ -61,23 +62,22 @@ def test_shipped_tree_and_accuracies_are_consistent():
 def test_default_model_with_shipped_heads_in_vllm():
     from transformers import AutoTokenizer
 
-    from medusa_vllm.data import build_prompts
-    from tests.engine_runner import run_engine
+    from medusa_vllm.tools.engine_proc import EngineJob, chat_prompt, engine_kwargs, run_engine
+    from medusa_vllm.training.prompts import build_prompts
 
     model = DM.default_model_dir()
     tok = AutoTokenizer.from_pretrained(model)
-    prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                       add_generation_prompt=True)
+    prompts = [chat_prompt(tok, [{"role": "user", "content": p}])
                for p in build_prompts(6, seed=4321, split="heldout")]
-    llm = dict(model=str(model), dtype="float32", enforce_eager=True, gpu_memory_utilization=0.3,
-               max_model_len=1024, max_num_seqs=1, seed=0)
+    llm = engine_kwargs(model, max_model_len=1024, max_num_seqs=1)
     sampling = dict(temperature=0.0, max_tokens=96)
-    vanilla = run_engine({"llm": llm, "prompts": prompts, "sampling": sampling})
-    ours = run_engine({"llm": {**llm, "speculative_config": {"method": "medusa_tree", "model": str(HEADS)}},
-                       "prompts": prompts, "sampling": sampling})
-    for i, (a, b) in enumerate(zip(vanilla["outputs"], ours["outputs"])):
+    kv = {"VLLM_CPU_KVCACHE_SPACE": "1"}  # a small KV cache unless the caller set one
+    vanilla = run_engine(EngineJob(llm=llm, prompts=prompts, sampling=sampling), env_defaults=kv)
+    ours = run_engine(EngineJob(llm={**llm, "speculative_config": {"method": "medusa_tree", "model": str(HEADS)}},
+                                prompts=prompts, sampling=sampling), env_defaults=kv)
+    for i, (a, b) in enumerate(zip(vanilla.token_ids, ours.token_ids)):
         assert a == b, f"prompt {i}: vanilla {a} != medusa_tree {b}"
-    m = ours["metrics"]
+    m = ours.metrics
     print("default model + shipped heads:", m)
     # calibrated top-1 chain of 2 (session 7): expected 1.59, measured 1.44 on 12 held-out
     # prompts; random heads accept ~1.0
@@ -86,16 +86,16 @@ def test_default_model_with_shipped_heads_in_vllm():
     # heads' teacher-forced ranks on this very text gives the same accepted length. A
     # proposer that read the wrong position's hidden state, or a verifier that dropped
     # matching drafts, would still be lossless but accept less than this.
-    from medusa_vllm.calibrate import measure_target_ranks
-    from medusa_vllm.config import MedusaTreeConfig
-    from medusa_vllm.tree import nodes_for_batch
-    from medusa_vllm.tree_stats import simulate_acceptance
+    from medusa_vllm.tools.calibrate import measure_target_ranks
+    from medusa_vllm.engine.options import MedusaTreeConfig
+    from medusa_vllm.core.tree import nodes_for_batch
+    from medusa_vllm.core.tree_stats import simulate_acceptance
 
     cfg = MedusaTreeConfig.from_dict({"heads": str(HEADS)})
     tree = cfg.load_tree()
     tree = tree.truncate(nodes_for_batch(cfg.load_nodes_by_batch(tree), 1, tree.num_nodes))
     ranks = measure_target_ranks(str(model), str(HEADS), [tok(p).input_ids for p in prompts],
-                                 vanilla["outputs"])
+                                 vanilla.token_ids)
     replay = simulate_acceptance(tree, ranks)
     print("replayed offline:", replay)
     assert m["mean_accepted_length"] == pytest.approx(replay.mean_accepted_length, abs=0.05), (m, replay)
@@ -105,7 +105,7 @@ def test_shipped_heads_convert_for_vllms_builtin_medusa(tmp_path):
     """What `make demo` / `medusa-vllm bench` do for the vLLM-Medusa baseline:
     the shipped draft-vocabulary heads, expanded, in vLLM's layout (this
     conversion crashed the demo before expand_vocab existed)."""
-    from medusa_vllm.checkpoints import MedusaCheckpointError, convert, load_heads
+    from medusa_vllm.checkpoints import MedusaCheckpointError, convert
 
     with pytest.raises(MedusaCheckpointError, match="expand"):
         convert(HEADS, tmp_path / "plain", layout="vllm")
@@ -113,7 +113,7 @@ def test_shipped_heads_convert_for_vllms_builtin_medusa(tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architectures"] == ["MedusaModel"] and cfg["vocab_size"] == 49152
     full = load_heads(out)
-    ours = MedusaHeads.from_pretrained(HEADS)
+    ours = load_heads(HEADS)
     x = torch.randn(4, 576, dtype=ours.dtype)
     with torch.no_grad():
         torch.testing.assert_close(full(x)[..., ours.token_map], ours(x))

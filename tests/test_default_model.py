@@ -1,4 +1,4 @@
-"""Tests for medusa_vllm.default_model.
+"""Tests for medusa_vllm.tools.default_model.
 
 Fast tests exercise the cache logic (paths, markers, atomic build, error messages)
 with a fake converter. The ``slow`` test converts/loads the real SmolLM2 folder and
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from medusa_vllm import default_model as DM
+from medusa_vllm.tools import default_model as DM
 
 
 @pytest.fixture

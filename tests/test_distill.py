@@ -13,7 +13,7 @@ from medusa_vllm.training import distill
 from medusa_vllm.training.data import load_prompts
 from medusa_vllm.training.distill import encode_prompts, ensure_distill_data, generate_distill_data
 from medusa_vllm.training.trainer import train
-from medusa_vllm.testing import build_tiny_llama
+from medusa_vllm.tools.tiny_models import build_tiny_llama
 
 VOCAB, HIDDEN = 320, 64
 
@@ -149,7 +149,8 @@ def test_pregenerated_files_are_used_as_they_are(tmp_path, tiny, monkeypatch):
 
 
 def test_builtin_prompts_without_data(monkeypatch, tmp_path, tiny):
-    import medusa_vllm.data as mdata
+    import medusa_vllm.training.prompts as mdata
+    from medusa_vllm.training.corpora.common import MissingCorpus
 
     monkeypatch.setattr(mdata, "build_prompts", lambda n, seed=0: [f"prompt {i}" for i in range(n)])
     calls: list = []
@@ -160,7 +161,7 @@ def test_builtin_prompts_without_data(monkeypatch, tmp_path, tiny):
     assert files == [str(tmp_path / "o" / "distill.jsonl")] and calls[0][0] == 3
 
     def missing(n, seed=0):
-        raise mdata.MissingCorpus("apt-get install fortunes")
+        raise MissingCorpus("apt-get install fortunes")
 
     monkeypatch.setattr(mdata, "build_prompts", missing)
     with pytest.raises(TrainingError, match="apt-get install fortunes.*--data"):

@@ -7,16 +7,22 @@ accept drafts (mean accepted length well over 1).
 
 from __future__ import annotations
 
+import functools
 import random
 
 import pytest
 import torch
 
-from medusa_vllm.heads import MedusaConfig, MedusaHeads
-from tests.engine_runner import run_engine
-from medusa_vllm.testing import build_tiny_llama, distill_tiny_heads
+from medusa_vllm.checkpoints import save_heads
+from medusa_vllm.core.heads import MedusaHeadsConfig, MedusaHeads
+from medusa_vllm.tools import engine_proc
+from medusa_vllm.tools.engine_proc import EngineJob
+from medusa_vllm.tools.tiny_models import build_tiny_llama, distill_tiny_heads
 
 pytestmark = pytest.mark.slow
+
+# a small KV cache unless the caller set one
+run_engine = functools.partial(engine_proc.run_engine, env_defaults={"VLLM_CPU_KVCACHE_SPACE": "1"})
 
 VOCAB, HIDDEN = 512, 64
 
@@ -34,13 +40,13 @@ def _random_heads(root, model, num_heads=3, seed=1):
     lm = AutoModelForCausalLM.from_pretrained(model).lm_head.weight.detach()
     torch.manual_seed(seed)
     vocab, hidden = lm.shape
-    heads = MedusaHeads(MedusaConfig(hidden_size=hidden, vocab_size=vocab, num_heads=num_heads),
+    heads = MedusaHeads(MedusaHeadsConfig(hidden_size=hidden, vocab_size=vocab, num_heads=num_heads),
                         lm_head_weight=lm)
     with torch.no_grad():
         for p in heads.blocks.parameters():
             p.normal_(0, 0.2)
     out = root / f"heads_random_{num_heads}_{seed}"
-    heads.save_pretrained(out, overwrite=True)
+    save_heads(heads, out, overwrite=True)
     return out
 
 
@@ -71,8 +77,8 @@ def _greedy(n, seed=0, **kw):
 
 
 def _compare(vanilla, ours):
-    assert len(vanilla["outputs"]) == len(ours["outputs"])
-    for i, (a, b) in enumerate(zip(vanilla["outputs"], ours["outputs"])):
+    assert len(vanilla.token_ids) == len(ours.token_ids)
+    for i, (a, b) in enumerate(zip(vanilla.token_ids, ours.token_ids)):
         assert a == b, f"prompt {i}: vanilla {a} != medusa_tree {b}"
 
 
@@ -83,7 +89,7 @@ def greedy_vanilla(tiny):
     _, model = tiny
     prompts = _prompts()
     sampling = _greedy(len(prompts))
-    vanilla = run_engine({"llm": _llm(model), "prompts": prompts, "sampling": sampling})
+    vanilla = run_engine(EngineJob(llm=_llm(model), prompts=prompts, sampling=sampling))
     return prompts, sampling, vanilla
 
 
@@ -91,32 +97,32 @@ def test_greedy_identical_to_vanilla_random_heads(tiny, greedy_vanilla):
     root, model = tiny
     heads = _random_heads(root, model)
     prompts, sampling, vanilla = greedy_vanilla
-    ours = run_engine({"llm": _llm(model, {"method": "medusa_tree", "model": str(heads), "tree": "sparse-16", "nodes_by_batch": "off"}),
-                       "prompts": prompts, "sampling": sampling})
+    ours = run_engine(EngineJob(llm=_llm(model, {"method": "medusa_tree", "model": str(heads), "tree": "sparse-16", "nodes_by_batch": "off"}),
+                       prompts=prompts, sampling=sampling))
     _compare(vanilla, ours)
-    assert ours["metrics"]["num_drafts"] > 0, "the tree path never ran"
-    assert ours["metrics"]["tree_size"] > 1
+    assert ours.metrics["num_drafts"] > 0, "the tree path never ran"
+    assert ours.metrics["tree_size"] > 1
 
 
 def test_distilled_heads_accept_and_stay_identical(tiny, greedy_vanilla):
     root, model = tiny
     heads = _distilled_heads(root, model)
     prompts, sampling, vanilla = greedy_vanilla
-    ours = run_engine({"llm": _llm(model, {"method": "medusa_tree", "model": str(heads), "tree": "sparse-16", "nodes_by_batch": "off"}),
-                       "prompts": prompts, "sampling": sampling})
+    ours = run_engine(EngineJob(llm=_llm(model, {"method": "medusa_tree", "model": str(heads), "tree": "sparse-16", "nodes_by_batch": "off"}),
+                       prompts=prompts, sampling=sampling))
     _compare(vanilla, ours)
-    m = ours["metrics"]
+    m = ours.metrics
     print("distilled heads:", m)
     assert m["mean_accepted_length"] > 1.5, m
     # ... and the engine accepts what the heads can on this very text: greedy decoding
     # replayed offline from the heads' teacher-forced target ranks, with the same
     # 16-node tree, accepts as much (a verifier that missed a matching branch, or a
     # proposer fed the wrong position's hidden state, stays lossless but accepts less)
-    from medusa_vllm.calibrate import measure_target_ranks
-    from medusa_vllm.tree import MedusaTree
-    from medusa_vllm.tree_stats import simulate_acceptance
+    from medusa_vllm.tools.calibrate import measure_target_ranks
+    from medusa_vllm.core.tree import MedusaTree
+    from medusa_vllm.core.tree_stats import simulate_acceptance
 
-    ranks = measure_target_ranks(str(model), str(heads), prompts, vanilla["outputs"])
+    ranks = measure_target_ranks(str(model), str(heads), prompts, vanilla.token_ids)
     replay = simulate_acceptance(MedusaTree.load("sparse-16", num_heads=3), ranks)
     print("replayed offline:", replay)
     assert m["mean_accepted_length"] == pytest.approx(replay.mean_accepted_length, abs=0.1), (m, replay)
@@ -128,9 +134,13 @@ def test_preemption_tiny_kv_cache(tiny):
     prompts = _prompts(n=16, seed=2)
     sampling = _greedy(len(prompts), seed=2)
     kw = dict(num_gpu_blocks_override=5, block_size=32, max_model_len=128, max_num_seqs=16)
-    vanilla = run_engine({"llm": _llm(model, **kw), "prompts": prompts, "sampling": sampling})
-    ours = run_engine({"llm": _llm(model, {"method": "medusa_tree", "model": str(heads), "tree": "sparse-8", "nodes_by_batch": "off"}, **kw),
-                       "prompts": prompts, "sampling": sampling})
+    vanilla = run_engine(EngineJob(llm=_llm(model, **kw), prompts=prompts, sampling=sampling))
+    spec = {"method": "medusa_tree", "model": str(heads), "tree": "sparse-8", "nodes_by_batch": "off"}
+    ours = run_engine(EngineJob(llm=_llm(model, spec, **kw), prompts=prompts, sampling=sampling))
+    # 16 requests in 5 blocks of 32 tokens: the scheduler must have preempted some
+    assert vanilla.num_preemptions > 0 and ours.num_preemptions > 0, (
+        vanilla.num_preemptions, ours.num_preemptions)
+    assert ours.metrics["num_drafts"] > 0, "no tree was verified under memory pressure"
     _compare(vanilla, ours)
 
 
@@ -138,11 +148,11 @@ def test_stop_conditions_inside_accepted_path(tiny):
     root, model = tiny
     heads = _distilled_heads(root, model)
     prompts = _prompts(n=24, seed=3)
-    vanilla_free = run_engine({"llm": _llm(model), "prompts": prompts,
-                               "sampling": dict(temperature=0.0, max_tokens=40, ignore_eos=True)})
+    vanilla_free = run_engine(EngineJob(llm=_llm(model), prompts=prompts,
+                               sampling=dict(temperature=0.0, max_tokens=40, ignore_eos=True)))
     # stop on a token each continuation really produces mid-way, and odd max_tokens
     sampling = []
-    for i, out in enumerate(vanilla_free["outputs"]):
+    for i, out in enumerate(vanilla_free.token_ids):
         if i % 3 == 0:
             sampling.append(dict(temperature=0.0, max_tokens=40, stop_token_ids=[out[len(out) // 2]]))
         elif i % 3 == 1:
@@ -153,11 +163,11 @@ def test_stop_conditions_inside_accepted_path(tiny):
     # nodes as requests finish (steps with and without speculation alternate)
     spec = {"method": "medusa_tree", "model": str(heads), "tree": "sparse-16",
             "nodes_by_batch": {"1": 16, "4": 8, "6": 3, "8": 0}}
-    vanilla = run_engine({"llm": _llm(model), "prompts": prompts, "sampling": sampling})
-    ours = run_engine({"llm": _llm(model, spec), "prompts": prompts, "sampling": sampling})
+    vanilla = run_engine(EngineJob(llm=_llm(model), prompts=prompts, sampling=sampling))
+    ours = run_engine(EngineJob(llm=_llm(model, spec), prompts=prompts, sampling=sampling))
     _compare(vanilla, ours)
-    assert vanilla["finish"] == ours["finish"]
-    m = ours["metrics"]
+    assert vanilla.finish_reasons == ours.finish_reasons
+    m = ours.metrics
     assert m["mean_accepted_length"] > 1.2, m
     assert 3 < m["tree_size"] < 16, m  # mean drafted nodes per step: several sizes were used
 
@@ -167,11 +177,11 @@ def test_tensor_parallel_2(tiny, greedy_vanilla):
     heads = _distilled_heads(root, model)
     prompts, sampling, vanilla = greedy_vanilla  # vanilla ran without TP
     env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
-    ours = run_engine({"llm": _llm(model, {"method": "medusa_tree", "model": str(heads), "tree": "sparse-8", "nodes_by_batch": "off"},
+    ours = run_engine(EngineJob(llm=_llm(model, {"method": "medusa_tree", "model": str(heads), "tree": "sparse-8", "nodes_by_batch": "off"},
                                    tensor_parallel_size=2, distributed_executor_backend="mp"),
-                       "prompts": prompts, "sampling": sampling}, env=env)
+                       prompts=prompts, sampling=sampling), env=env)
     _compare(vanilla, ours)
-    assert ours["metrics"]["mean_accepted_length"] > 1.2
+    assert ours.metrics["mean_accepted_length"] > 1.2
 
 
 def _exact_three_token_probs(model_dir, prompt, temperature):
@@ -210,16 +220,16 @@ def test_rejection_sampling_reproduces_target_distribution(tmp_path, acceptance)
     tree = [[r] for r in range(8)] + [[0, 0], [0, 1], [1, 0], [2, 0]]
     spec = {"method": "medusa_tree", "model": str(heads), "tree": tree, "acceptance": acceptance,
             "nodes_by_batch": "off"}
-    res = run_engine({
-        "llm": _llm(model, spec, max_num_seqs=256, max_model_len=64),
-        "prompts": [prompt] * n,
-        "sampling": dict(temperature=temperature, max_tokens=3, ignore_eos=True),
-    }, timeout=1500)
-    m = res["metrics"]
+    res = run_engine(EngineJob(
+        llm=_llm(model, spec, max_num_seqs=256, max_model_len=64),
+        prompts=[prompt] * n,
+        sampling=dict(temperature=temperature, max_tokens=3, ignore_eos=True),
+    ), timeout=1500)
+    m = res.metrics
     assert m["num_drafts"] > 0 and m["mean_accepted_length"] > 1.3, m  # the tree path ran and accepted
     exact = _exact_three_token_probs(model, prompt, temperature).reshape(-1).double()
     counts = torch.zeros(vocab**3, dtype=torch.float64)
-    for t in res["outputs"]:
+    for t in res.token_ids:
         assert len(t) == 3
         counts[(t[0] * vocab + t[1]) * vocab + t[2]] += 1
     expected = exact * n
@@ -264,24 +274,24 @@ def test_mixed_batch_chunked_prefill_prefix_cache_logprobs_n(tiny):
     # bad per-request overrides are refused at admission; the engine keeps serving
     refuse = [dict(temperature=0.8, extra_args={"medusa_acceptance": "fast"}),
               dict(temperature=0.8, extra_args={"medusa_posterior_threshold": 2.0})]
-    vanilla = run_engine({"llm": _llm(model, **kw), "prompts": prompts, "sampling": sampling})
-    ours = run_engine({"llm": _llm(model, spec, **kw), "prompts": prompts, "sampling": sampling,
-                       "refuse": refuse})
-    assert ours["refused"][0] and "medusa_acceptance: expected 'greedy'" in ours["refused"][0]
-    assert ours["refused"][1] and "medusa_posterior_threshold" in ours["refused"][1]
-    assert len(vanilla["outputs"]) == len(ours["outputs"])
+    vanilla = run_engine(EngineJob(llm=_llm(model, **kw), prompts=prompts, sampling=sampling))
+    ours = run_engine(EngineJob(llm=_llm(model, spec, **kw), prompts=prompts, sampling=sampling,
+                       refuse=refuse))
+    assert ours.refused[0] and "medusa_acceptance: expected 'greedy'" in ours.refused[0]
+    assert ours.refused[1] and "medusa_posterior_threshold" in ours.refused[1]
+    assert len(vanilla.token_ids) == len(ours.token_ids)
     # map flat outputs back to requests (n=2 rows produce two outputs)
     k = 0
     greedy_lp = 0
     for s in sampling:
         for _ in range(s.get("n", 1)):
-            a, b = vanilla["outputs"][k], ours["outputs"][k]
+            a, b = vanilla.token_ids[k], ours.token_ids[k]
             if s["temperature"] == 0.0:
                 assert a == b, f"output {k}: vanilla {a} != medusa_tree {b}"
             else:
                 assert 1 <= len(b) <= s["max_tokens"]
             k += 1
-    for la, lb in zip(vanilla["logprobs"], ours["logprobs"]):
+    for la, lb in zip(vanilla.logprobs, ours.logprobs):
         assert len(la) == len(lb)
         for da, db in zip(la, lb):
             assert da.keys() == db.keys()
@@ -289,4 +299,4 @@ def test_mixed_batch_chunked_prefill_prefix_cache_logprobs_n(tiny):
                 assert abs(da[tok] - db[tok]) < 1e-3, (tok, da[tok], db[tok])
             greedy_lp += 1
     assert greedy_lp > 100
-    assert ours["metrics"]["mean_accepted_length"] > 1.2
+    assert ours.metrics["mean_accepted_length"] > 1.2

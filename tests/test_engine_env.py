@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from medusa_vllm.engine_env import SMALL_MACHINE_CORES, engine_env
+from medusa_vllm.tools.engine_proc import SMALL_MACHINE_CORES, engine_env
 
 
 def test_small_machine_binds_the_worker_to_every_core():

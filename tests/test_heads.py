@@ -1,12 +1,12 @@
-"""Tests for medusa_vllm.heads: head math, vocab options, LM-layer init."""
+"""Tests for medusa_vllm.core.heads: head math, vocab options, LM-layer init."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from medusa_vllm.heads import (
-    MedusaConfig,
+from medusa_vllm.core.heads import (
+    MedusaHeadsConfig,
     MedusaHeads,
     strip_vocab_padding,
     token_map_from_counts,
@@ -29,7 +29,7 @@ def silu(v: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------ head math
 def test_forward_matches_hand_computation():
-    cfg = MedusaConfig(hidden_size=3, vocab_size=5, num_heads=2, num_layers=2)
+    cfg = MedusaHeadsConfig(hidden_size=3, vocab_size=5, num_heads=2, num_layers=2)
     heads = randomize(MedusaHeads(cfg, dtype=torch.float64), seed=1)
     x = torch.randn(4, 3, dtype=torch.float64)
 
@@ -51,7 +51,7 @@ def test_forward_matches_hand_computation():
 
 
 def test_forward_keeps_leading_dims_and_casts_input():
-    cfg = MedusaConfig(hidden_size=4, vocab_size=7, num_heads=3)
+    cfg = MedusaHeadsConfig(hidden_size=4, vocab_size=7, num_heads=3)
     heads = randomize(MedusaHeads(cfg))
     x = torch.randn(2, 5, 4)
     out = heads(x)
@@ -65,7 +65,7 @@ def test_forward_keeps_leading_dims_and_casts_input():
 
 
 def test_no_bias_and_zero_layers():
-    cfg = MedusaConfig(
+    cfg = MedusaHeadsConfig(
         hidden_size=3, vocab_size=4, num_heads=2, num_layers=1, resblock_bias=False
     )
     heads = randomize(MedusaHeads(cfg), seed=2)
@@ -74,13 +74,13 @@ def test_no_bias_and_zero_layers():
     W, U = heads.blocks[1].layers[0].weight, heads.lm_heads[1].weight
     torch.testing.assert_close(heads(x)[1], (x + silu(x @ W.T)) @ U.T)
 
-    cfg0 = MedusaConfig(hidden_size=3, vocab_size=4, num_heads=2, num_layers=0)
+    cfg0 = MedusaHeadsConfig(hidden_size=3, vocab_size=4, num_heads=2, num_layers=0)
     heads0 = randomize(MedusaHeads(cfg0), seed=3)
     torch.testing.assert_close(heads0(x)[0], x @ heads0.lm_heads[0].weight.T)
 
 
 def test_hidden_size_mismatch_is_reported():
-    heads = MedusaHeads(MedusaConfig(hidden_size=4, vocab_size=6, num_heads=1))
+    heads = MedusaHeads(MedusaHeadsConfig(hidden_size=4, vocab_size=6, num_heads=1))
     with pytest.raises(ValueError, match=r"hidden_size=4.*\[2, 5\]"):
         heads(torch.randn(2, 5))
 
@@ -88,7 +88,7 @@ def test_hidden_size_mismatch_is_reported():
 # ------------------------------------------------------- init from backbone
 @pytest.mark.parametrize("shared", [False, True])
 def test_fresh_heads_reproduce_backbone_logits(shared):
-    cfg = MedusaConfig(
+    cfg = MedusaHeadsConfig(
         hidden_size=6, vocab_size=11, num_heads=3, num_layers=2, original_lm_head=shared
     )
     backbone_lm = torch.randn(11, 6)
@@ -107,7 +107,7 @@ def test_fresh_heads_reproduce_backbone_logits(shared):
 
 
 def test_init_lm_head_copies_per_head():
-    cfg = MedusaConfig(hidden_size=3, vocab_size=5, num_heads=2)
+    cfg = MedusaHeadsConfig(hidden_size=3, vocab_size=5, num_heads=2)
     w = torch.randn(5, 3)
     heads = MedusaHeads(cfg)
     heads.init_lm_head_from(w)
@@ -118,7 +118,7 @@ def test_init_lm_head_copies_per_head():
 
 
 def test_shared_lm_head_tie_shares_storage_and_freezes():
-    cfg = MedusaConfig(hidden_size=4, vocab_size=9, num_heads=3, original_lm_head=True)
+    cfg = MedusaHeadsConfig(hidden_size=4, vocab_size=9, num_heads=3, original_lm_head=True)
     backbone = torch.nn.Linear(4, 9, bias=False)
     heads = MedusaHeads(cfg)
     heads.init_lm_head_from(backbone.weight, tie=True)
@@ -134,10 +134,10 @@ def test_shared_lm_head_tie_shares_storage_and_freezes():
 
 def test_tie_refused_for_per_head_and_reduced_vocab():
     w = torch.randn(9, 4)
-    per_head = MedusaHeads(MedusaConfig(hidden_size=4, vocab_size=9, num_heads=2))
+    per_head = MedusaHeads(MedusaHeadsConfig(hidden_size=4, vocab_size=9, num_heads=2))
     with pytest.raises(ValueError, match="original_lm_head=True"):
         per_head.init_lm_head_from(w, tie=True)
-    cfg = MedusaConfig(
+    cfg = MedusaHeadsConfig(
         hidden_size=4,
         vocab_size=9,
         num_heads=2,
@@ -150,7 +150,7 @@ def test_tie_refused_for_per_head_and_reduced_vocab():
 
 
 def test_init_lm_head_rejects_wrong_shape():
-    heads = MedusaHeads(MedusaConfig(hidden_size=4, vocab_size=9, num_heads=2))
+    heads = MedusaHeads(MedusaHeadsConfig(hidden_size=4, vocab_size=9, num_heads=2))
     with pytest.raises(ValueError, match=r"\[9, 4\].*found \[8, 4\]"):
         heads.init_lm_head_from(torch.randn(8, 4))
 
@@ -177,7 +177,7 @@ def test_reduced_vocab_logits_map_and_topk(shared):
     V, H, D = 13, 5, 6
     counts = torch.randint(0, 100, (V,), generator=torch.Generator().manual_seed(4))
     tm = token_map_from_counts(counts, D)
-    cfg = MedusaConfig(
+    cfg = MedusaHeadsConfig(
         hidden_size=H,
         vocab_size=V,
         num_heads=3,
@@ -210,7 +210,7 @@ def test_reduced_vocab_logits_map_and_topk(shared):
 
 
 def test_topk_full_vocab_and_bounds():
-    cfg = MedusaConfig(hidden_size=4, vocab_size=10, num_heads=2)
+    cfg = MedusaHeadsConfig(hidden_size=4, vocab_size=10, num_heads=2)
     heads = randomize(MedusaHeads(cfg), seed=5)
     x = torch.randn(3, 4)
     ids = heads.topk(x, 4)
@@ -233,20 +233,20 @@ def test_topk_full_vocab_and_bounds():
     ],
 )
 def test_token_map_validation(token_map, match):
-    cfg = MedusaConfig(hidden_size=2, vocab_size=9, num_heads=1, truncated_vocab_size=3)
+    cfg = MedusaHeadsConfig(hidden_size=2, vocab_size=9, num_heads=1, truncated_vocab_size=3)
     with pytest.raises(ValueError, match=match):
         MedusaHeads(cfg, token_map=token_map)
 
 
 def test_token_map_without_truncation_is_refused():
-    cfg = MedusaConfig(hidden_size=2, vocab_size=9, num_heads=1)
+    cfg = MedusaHeadsConfig(hidden_size=2, vocab_size=9, num_heads=1)
     with pytest.raises(ValueError, match="truncated_vocab_size is None"):
         MedusaHeads(cfg, token_map=torch.tensor([0, 1]))
 
 
 # --------------------------------------------------------------------- config
 def test_config_round_trip_and_draft_vocab():
-    cfg = MedusaConfig(
+    cfg = MedusaHeadsConfig(
         hidden_size=8,
         vocab_size=100,
         num_heads=4,
@@ -256,11 +256,11 @@ def test_config_round_trip_and_draft_vocab():
         resblock_bias=False,
         base_model_name_or_path="tiny/llama",
     )
-    again = MedusaConfig.from_dict(cfg.to_dict())
+    again = MedusaHeadsConfig.from_dict(cfg.to_dict())
     assert again == cfg
     assert cfg.draft_vocab_size == 30
     assert (
-        MedusaConfig(hidden_size=8, vocab_size=100, num_heads=1).draft_vocab_size == 100
+        MedusaHeadsConfig(hidden_size=8, vocab_size=100, num_heads=1).draft_vocab_size == 100
     )
 
 
@@ -282,25 +282,25 @@ def test_config_round_trip_and_draft_vocab():
 )
 def test_config_validate_names_the_field(changes, field):
     data = {"hidden_size": 8, "vocab_size": 100, "num_heads": 2, **changes}
-    with pytest.raises(ValueError, match=f"MedusaConfig.{field}"):
-        MedusaConfig(**data).validate()
+    with pytest.raises(ValueError, match=f"MedusaHeadsConfig.{field}"):
+        MedusaHeadsConfig(**data).validate()
     with pytest.raises(ValueError, match=field):
-        MedusaHeads(MedusaConfig(**data))
+        MedusaHeads(MedusaHeadsConfig(**data))
 
 
 def test_config_from_dict_unknown_and_missing():
     with pytest.raises(ValueError, match=r"unknown field\(s\) \['medusa_num_heads'\]"):
-        MedusaConfig.from_dict(
+        MedusaHeadsConfig.from_dict(
             {"hidden_size": 8, "vocab_size": 10, "num_heads": 1, "medusa_num_heads": 3}
         )
     with pytest.raises(
         ValueError, match=r"missing required field\(s\) \['num_heads'\]"
     ):
-        MedusaConfig.from_dict({"hidden_size": 8, "vocab_size": 10})
+        MedusaHeadsConfig.from_dict({"hidden_size": 8, "vocab_size": 10})
 
 
 def test_gradients_reach_trainable_parameters():
-    cfg = MedusaConfig(hidden_size=4, vocab_size=6, num_heads=2)
+    cfg = MedusaHeadsConfig(hidden_size=4, vocab_size=6, num_heads=2)
     heads = MedusaHeads(cfg, lm_head_weight=torch.randn(6, 4))
     heads(torch.randn(3, 4)).sum().backward()
     for name, p in heads.named_parameters():
@@ -316,12 +316,12 @@ def test_vllm_padded_lm_head_weight_is_accepted():
     assert torch.equal(strip_vocab_padding(padded, V), real)
     assert strip_vocab_padding(torch.randn(100, H), V).shape[0] == 100  # not padding
     shared = MedusaHeads(
-        MedusaConfig(hidden_size=H, vocab_size=V, num_heads=2, original_lm_head=True)
+        MedusaHeadsConfig(hidden_size=H, vocab_size=V, num_heads=2, original_lm_head=True)
     )
     shared.init_lm_head_from(padded, tie=True)
     assert shared.lm_head.weight.shape == (V, H)
     assert shared.lm_head.weight.data_ptr() == padded.data_ptr()
-    per_head = MedusaHeads(MedusaConfig(hidden_size=H, vocab_size=V, num_heads=2))
+    per_head = MedusaHeads(MedusaHeadsConfig(hidden_size=H, vocab_size=V, num_heads=2))
     per_head.init_lm_head_from(padded)
     torch.testing.assert_close(per_head.lm_heads[1].weight, real)
     with pytest.raises(ValueError, match=r"\[70, 4\].*found \[100, 4\]"):

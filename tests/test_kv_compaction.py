@@ -2,9 +2,13 @@
 
 Expected caches are built with vLLM's own ``cpu_attn_reshape_and_cache``
 (writing the source tokens' K/V at the destination slots), independently of
-the layout map that :mod:`medusa_vllm.kv_compaction` uses, and compared bit
+the layout map that :mod:`medusa_vllm.engine.cpu.kv_copy` uses, and compared bit
 for bit with the compacted cache: accepted nodes land exactly at their depth
-slots and every other byte (other requests, other slots) is untouched.
+slots and every other byte (other requests, other slots) is untouched. Every
+KV layout vLLM picks on the CPUs this project meets is a parameter
+(:mod:`tests.kv_layouts`); layouts this host cannot write are skipped with the
+reason. :func:`medusa_vllm.engine.tree_plan.compaction_slots` (the
+device-agnostic slot math the runner calls) is checked here too.
 """
 
 from __future__ import annotations
@@ -14,16 +18,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
-pytest.importorskip("vllm")
-
 from vllm import _custom_ops as ops
-from vllm.v1.attention.backends import cpu_attn
 
-from medusa_vllm.attention import gather_kv, probe_cache_layout
-from medusa_vllm.kv_compaction import compact_kv, compact_layer, compaction_slots
+from medusa_vllm.engine.cpu.cache_layout import gather_kv, probe_cache_layout
+from medusa_vllm.engine.cpu.kv_copy import compact_kv, compact_layer
+from medusa_vllm.engine.tree_plan import compaction_slots
+from tests.kv_layouts import BLOCK, LAYOUTS, params, require_writable
 
-BLOCK, KV_HEADS, NUM_BLOCKS = 32, 2, 24
+KV_HEADS, NUM_BLOCKS = 2, 24
 
 
 def make_kv_cache(dtype, head_size, layers=("l0",)):
@@ -51,9 +53,9 @@ def write(kv, key, value, slots, isa):
     ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slots, isa)
 
 
-def fill_step(kv, dtype, head_size, prefix_lens, counts, gen):
-    """Random prefix + tree K/V for a batch; returns (isa, qsl, slot_mapping, K, V) of the step rows."""
-    isa = cpu_attn._get_attn_isa(dtype, BLOCK, head_size)
+def fill_step(kv, isa, dtype, head_size, prefix_lens, counts, gen):
+    """Random prefix + tree K/V for a batch, written with vLLM's op for ``isa``;
+    returns (qsl, slot_mapping, K, V) of the step rows."""
     free = torch.randperm(NUM_BLOCKS - 1, generator=gen) + 1
     used, qsl, slots, ks, vs = 0, [0], [], [], []
     for p, t in zip(prefix_lens, counts):
@@ -69,7 +71,7 @@ def fill_step(kv, dtype, head_size, prefix_lens, counts, gen):
         ks.append(k[p:])
         vs.append(v[p:])
         qsl.append(qsl[-1] + t)
-    return isa, torch.tensor(qsl[:-1]), torch.cat(slots), torch.cat(ks), torch.cat(vs)
+    return torch.tensor(qsl[:-1]), torch.cat(slots), torch.cat(ks), torch.cat(vs)
 
 
 def expected_after(kv, isa, key, value, src_rows, dst_slots):
@@ -104,13 +106,14 @@ def test_compaction_slots_rejects_bad_paths(nodes, match):
 
 
 # ------------------------------------------------------------- one layer
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("head_size", [64, 80], ids=["vec", "vec16"])
-def test_compaction_moves_exactly_the_accepted_nodes(dtype, head_size):
+@pytest.mark.parametrize("case", params(LAYOUTS))
+def test_compaction_moves_exactly_the_accepted_nodes(case):
+    layout = require_writable(case)
+    isa, dtype, head_size = case
     gen = torch.Generator().manual_seed(0)
     kv = make_kv_cache(dtype, head_size)["l0"]
     prefix_lens, counts = [30, 5, 100, 64], [13, 9, 13, 4]
-    isa, qs, sm, key, value = fill_step(kv, dtype, head_size, prefix_lens, counts, gen)
+    qs, sm, key, value = fill_step(kv, isa, dtype, head_size, prefix_lens, counts, gen)
     nodes = torch.tensor(
         [
             [0, 3, 7, 11],  # crosses the block boundary at position 32
@@ -124,7 +127,6 @@ def test_compaction_moves_exactly_the_accepted_nodes(dtype, head_size):
     rows = [int(qs[r] + n) for r, path in enumerate(nodes.tolist()) for d, n in enumerate(path) if n >= 0 and n != d]
     expected = expected_after(kv, isa, key, value, torch.tensor(rows), dst)
     before = kv.clone()
-    layout = probe_cache_layout(isa, dtype, BLOCK, head_size)
     compact_layer(kv, src, dst, layout)
     assert torch.equal(kv, expected)
     assert not torch.equal(kv, before)
@@ -140,10 +142,10 @@ def test_compaction_moves_exactly_the_accepted_nodes(dtype, head_size):
 
 
 def test_swaps_are_safe_because_all_sources_are_read_first():
-    dtype, head_size = torch.bfloat16, 64
+    isa, dtype, head_size = "vec", torch.bfloat16, 64
     gen = torch.Generator().manual_seed(1)
     kv = make_kv_cache(dtype, head_size)["l0"]
-    isa, _, sm, key, value = fill_step(kv, dtype, head_size, [10], [6], gen)
+    _, sm, key, value = fill_step(kv, isa, dtype, head_size, [10], [6], gen)
     src, dst = sm[[1, 4]], sm[[4, 1]]
     expected = expected_after(kv, isa, key, value, torch.tensor([1, 4]), dst)
     compact_layer(kv, src, dst, probe_cache_layout(isa, dtype, BLOCK, head_size))
@@ -174,12 +176,12 @@ def fake_runner(caches: dict[str, torch.Tensor], isa: str, groups: list[list[str
 
 
 def test_compact_kv_touches_every_layer_once_per_tensor():
-    dtype, head_size = torch.float32, 64
+    isa, dtype, head_size = "vec", torch.float32, 64
     caches = make_kv_cache(dtype, head_size, layers=("l0", "l1"))
     gen = torch.Generator().manual_seed(2)
-    isa, qs, sm, key, value = fill_step(caches["l0"], dtype, head_size, [40, 7], [8, 8], gen)
+    qs, sm, key, value = fill_step(caches["l0"], isa, dtype, head_size, [40, 7], [8, 8], gen)
     gen = torch.Generator().manual_seed(2)
-    _, _, _, key1, value1 = fill_step(caches["l1"], dtype, head_size, [40, 7], [8, 8], gen)
+    _, _, key1, value1 = fill_step(caches["l1"], isa, dtype, head_size, [40, 7], [8, 8], gen)
     # "l2" shares l1's tensor (KV sharing): it must not be compacted twice
     caches = {**caches, "l2": caches["l1"]}
     nodes = torch.tensor([[0, 2, 3, 6], [0, 5, 7, -1]])

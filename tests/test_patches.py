@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -14,21 +13,18 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
 
-pytest.importorskip("vllm")
-
-import patches  # noqa: E402
-from patches import (  # noqa: E402
+import medusa_vllm_patches as patches
+from medusa_vllm.engine.options import MedusaConfigError
+from medusa_vllm.engine.plugin import METHOD, PROPOSER_CLASS, WORKER_CLASSES
+from medusa_vllm.tools.tiny_models import build_tiny_llama, write_medusa_heads_config
+from medusa_vllm_patches import (
     request_params_check,
     speculative_method,
     speculative_model_cli,
     vllm_version_alias,
 )
-from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs  # noqa: E402
-
-from medusa_vllm.config import MedusaConfigError  # noqa: E402
-from medusa_vllm.plugin import METHOD, PROPOSER_CLASS, WORKER_CLASSES, translate  # noqa: E402
-from medusa_vllm.testing import build_tiny_llama, write_medusa_heads_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -55,11 +51,11 @@ def test_apply_all_lists_every_patch_module():
 
 
 def test_apply_all_non_strict_keeps_going(monkeypatch, caplog):
-    monkeypatch.setattr(patches, "PATCHES", ("patches.does_not_exist", "patches.vllm_version_alias"))
+    monkeypatch.setattr(patches, "PATCHES", ("medusa_vllm_patches.does_not_exist", "medusa_vllm_patches.vllm_version_alias"))
     with pytest.raises(ModuleNotFoundError):
         patches.apply_all()
-    assert patches.apply_all(strict=False) == ["patches.vllm_version_alias"]
-    assert "could not apply patches.does_not_exist" in caplog.text
+    assert patches.apply_all(strict=False) == ["medusa_vllm_patches.vllm_version_alias"]
+    assert "could not apply medusa_vllm_patches.does_not_exist" in caplog.text
 
 
 # ------------------------------------------------------- speculative_method
@@ -87,10 +83,19 @@ def test_speculative_method_patch_translates_before_validation(tiny, heads):
     assert cfg.speculative_config.num_speculative_tokens == 3
 
 
-def test_speculative_method_patch_checks_backbone(tiny, tmp_path):
+def test_speculative_method_patch_checks_engine_and_backbone(tiny, heads, tmp_path):
+    """create_speculative_config runs the start-up refusals on the ModelConfig
+    and ParallelConfig vLLM built, then the heads-vs-backbone check."""
     bad = write_medusa_heads_config(tmp_path / "h", num_heads=3, hidden_size=32, vocab_size=512)
     args = EngineArgs(model=tiny, max_model_len=256, speculative_config={"method": METHOD, "model": str(bad)})
     with pytest.raises(MedusaConfigError, match=r"hidden_size=32, but the backbone .* has hidden_size=64"):
+        args.create_engine_config()
+    spec = {"method": METHOD, "model": heads}
+    args = EngineArgs(model=tiny, max_model_len=256, speculative_config=spec, logprobs_mode="raw_logits")
+    with pytest.raises(MedusaConfigError, match=r"^medusa_tree: logprobs_mode='raw_logits': "):
+        args.create_engine_config()
+    args = EngineArgs(model=tiny, max_model_len=256, speculative_config=spec, pipeline_parallel_size=2)
+    with pytest.raises(MedusaConfigError, match=r"^medusa_tree: pipeline_parallel_size=2: "):
         args.create_engine_config()
 
 
@@ -139,6 +144,12 @@ def test_request_params_patch_refuses_bad_overrides_at_admission():
         "medusa_acceptance": "typical", "medusa_posterior_threshold": 0.2, "other_key": 1}))
     check(medusa, SamplingParams())
     check(other, bad)  # engines without Medusa trees leave extra_args to their owners
+    # the tree verifier returns top-k logprobs only: a fixed logprob id list is refused
+    with pytest.raises(ValueError, match="logprob_token_ids is not supported with medusa_tree") as err:
+        check(medusa, SamplingParams(logprob_token_ids=[1, 2]))
+    assert err.value.parameter == "logprob_token_ids"
+    check(other, SamplingParams(logprob_token_ids=[1, 2]))
+    check(medusa, SamplingParams(logprobs=2))
 
 def test_cli_patch_is_idempotent():
     speculative_model_cli.apply()
@@ -282,10 +293,10 @@ def test_platform_plugin_declared_in_pyproject():
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     eps = project.get("entry-points", {})
-    assert eps.get("vllm.general_plugins", {}).get("medusa_vllm") == "medusa_vllm.plugin:register"
+    assert eps.get("vllm.general_plugins", {}).get("medusa_vllm") == "medusa_vllm.engine.plugin:register"
     assert eps.get("vllm.platform_plugins", {}).get("medusa_vllm") == (
-        "patches.vllm_version_alias:platform_plugin"
-    ), "add [project.entry-points.\"vllm.platform_plugins\"] medusa_vllm = \"patches.vllm_version_alias:platform_plugin\""
+        "medusa_vllm_patches.vllm_version_alias:platform_plugin"
+    ), "add [project.entry-points.\"vllm.platform_plugins\"] medusa_vllm = \"medusa_vllm_patches.vllm_version_alias:platform_plugin\""
 
 
 # ------------------------------------------------- the `vllm` command itself
@@ -298,7 +309,7 @@ def _cli_env(tmp_path: Path) -> dict[str, str]:
     """
     env = {k: v for k, v in os.environ.items() if k != "VLLM_TARGET_DEVICE"}
     declared = any(
-        e.value == "patches.vllm_version_alias:platform_plugin"
+        e.value == "medusa_vllm_patches.vllm_version_alias:platform_plugin"
         for e in metadata.entry_points(group="vllm.platform_plugins")
     )
     if not declared:
@@ -306,7 +317,7 @@ def _cli_env(tmp_path: Path) -> dict[str, str]:
         info.mkdir(parents=True)
         (info / "METADATA").write_text("Metadata-Version: 2.1\nName: medusa-vllm-platform-ep\nVersion: 0.0\n")
         (info / "entry_points.txt").write_text(
-            "[vllm.platform_plugins]\nmedusa_vllm = patches.vllm_version_alias:platform_plugin\n"
+            "[vllm.platform_plugins]\nmedusa_vllm = medusa_vllm_patches.vllm_version_alias:platform_plugin\n"
         )
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(info.parent), str(REPO), env.get("PYTHONPATH")]))
     return env

@@ -10,14 +10,12 @@ from __future__ import annotations
 import copy
 
 import pytest
+from vllm.engine.arg_utils import EngineArgs
 
-pytest.importorskip("vllm")
-
-from vllm.engine.arg_utils import EngineArgs  # noqa: E402
-
-from medusa_vllm import plugin  # noqa: E402
-from medusa_vllm.config import MedusaConfigError, MedusaTreeConfig  # noqa: E402
-from medusa_vllm.plugin import (  # noqa: E402
+from medusa_vllm.core.tree import MedusaTree
+from medusa_vllm.engine import plugin
+from medusa_vllm.engine.options import MedusaConfigError, MedusaTreeConfig
+from medusa_vllm.engine.plugin import (
     METHOD,
     PROPOSER_CLASS,
     WORKER_CLASSES,
@@ -25,8 +23,7 @@ from medusa_vllm.plugin import (  # noqa: E402
     register,
     translate,
 )
-from medusa_vllm.tree import MedusaTree  # noqa: E402
-from medusa_vllm.testing import build_tiny_llama, write_medusa_heads_config  # noqa: E402
+from medusa_vllm.tools.tiny_models import build_tiny_llama, write_medusa_heads_config
 
 CPU_WORKER = WORKER_CLASSES["cpu"]
 
@@ -163,20 +160,95 @@ def test_passthrough_of_vllm_speculative_keys(heads):
     }
 
 
-def test_user_worker_cls_is_kept(heads):
-    t = translate({"method": METHOD, "model": heads}, worker_cls="my.pkg.Worker", device_type="cpu")
-    assert t.worker_cls == "my.pkg.Worker"
+def _worker_module(tmp_path, monkeypatch, name: str = "my_workers") -> str:
+    """An importable module with a subclass of our CPU worker, a foreign worker
+    and a non-class; returns the module name."""
+    (tmp_path / f"{name}.py").write_text(
+        "from medusa_vllm.engine.cpu.worker import MedusaTreeCPUWorker\n"
+        "from vllm.v1.worker.cpu_worker import CPUWorker\n"
+        "class MyMedusaWorker(MedusaTreeCPUWorker):\n    pass\n"
+        "class MyWorker(CPUWorker):\n    pass\n"
+        "NOT_A_CLASS = 3\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return name
+
+
+def test_user_worker_subclassing_ours_is_kept(tiny, heads, tmp_path, monkeypatch):
+    mine = f"{_worker_module(tmp_path, monkeypatch)}.MyMedusaWorker"
+    t = translate({"method": METHOD, "model": heads}, worker_cls=mine, device_type="cpu")
+    assert t.worker_cls == mine
+    cfg = _engine_config(tiny, speculative_config={"method": METHOD, "model": heads}, worker_cls=mine)
+    assert cfg.parallel_config.worker_cls == mine
+
+
+@pytest.mark.parametrize(
+    "attr, why",
+    [
+        ("MyWorker", f"is not a subclass of {CPU_WORKER}"),
+        ("NOT_A_CLASS", "is not a class (found int 3)"),
+        ("Missing", "cannot be imported (AttributeError"),
+    ],
+)
+def test_user_worker_replacing_ours_is_refused(tiny, heads, tmp_path, monkeypatch, attr, why):
+    theirs = f"{_worker_module(tmp_path, monkeypatch)}.{attr}"
+    with pytest.raises(MedusaConfigError) as err:
+        _engine_config(tiny, speculative_config={"method": METHOD, "model": heads}, worker_cls=theirs)
+    msg = str(err.value)
+    assert msg.startswith(f"medusa_tree: worker_cls={theirs!r} {why}")
+    assert "would not install the Medusa tree runner" in msg
+    assert f"leave worker_cls='auto' (the plugin sets {CPU_WORKER}) or pass a subclass of it" in msg
 
 
 def test_unsupported_platform_is_refused(heads):
-    with pytest.raises(MedusaConfigError, match=r"supports the platforms \['cpu'\], found 'cuda'"):
+    with pytest.raises(MedusaConfigError) as err:
         translate({"method": METHOD, "model": heads}, device_type="cuda")
+    msg = str(err.value)
+    assert "tree Medusa supports the platforms ['cpu'], found 'cuda'" in msg
+    assert "run on a supported platform, or use vLLM's built-in chain Medusa ({'method': 'medusa', ...})" in msg
 
 
-def test_gpu_hook(heads, monkeypatch):
-    monkeypatch.setitem(WORKER_CLASSES, "cuda", "medusa_vllm.worker.MedusaTreeGPUWorker")
+def test_registered_device_type_maps_to_its_worker(heads, tmp_path, monkeypatch):
+    """The GPU hook: a device type added to WORKER_CLASSES gets that worker, and
+    the start-up check resolves it by import (a broken entry is refused)."""
+    from types import SimpleNamespace
+
+    from medusa_vllm.engine.plugin import check_engine_compatibility
+
+    mod = _worker_module(tmp_path, monkeypatch, "gpu_workers")
+    monkeypatch.setitem(WORKER_CLASSES, "cuda", f"{mod}.MyMedusaWorker")
     t = translate({"method": METHOD, "model": heads}, device_type="cuda")
-    assert t.worker_cls == "medusa_vllm.worker.MedusaTreeGPUWorker"
+    assert t.worker_cls == f"{mod}.MyMedusaWorker"
+    model = SimpleNamespace(model="m", uses_mrope=False, is_attention_free=False, is_hybrid=False,
+                            logprobs_mode="raw_logprobs", get_hidden_size=lambda: 64,
+                            get_vocab_size=lambda: 512)
+
+    def check(worker_cls):
+        check_engine_compatibility(t.speculative_config, t.additional_config, model,
+                                   SimpleNamespace(pipeline_parallel_size=1, worker_cls=worker_cls),
+                                   device_type="cuda")
+
+    check(t.worker_cls)  # the registered worker itself
+    with pytest.raises(MedusaConfigError, match=rf"worker_cls='{CPU_WORKER}' is not a subclass of {mod}.MyMedusaWorker"):
+        check(CPU_WORKER)  # the CPU worker is not the cuda one
+    monkeypatch.setitem(WORKER_CLASSES, "cuda", f"{mod}.NoSuchWorker")
+    with pytest.raises(MedusaConfigError, match=rf"the Medusa worker '{mod}.NoSuchWorker' registered for this platform cannot be imported"):
+        check(f"{mod}.MyMedusaWorker")
+
+
+def test_registered_workers_import_and_install_the_tree_runner():
+    """Every WORKER_CLASSES entry resolves by import to a subclass of vLLM's
+    worker for that platform that overrides init_device (where it installs
+    the tree runner)."""
+    from vllm.utils.import_utils import resolve_obj_by_qualname
+    from vllm.v1.worker.cpu_worker import CPUWorker
+
+    bases = {"cpu": CPUWorker}
+    assert set(WORKER_CLASSES) == set(bases)
+    for device, qualname in WORKER_CLASSES.items():
+        cls = resolve_obj_by_qualname(qualname)
+        assert issubclass(cls, bases[device]) and cls is not bases[device]
+        assert cls.init_device is not bases[device].init_device
 
 
 # ------------------------------------------------- start-up errors (create_engine_config)
@@ -243,6 +315,79 @@ def test_conflicting_option_sources_fail(tiny, heads):
         )
 
 
+# ------------------------------------------- start-up refusals (check_engine_compatibility)
+_HYBRID = "is hybrid (mamba / linear-attention layers beside attention)"
+_ATTN_FREE = "is attention-free (state-space / recurrent layers)"
+
+
+@pytest.mark.parametrize(
+    "engine_kwargs, needle",
+    [
+        ({"pipeline_parallel_size": 2},
+         "medusa_tree: pipeline_parallel_size=2: the Medusa heads read the last layer's hidden state "
+         "and the tree verifier its logits, which only the last pipeline stage has: set "
+         "pipeline_parallel_size=1 (--pipeline-parallel-size 1)"),
+        ({"logprobs_mode": "processed_logprobs"},
+         "medusa_tree: logprobs_mode='processed_logprobs': with tree Medusa the returned logprobs are "
+         "the raw target log-probabilities of each emitted token (logprobs_mode='raw_logprobs'); set "
+         "logprobs_mode='raw_logprobs' (--logprobs-mode raw_logprobs, the default) or run without "
+         "speculative_config (no speculative decoding)"),
+        ({"logprobs_mode": "processed_logits"}, "medusa_tree: logprobs_mode='processed_logits': "),
+        ({"logprobs_mode": "raw_logits"}, "medusa_tree: logprobs_mode='raw_logits': "),
+        ({"hf_overrides": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                               "mrope_section": [4, 2, 2]}}},
+         "uses M-RoPE positions (an mrope_section in its rope parameters: 3-D multimodal positions); "
+         "the tree runner writes one position per token (prefix length + tree depth), so tree rows "
+         "would get wrong rotary positions: use a model with 1-D RoPE positions or run without "
+         "speculative_config"),
+    ],
+    ids=["pipeline-parallel", "processed_logprobs", "processed_logits", "raw_logits", "m-rope"],
+)
+def test_silently_wrong_engines_are_refused_at_startup(tiny, heads, engine_kwargs, needle):
+    spec = {"method": METHOD, "model": heads}
+    with pytest.raises(MedusaConfigError) as err:
+        _engine_config(tiny, speculative_config=spec, **engine_kwargs)
+    assert needle in str(err.value)
+    # the same engine without Medusa trees is vLLM's business, not ours
+    if "hf_overrides" not in engine_kwargs and "pipeline_parallel_size" not in engine_kwargs:
+        assert _engine_config(tiny, **engine_kwargs).speculative_config is None
+
+
+@pytest.mark.parametrize("prop, needle", [("is_hybrid", _HYBRID), ("is_attention_free", _ATTN_FREE)])
+def test_hybrid_and_attention_free_models_are_refused(tiny, heads, monkeypatch, prop, needle):
+    """vLLM's registry decides these from the architecture (inspecting a real
+    Mamba/Jamba config takes over a minute here): the tiny Llama stands in,
+    with the one ModelConfig property switched on."""
+    from vllm.config import ModelConfig
+
+    _engine_config(tiny, speculative_config={"method": METHOD, "model": heads})  # passes as it is
+    monkeypatch.setattr(ModelConfig, prop, property(lambda self: True))
+    with pytest.raises(MedusaConfigError) as err:
+        _engine_config(tiny, speculative_config={"method": METHOD, "model": heads})
+    assert f"medusa_tree: the model {tiny!r} {needle}" in str(err.value)
+    assert "or run without speculative_config" in str(err.value)
+
+
+def test_every_refusal_is_listed_together(tiny, heads):
+    with pytest.raises(MedusaConfigError) as err:
+        _engine_config(tiny, speculative_config={"method": METHOD, "model": heads},
+                       pipeline_parallel_size=2, logprobs_mode="raw_logits",
+                       worker_cls="vllm.v1.worker.cpu_worker.CPUWorker")
+    lines = str(err.value).splitlines()
+    assert lines[0] == "medusa_tree cannot run this engine correctly:"
+    heads_of_lines = ("  - pipeline_parallel_size=2: ", "  - logprobs_mode='raw_logits': ",
+                      f"  - worker_cls='vllm.v1.worker.cpu_worker.CPUWorker' is not a subclass of {CPU_WORKER}; ")
+    assert len(lines) == 4
+    assert all(line.startswith(head) for line, head in zip(lines[1:], heads_of_lines)), lines
+
+
+def test_builtin_medusa_is_not_refused(tiny, heads):
+    """The refusals are for tree Medusa only: vLLM's chain Medusa keeps its own rules."""
+    cfg = _engine_config(tiny, speculative_config={"method": "medusa", "model": heads, "num_speculative_tokens": 2},
+                         logprobs_mode="processed_logprobs")
+    assert cfg.speculative_config.method == "medusa"
+
+
 # ------------------------------------------------------------------ register
 def test_register_is_idempotent():
     register()
@@ -263,5 +408,5 @@ def test_entry_point_declared():
     from importlib.metadata import entry_points
 
     eps = [e for e in entry_points(group="vllm.general_plugins") if e.name == "medusa_vllm"]
-    assert eps and eps[0].value == "medusa_vllm.plugin:register"
+    assert eps and eps[0].value == "medusa_vllm.engine.plugin:register"
     assert eps[0].load() is register

@@ -1,67 +1,110 @@
-"""MedusaTreeProposer: heads -> per-head top-k -> BFS tree tokens, sized to the batch."""
+"""MedusaTreeProposer: heads -> per-head top-k -> BFS tree tokens, sized to the batch.
+
+Expected drafts are computed by brute force from the heads' logits (a plain
+torch copy of the heads, not the proposer's engine-GEMM one): per head an
+argsort of the logits, then for each tree path in BFS order the token of rank
+``path[-1]`` of head ``len(path) - 1``.
+"""
 
 from __future__ import annotations
 
 import types
+from pathlib import Path
 
 import pytest
 import torch
 
-from medusa_vllm.heads import MedusaConfig, MedusaHeads
-from medusa_vllm.proposer import MedusaTreeProposer
-from medusa_vllm.tree import MedusaTree
+from medusa_vllm.checkpoints import save_heads
+from medusa_vllm.core.heads import MedusaHeads, MedusaHeadsConfig
+from medusa_vllm.core.tree import MedusaTree
+from medusa_vllm.engine.options import MedusaConfigError, MedusaTreeConfig
+from medusa_vllm.engine.proposer import MedusaTreeProposer
 
 H, V = 32, 64
 
 
-@pytest.fixture
-def setup(tmp_path):
+def _make_heads(tmp_path, reduced: bool = False) -> tuple[MedusaHeads, Path, torch.nn.Module]:
+    """(plain torch reference heads, their saved folder, a backbone stand-in with an lm_head)."""
     torch.manual_seed(0)
-    heads = MedusaHeads(MedusaConfig(hidden_size=H, vocab_size=V, num_heads=3))
-    heads.save_pretrained(tmp_path / "heads")
+    cfg = MedusaHeadsConfig(hidden_size=H, vocab_size=V, num_heads=3,
+                            truncated_vocab_size=24 if reduced else None)
+    token_map = torch.randperm(V)[:24] if reduced else None
+    heads = MedusaHeads(cfg, token_map=token_map).eval()
+    save_heads(heads, tmp_path / "heads")
     lm = torch.nn.Module()
     lm.lm_head = torch.nn.Linear(H, V, bias=False)
-    return tmp_path / "heads", lm
+    return heads, tmp_path / "heads", lm
 
 
-def _proposer(heads_dir, lm, tree, nodes_by_batch=None):
-    opts = {"heads": str(heads_dir), "medusa_choices": tree.to_list()}
-    if nodes_by_batch is not None:
-        opts["nodes_by_batch"] = nodes_by_batch
-    vcfg = types.SimpleNamespace(additional_config={"medusa": opts},
+@pytest.fixture(params=[False, True], ids=["full-vocab", "reduced-vocab"])
+def setup(tmp_path, request):
+    return _make_heads(tmp_path, request.param)
+
+
+def _vllm_config(heads_dir, tree: MedusaTree, nodes_by_batch="off"):
+    opts = {"heads": str(heads_dir), "medusa_choices": tree.to_list(), "nodes_by_batch": nodes_by_batch}
+    return types.SimpleNamespace(additional_config={"medusa": opts},
                                  model_config=types.SimpleNamespace(dtype=torch.float32))
-    p = MedusaTreeProposer(vcfg)
+
+
+def _proposer(heads_dir, lm, tree, nodes_by_batch="off"):
+    p = MedusaTreeProposer(_vllm_config(heads_dir, tree, nodes_by_batch))
     p.load_model(lm)
     return p
 
 
-def test_tree_tokens_come_from_the_heads_topk(setup):
-    heads_dir, lm = setup
+def _expected_drafts(ref: MedusaHeads, hidden: torch.Tensor, paths: list[list[int]]) -> list[list[int]]:
+    """Brute force: each BFS path's token is rank path[-1] of head len(path)-1."""
+    bfs = sorted(paths, key=lambda p: (len(p), p))
+    with torch.no_grad():
+        logits = ref(hidden)  # [K, B, draft_vocab]
+    ranked = torch.argsort(logits, dim=-1, descending=True)  # [K, B, draft_vocab]
+    out = []
+    for b in range(hidden.shape[0]):
+        row = []
+        for path in bfs:
+            draft_id = int(ranked[len(path) - 1, b, path[-1]])
+            row.append(int(ref.token_map[draft_id]) if ref.token_map is not None else draft_id)
+        out.append(row)
+    return out
+
+
+def test_proposer_holds_the_one_config_and_tree(setup):
+    _, heads_dir, lm = setup
+    tree = MedusaTree.load("sparse-16", 3)
+    vcfg = _vllm_config(heads_dir, tree, {"1": 16, "4": 3})
+    p = MedusaTreeProposer(vcfg)
+    assert isinstance(p.config, MedusaTreeConfig)
+    assert p.config == MedusaTreeConfig.from_dict(vcfg.additional_config["medusa"])
+    assert p.tree == tree and p.nodes_by_batch == {1: 16, 4: 3}
+    with pytest.raises(MedusaConfigError, match=r"additional_config\['medusa'\]: expected the Medusa options"):
+        MedusaTreeProposer(types.SimpleNamespace(additional_config={},
+                                                 model_config=types.SimpleNamespace(dtype=torch.float32)))
+
+
+def test_tree_tokens_come_from_the_heads_ranking(setup):
+    ref, heads_dir, lm = setup
     tree = MedusaTree.load("sparse-16", 3)
     p = _proposer(heads_dir, lm, tree)
     hidden = torch.randn(3, H)
     out = p.propose_tree(hidden, [True, False, True])
-    assert out[1] == []
-    topk = p.heads.topk(hidden, tree.topk)
-    want = tree.node_tokens(topk, torch.zeros(3, dtype=torch.long))[:, 1:]
-    assert out[0] == want[0].tolist() and out[2] == want[2].tolist()
-    assert len(out[0]) == 16
-    # node i's token is head (depth-1)'s top-(rank+1) candidate
-    for i, path in enumerate(tree.medusa_choices):
-        assert out[0][i] == int(topk[0, len(path) - 1, path[-1]])
+    want = _expected_drafts(ref, hidden, tree.to_list())
+    assert out == [want[0], [], want[2]]
+    assert len(out[0]) == 16 and out[0] != out[2]
+    if ref.token_map is not None:  # full-vocabulary ids of the draft vocabulary
+        assert set(out[0]) <= set(ref.token_map.tolist())
 
 
 def test_tree_shrinks_with_the_batch(setup):
-    heads_dir, lm = setup
+    ref, heads_dir, lm = setup
     tree = MedusaTree.load("sparse-16", 3)
     p = _proposer(heads_dir, lm, tree, nodes_by_batch={"1": 16, "2": 5, "4": 0})
-    full = p.propose_tree(torch.randn(1, H), [True])
-    assert len(full[0]) == 16
+    one = torch.randn(1, H)
+    assert p.propose_tree(one, [True]) == _expected_drafts(ref, one, tree.to_list())
     hidden = torch.randn(3, H)
     two = p.propose_tree(hidden[:2], [True, True])
-    assert [len(x) for x in two] == [5, 5]
-    ref = _proposer(heads_dir, lm, tree).propose_tree(hidden[:2], [True, True])
-    assert two == [r[:5] for r in ref]  # the BFS-first nodes of the same tree
+    # the BFS-first 5 nodes of the same tree
+    assert two == _expected_drafts(ref, hidden[:2], tree.to_list()[:5])
     assert p.propose_tree(torch.randn(4, H), [True] * 4) == [[]] * 4  # plain decoding
     # the batch size counts every request in the step, eligible or not
     assert [len(x) for x in p.propose_tree(hidden[:2], [False, True])] == [0, 5]
@@ -70,13 +113,13 @@ def test_tree_shrinks_with_the_batch(setup):
 
 
 def test_too_few_heads_for_the_tree(setup):
-    heads_dir, lm = setup
-    with pytest.raises(ValueError, match="the tree is 4 deep but the heads in .* have only 3 heads"):
+    _, heads_dir, lm = setup
+    with pytest.raises(MedusaConfigError, match=r"not a valid tree for 3 Medusa heads .*depth 4 exceeds"):
         _proposer(heads_dir, lm, MedusaTree.chain(4))
 
 
-def test_only_the_heads_the_tree_reaches_run(setup, monkeypatch):
-    heads_dir, lm = setup
+def test_only_the_heads_the_tree_reaches_run(setup):
+    ref, heads_dir, lm = setup
     tree = MedusaTree([[0], [1], [0, 0]])  # depth 2 of 3 heads
     p = _proposer(heads_dir, lm, tree, nodes_by_batch={"1": 3, "2": 2})
     used = []
@@ -85,23 +128,21 @@ def test_only_the_heads_the_tree_reaches_run(setup, monkeypatch):
     hidden = torch.randn(2, H)
     full = p.propose_tree(hidden[:1], [True])
     assert sorted(set(used)) == [0, 1]
-    topk = p.heads.topk(hidden[:1], 2)  # all heads, for reference
-    assert full[0] == tree.node_tokens(topk, torch.zeros(1, dtype=torch.long))[0, 1:].tolist()
+    assert full == _expected_drafts(ref, hidden[:1], tree.to_list())
     used.clear()
     two = p.propose_tree(hidden, [True, True])  # batch 2: [[0], [1]], depth 1
-    assert sorted(set(used)) == [0] and [len(x) for x in two] == [2, 2]
-    with pytest.raises(ValueError, match=r"num_heads must be in \[1, 3\]"):
-        p.heads.topk(hidden, 2, num_heads=4)
+    assert sorted(set(used)) == [0]
+    assert two == _expected_drafts(ref, hidden, [[0], [1]])
 
 
 @pytest.mark.parametrize("reduced", [False, True])
 def test_engine_gemm_heads_match_torch_heads(reduced):
     """On CPU the proposer's heads run through vLLM's CPU GEMM: same logits as
     torch's, same state dict, and the switch really happened."""
-    from medusa_vllm.proposer import use_engine_gemm
+    from medusa_vllm.engine.proposer import use_engine_gemm
 
     torch.manual_seed(1)
-    cfg = MedusaConfig(hidden_size=H, vocab_size=V, num_heads=3, num_layers=2,
+    cfg = MedusaHeadsConfig(hidden_size=H, vocab_size=V, num_heads=3, num_layers=2,
                        truncated_vocab_size=16 if reduced else None)
     heads = MedusaHeads(cfg, token_map=torch.randperm(V)[:16] if reduced else None).eval()
     ref = MedusaHeads(cfg, token_map=heads.token_map).eval()

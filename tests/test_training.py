@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from medusa_vllm.heads import MedusaConfig, MedusaHeads
+from medusa_vllm.checkpoints import load_heads, save_heads
+from medusa_vllm.core.heads import MedusaHeadsConfig, MedusaHeads
 from medusa_vllm.training import TrainConfig, TrainingError
 from medusa_vllm.training.data import (
     EncodedData,
@@ -33,7 +34,7 @@ from medusa_vllm.training.losses import (
     next_token_targets,
 )
 from medusa_vllm.training.trainer import MedusaTrainer, train
-from medusa_vllm.testing import build_tiny_llama
+from medusa_vllm.tools.tiny_models import build_tiny_llama
 
 VOCAB, HIDDEN = 320, 64
 WORDS = ("the quick brown fox jumps over the lazy dog medusa adds extra decoding heads "
@@ -170,7 +171,7 @@ def test_topk_hits_hand_checked():
 
 def test_evaluate_heads_hand_checked_with_draft_vocab(tmp_path):
     # 2 heads, no ResBlocks, hidden 4, vocab 6, draft vocabulary = full ids [5, 1, 2, 0].
-    cfg = MedusaConfig(hidden_size=4, vocab_size=6, num_heads=2, num_layers=0,
+    cfg = MedusaHeadsConfig(hidden_size=4, vocab_size=6, num_heads=2, num_layers=0,
                        truncated_vocab_size=4)
     heads = MedusaHeads(cfg, token_map=torch.tensor([5, 1, 2, 0]))
     with torch.no_grad():
@@ -207,7 +208,7 @@ def test_evaluate_heads_hand_checked_with_draft_vocab(tmp_path):
 
 
 def test_head_logits_matches_full_forward():
-    heads = MedusaHeads(MedusaConfig(hidden_size=8, vocab_size=11, num_heads=3, num_layers=2))
+    heads = MedusaHeads(MedusaHeadsConfig(hidden_size=8, vocab_size=11, num_heads=3, num_layers=2))
     with torch.no_grad():
         for p in heads.parameters():
             p.normal_()
@@ -362,12 +363,12 @@ def test_bad_model_heads_and_resume_inputs(tmp_path, tiny):
         train(_cfg(tmp_path, tiny, model=str(tmp_path / "nowhere")))
     with pytest.raises(TrainingError, match="draft_vocab_size must be < the backbone's vocab_size"):
         train(_cfg(tmp_path, tiny, draft_vocab_size=VOCAB, overwrite=True))
-    wrong = MedusaHeads(MedusaConfig(hidden_size=32, vocab_size=VOCAB, num_heads=3))
-    wrong.save_pretrained(tmp_path / "wrong_heads")
+    wrong = MedusaHeads(MedusaHeadsConfig(hidden_size=32, vocab_size=VOCAB, num_heads=3))
+    save_heads(wrong, tmp_path / "wrong_heads")
     with pytest.raises(TrainingError, match="hidden_size 32 != backbone hidden_size 64"):
         train(_cfg(tmp_path, tiny, heads_init=str(tmp_path / "wrong_heads"), overwrite=True))
-    other = MedusaHeads(MedusaConfig(hidden_size=HIDDEN, vocab_size=VOCAB, num_heads=2))
-    other.save_pretrained(tmp_path / "two_heads")
+    other = MedusaHeads(MedusaHeadsConfig(hidden_size=HIDDEN, vocab_size=VOCAB, num_heads=2))
+    save_heads(other, tmp_path / "two_heads")
     with pytest.raises(TrainingError, match="num_heads=2.*--num-heads"):
         train(_cfg(tmp_path, tiny, heads_init=str(tmp_path / "two_heads"), overwrite=True))
     with pytest.raises(TrainingError, match="nothing to resume"):
@@ -391,7 +392,7 @@ def test_medusa1_keeps_backbone_bit_identical_and_lowers_heads_loss(tmp_path, ti
     assert len(losses) == 40
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
     # outputs: heads loadable, accuracies [num_heads][10]
-    heads = MedusaHeads.from_pretrained(result.heads_dir)
+    heads = load_heads(result.heads_dir)
     assert heads.config.num_heads == 3 and heads.config.base_model_name_or_path == str(tiny[1])
     acc = json.loads((result.output / "accuracies.json").read_text())
     assert len(acc) == 3 and all(len(r) == 10 for r in acc)
@@ -577,7 +578,7 @@ def test_medusa2_outputs_merged_backbone_adapter_and_heads(tmp_path, tiny):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (res.model_dir / name).read_bytes() == (src / name).read_bytes()
     assert json.loads((res.model_dir / "config.json").read_text())["rope_theta"] == 10000.0
-    heads = MedusaHeads.from_pretrained(res.heads_dir)
+    heads = load_heads(res.heads_dir)
     assert heads.config.base_model_name_or_path == str(res.model_dir)
     assert len(json.loads((res.output / "accuracies.json").read_text())) == 3
 

@@ -11,7 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from medusa_vllm.tree import PRESETS, MedusaTree, expected_accept_length
+from medusa_vllm.core.tree import PRESETS, MedusaTree
+from medusa_vllm.core.tree_fit import best_tree_for_cost, expected_accept_length, tree_from_accuracies
 
 
 @st.composite
@@ -148,7 +149,7 @@ def _brute_expected_length(acc, paths, rng, samples=0):
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_from_accuracies_is_optimal_against_brute_force(seed):
+def test_tree_from_accuracies_is_optimal_against_brute_force(seed):
     rng = random.Random(seed)
     num_heads, topk = 3, 2
     acc = []
@@ -157,9 +158,9 @@ def test_from_accuracies_is_optimal_against_brute_force(seed):
         s = sum(row) * rng.uniform(1.0, 1.6)  # ranks are mutually exclusive events
         acc.append([x / s for x in row])
     for size in (1, 2, 4, 6):
-        tree = MedusaTree.from_accuracies(acc, size)
+        tree = tree_from_accuracies(acc, size)
         assert tree.num_nodes == size
-        got = tree.expected_accept_length(acc)
+        got = expected_accept_length(acc, tree.medusa_choices)
         assert got == pytest.approx(_brute_expected_length(acc, tree.medusa_choices, rng))
         best = max(_brute_expected_length(acc, t, rng) for t in _all_prefix_closed_trees(num_heads, topk, size))
         assert got == pytest.approx(best)
@@ -173,15 +174,16 @@ def test_expected_accept_length_hand_computed():
         expected_accept_length([[1.5]], [[0]])
 
 
-def test_best_for_cost_prefers_smaller_trees_when_cost_is_steeper():
+def test_best_tree_for_cost_prefers_smaller_trees_when_cost_is_steeper():
     acc = [[0.6, 0.15, 0.05, 0.03], [0.45, 0.1, 0.04, 0.02], [0.35, 0.08, 0.03, 0.02]]
-    flat, s_flat = MedusaTree.best_for_cost(acc, lambda n: 1.0 + 0.002 * n, 40)
-    steep, s_steep = MedusaTree.best_for_cost(acc, lambda n: 1.0 + 0.08 * n, 40)
+    flat, s_flat = best_tree_for_cost(acc, lambda n: 1.0 + 0.002 * n, 40)
+    steep, s_steep = best_tree_for_cost(acc, lambda n: 1.0 + 0.08 * n, 40)
     assert steep.num_nodes < flat.num_nodes
     assert s_flat > s_steep > 1.0
     # the chosen size is the argmax of the brute-force speedup over sizes
     cost = lambda n: 1.0 + 0.08 * n  # noqa: E731
-    speeds = [MedusaTree.from_accuracies(acc, n).expected_accept_length(acc) / cost(n) for n in range(1, 41)]
+    speeds = [expected_accept_length(acc, tree_from_accuracies(acc, n).medusa_choices) / cost(n)
+              for n in range(1, 41)]
     assert steep.num_nodes == 1 + max(range(40), key=lambda i: (speeds[i], -i))
     assert s_steep == pytest.approx(max(speeds))
 
@@ -212,7 +214,7 @@ def test_to_device_keeps_buffers():
 
 
 def test_nodes_for_batch_uses_the_entry_at_or_below_the_batch():
-    from medusa_vllm.tree import budget_nodes_by_batch, nodes_for_batch
+    from medusa_vllm.core.tree import budget_nodes_by_batch, nodes_for_batch
 
     table = {1: 16, 4: 8, 8: 3, 32: 0}
     # between entries: the entry below, capped at the tokens per step of the entry above

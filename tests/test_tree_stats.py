@@ -1,4 +1,4 @@
-"""Tree statistics from measured target ranks (medusa_vllm.tree_stats)."""
+"""Tree statistics from measured target ranks (medusa_vllm.core.tree_stats)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import itertools
 import pytest
 import torch
 
-from medusa_vllm.tree import MedusaTree
-from medusa_vllm.tree_stats import (
+from medusa_vllm.core.tree import MedusaTree
+from medusa_vllm.core.tree_fit import expected_accept_length
+from medusa_vllm.core.tree_stats import (
     joint_accept_length,
     path_counts,
     simulate_acceptance,
@@ -73,7 +74,7 @@ def test_joint_length_sees_correlation_that_independence_misses():
     assert joint_accept_length(chain, rows) == pytest.approx(1 + 0.5 + 0.5)
     # the paper's independence model multiplies the marginals: 1 + 0.5 + 0.25
     per_rank = [[0.5, 0.0], [0.5, 0.0]]
-    assert chain.expected_accept_length(per_rank) == pytest.approx(1.75)
+    assert expected_accept_length(per_rank, chain.medusa_choices) == pytest.approx(1.75)
     # with independent heads both agree (up to sampling noise)
     g = torch.Generator().manual_seed(3)
     ind = (torch.rand(20000, 2, generator=g) < torch.tensor([0.6, 0.3])).long() - 1

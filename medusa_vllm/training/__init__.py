@@ -14,7 +14,8 @@ Modules: :mod:`.config` (options), :mod:`.data` (files -> batches),
 :mod:`.losses` (objectives, schedules), :mod:`.trainer` (the loop, checkpoints),
 :mod:`.cache` (frozen-backbone hidden states), :mod:`.distill` (vLLM
 generations for self-distillation), :mod:`.evaluate` (per-head top-k accuracy),
-:mod:`.cli` (``medusa-vllm train`` / ``distill``).
+:mod:`.cli` (``medusa-vllm train`` / ``distill``), :mod:`.prompts` (prompt sets from
+:mod:`.corpora`, the readers of the offline Debian text corpora).
 """
 
 from medusa_vllm.training.config import RECIPES, TrainConfig, TrainingError

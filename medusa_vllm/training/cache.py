@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from medusa_vllm.core.dtypes import TORCH_DTYPES
 from medusa_vllm.training.data import EncodedData, collate
 
 __all__ = ["HiddenCache", "backbone_hidden", "data_fingerprint", "row_keys"]
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def backbone_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -97,7 +97,7 @@ def _reusable_rows(folder: Path, keep: Path, hidden_size: int, dtype: str
         if len(keys) != len(lengths) or sum(lengths) != meta.get("total"):
             continue
         storage = torch.from_file(str(bin_file), shared=False, size=meta["total"] * hidden_size,
-                                  dtype=_DTYPES[dtype]).view(meta["total"], hidden_size)
+                                  dtype=TORCH_DTYPES[dtype]).view(meta["total"], hidden_size)
         offset = 0
         for key, n in zip(keys, lengths):
             found.setdefault(key, (storage, offset, n))
@@ -166,7 +166,7 @@ class HiddenCache:
         total = sum(lengths)
         param = next(model.parameters())
         hidden_size = int(model.config.hidden_size)
-        tdtype = _DTYPES[dtype]
+        tdtype = TORCH_DTYPES[dtype]
         meta = {"fingerprint": fingerprint, "total": total, "hidden": hidden_size, "dtype": dtype}
         if mode == "disk":
             if path is None:

@@ -1,7 +1,7 @@
 """``medusa-vllm train`` and ``medusa-vllm distill`` command-line glue.
 
 :func:`add_train_args` / :func:`train_main` and :func:`add_distill_args` /
-:func:`distill_main` are wired into :mod:`medusa_vllm.cli`; the same flags work
+:func:`distill_main` are wired into :mod:`medusa_vllm.tools.cli`; the same flags work
 as ``python -m medusa_vllm.training.cli ...``. Every flag maps to one
 :class:`~medusa_vllm.training.config.TrainConfig` field.
 """

@@ -27,12 +27,15 @@ was expected and what was found, and the fix.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from medusa_vllm.checkpoints.common import WRITE_LAYOUTS
+from medusa_vllm.core.dtypes import TORCH_DTYPES
+from medusa_vllm.core.dict_fields import DictFields
 
 __all__ = [
     "RECIPES",
@@ -44,10 +47,10 @@ RECIPES = ("medusa1", "medusa2")
 LAMBDA0_SCHEDULES = ("sine", "linear", "constant")
 LR_SCHEDULERS = ("cosine", "linear", "constant")
 CACHE_MODES = ("auto", "none", "memory", "disk")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = tuple(TORCH_DTYPES)
 LOSS_ON = ("auto", "all")
 HEADS_LOSSES = ("ce", "kl")
-HEADS_LAYOUTS = ("medusa_vllm", "vllm", "medusa")
+HEADS_LAYOUTS = WRITE_LAYOUTS
 TEXT_SAMPLE_BY = ("paragraph", "line", "document")
 
 # Learning rate when ``lr`` is None: heads' lr for medusa1, backbone's for medusa2.
@@ -60,7 +63,7 @@ class TrainingError(ValueError):
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(DictFields):
     """All options of a training run (CLI flags map 1:1, ``_`` -> ``-``).
 
     Paths:
@@ -331,20 +334,10 @@ class TrainConfig:
         return self
 
     # ---------------------------------------------------------- (de)serialise
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict of the fields."""
-        return dataclasses.asdict(self)
-
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        """Build a config from a dict; unknown keys raise :class:`TrainingError`."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise TrainingError(
-                f"unknown training option(s) {unknown}; expected a subset of {sorted(names)}"
-            )
-        return cls(**data)
+    def unknown_fields_error(cls, unknown: list[str], names: list[str]) -> Exception:
+        """:meth:`from_dict` refuses unknown keys with a :class:`TrainingError`."""
+        return TrainingError(f"unknown training option(s) {unknown}; expected a subset of {names}")
 
     def save(self, path: str | Path) -> None:
         """Write the config as JSON."""

@@ -14,10 +14,10 @@ writes JSON lines::
 The token ids are the exact sequence the backbone produced, so training uses
 them as they are (no re-tokenization drift).
 
-vLLM runs in a child process (``python -m medusa_vllm.training.distill
---worker SPEC``) so that its engine, threads and KV cache are gone before
-training starts. CPU defaults: ``enforce_eager=True``, ``dtype="float32"``,
-``VLLM_CPU_KVCACHE_SPACE=2`` (GiB) unless already set.
+vLLM runs in a child process (:func:`medusa_vllm.tools.engine_proc.run_engine`)
+so that its engine, threads and KV cache are gone before training starts. CPU
+defaults: ``enforce_eager=True``, ``dtype="float32"``, ``VLLM_CPU_KVCACHE_SPACE=2``
+(GiB) unless already set.
 
 During training (:mod:`medusa_vllm.training.trainer`) the *teacher* is the same
 backbone: for Medusa-2 with its LoRA adapters disabled (``with
@@ -30,13 +30,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from medusa_vllm.tools.engine_proc import (
+    EngineJob, EngineResult, EngineRunError, chat_prompt, engine_kwargs, run_engine, run_job)
 from medusa_vllm.training.config import TrainConfig, TrainingError
 
 __all__ = [
@@ -56,10 +56,9 @@ def encode_prompts(tokenizer, prompts: Sequence[list[dict[str, str]]]) -> list[l
     """Token ids of each prompt: chat template + generation prompt if the
     tokenizer has a template, else the user text with the tokenizer's specials."""
     out = []
-    has_template = bool(getattr(tokenizer, "chat_template", None))
     for messages in prompts:
-        if has_template:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = chat_prompt(tokenizer, messages)
+        if text is not None:
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
             text = "\n".join(m["content"] for m in messages)
@@ -69,12 +68,12 @@ def encode_prompts(tokenizer, prompts: Sequence[list[dict[str, str]]]) -> list[l
 
 
 def builtin_prompts(n: int, seed: int) -> list[list[dict[str, str]]]:
-    """``n`` prompts from :func:`medusa_vllm.data.build_prompts` (offline texts)."""
+    """``n`` prompts from :func:`medusa_vllm.training.prompts.build_prompts` (offline texts)."""
     try:
-        from medusa_vllm.data import build_prompts
+        from medusa_vllm.training.prompts import build_prompts
     except ImportError as exc:
         raise TrainingError(
-            "self-distillation without --data needs medusa_vllm.data.build_prompts, which "
+            "self-distillation without --data needs medusa_vllm.training.prompts.build_prompts, which "
             f"is not available ({exc}); pass --data PROMPTS.jsonl"
         ) from exc
     try:
@@ -91,7 +90,7 @@ def builtin_prompts(n: int, seed: int) -> list[list[dict[str, str]]]:
         elif isinstance(p, list):
             out.append(p)
         else:
-            raise TrainingError(f"medusa_vllm.data.build_prompts returned an unusable prompt {p!r}")
+            raise TrainingError(f"medusa_vllm.training.prompts.build_prompts returned an unusable prompt {p!r}")
     return out
 
 
@@ -118,8 +117,6 @@ def generate_distill_data(
     """
     from transformers import AutoTokenizer
 
-    from medusa_vllm.engine_env import engine_env
-
     out = Path(output)
     if out.exists() and not overwrite:
         raise TrainingError(f"distill output {out} exists; refusing to overwrite it (pass overwrite)")
@@ -137,65 +134,40 @@ def generate_distill_data(
             f"every prompt is at least max_model_len={max_model_len} tokens long; raise "
             f"--seq-len or use shorter prompts"
         )
-    spec = {
-        "model": str(model), "jobs": jobs, "output": str(out), "temperature": temperature,
-        "top_p": top_p, "seed": seed, "dtype": dtype, "max_model_len": max_model_len,
-    }
+    job = EngineJob(
+        llm=engine_kwargs(model, dtype=dtype, max_model_len=max_model_len, seed=seed),
+        prompts=[j["prompt_token_ids"] for j in jobs],
+        # No per-request seed: vLLM 0.32 on CPU crashes ("CPU Generator does not use offset")
+        # when a seeded request's prefill is chunked. The engine seed keeps runs reproducible.
+        sampling=[dict(temperature=temperature, top_p=top_p, max_tokens=j["max_tokens"]) for j in jobs],
+        metrics=False, use_tqdm=True,
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     if in_process:
-        _worker(spec)
-        return out
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(spec, f)
-    env = engine_env()
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    env.setdefault("VLLM_PLUGINS", "")  # plain generation: no Medusa plugin needed
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "medusa_vllm.training.distill", "--worker", f.name],
-            env=env, text=True, stdout=subprocess.PIPE,
-            stderr=None if verbose else subprocess.PIPE,
-        )
-    finally:
-        os.unlink(f.name)
-    if proc.returncode != 0 or not out.is_file():
-        tail = (proc.stderr or "")[-4000:]
-        raise TrainingError(
-            f"vLLM generation for self-distillation failed (exit {proc.returncode}); "
-            f"{'see the log above' if verbose else tail}"
-        )
+        res = run_job(job)
+    else:
+        try:
+            # plain generation: no Medusa plugin needed
+            res = run_engine(job, timeout=None, echo=verbose,
+                             env_defaults={"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_PLUGINS": ""})
+        except EngineRunError as exc:
+            raise TrainingError(f"vLLM generation for self-distillation failed: {exc}") from exc
+    _write_jsonl(out, jobs, res, temperature)
     return out
 
 
-def _worker(spec: dict[str, Any]) -> None:
-    """Run vLLM on ``spec`` (see :func:`generate_distill_data`) and write the JSONL."""
-    from vllm import LLM, SamplingParams
-
-    llm = LLM(
-        model=spec["model"], dtype=spec["dtype"], enforce_eager=True,
-        gpu_memory_utilization=0.3, max_model_len=spec["max_model_len"], seed=spec["seed"],
-    )
-    # No per-request seed: vLLM 0.32 on CPU crashes ("CPU Generator does not use offset")
-    # when a seeded request's prefill is chunked. The engine seed above keeps runs reproducible.
-    params = [
-        SamplingParams(temperature=spec["temperature"], top_p=spec["top_p"],
-                       max_tokens=job["max_tokens"])
-        for job in spec["jobs"]
-    ]
-    results = llm.generate([{"prompt_token_ids": j["prompt_token_ids"]} for j in spec["jobs"]],
-                           params, use_tqdm=True)
-    tmp = Path(spec["output"] + ".tmp")
+def _write_jsonl(out: Path, jobs: list[dict[str, Any]], res: EngineResult, temperature: float) -> None:
+    """The generated rows (one per prompt, in order), written atomically."""
+    tmp = out.with_name(out.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        for job, res in zip(spec["jobs"], results):
-            c = res.outputs[0]
+        for job, text, ids, finish in zip(jobs, res.texts, res.token_ids, res.finish_reasons):
             msgs = job["messages"]
             f.write(json.dumps({
-                "prompt": msgs[-1]["content"], "messages": msgs, "response": c.text,
-                "prompt_token_ids": job["prompt_token_ids"],
-                "response_token_ids": list(c.token_ids),
-                "finish_reason": c.finish_reason, "temperature": spec["temperature"],
+                "prompt": msgs[-1]["content"], "messages": msgs, "response": text,
+                "prompt_token_ids": job["prompt_token_ids"], "response_token_ids": ids,
+                "finish_reason": finish, "temperature": temperature,
             }, ensure_ascii=False) + "\n")
-    os.replace(tmp, spec["output"])
+    os.replace(tmp, out)
 
 
 def _has_responses(path: str | Path) -> bool:
@@ -248,7 +220,7 @@ def add_distill_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     parser.add_argument("--model", required=True, help="HF backbone folder (the teacher)")
     parser.add_argument("--prompts", nargs="*", default=[], metavar="FILE",
                         help="prompt files (.jsonl with prompt/text/conversations/messages, or "
-                             ".txt); default: built-in prompts from medusa_vllm.data")
+                             ".txt); default: built-in prompts from medusa_vllm.training.prompts")
     parser.add_argument("--output", required=True, help="JSONL file to write")
     parser.add_argument("--num-prompts", type=int, default=None, help="use at most N prompts")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -286,8 +258,5 @@ def distill_main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
-        _worker(json.loads(Path(sys.argv[2]).read_text()))
-    else:
-        p = add_distill_args(argparse.ArgumentParser(prog="python -m medusa_vllm.training.distill"))
-        sys.exit(distill_main(p.parse_args()))
+    p = add_distill_args(argparse.ArgumentParser(prog="python -m medusa_vllm.training.distill"))
+    sys.exit(distill_main(p.parse_args()))

@@ -6,7 +6,7 @@ A target outside a reduced draft vocabulary counts as a miss (the head cannot
 propose it). ``accuracies.json`` holds the cumulative table
 ``acc[k][j] = P(target in head k's top-(j+1))``; :attr:`HeadAccuracy.per_rank`
 is ``P(target is head k's rank-j candidate)``, the input of
-:meth:`medusa_vllm.tree.MedusaTree.from_accuracies`.
+:func:`medusa_vllm.core.tree_fit.tree_from_accuracies`.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ class HeadAccuracy:
             at each of the row's ``n`` step-start positions (those whose next
             token is scored), in order, the rank of each head's correct token
             among its ``topk`` candidates, ``-1`` if absent (the input of
-            :mod:`medusa_vllm.tree_stats`).
+            :mod:`medusa_vllm.core.tree_stats`).
     """
 
     hits: torch.Tensor
@@ -159,7 +159,7 @@ def evaluate_heads(
     """Top-1..top-``topk`` accuracy of every head over ``batches``.
 
     Args:
-        heads: a :class:`~medusa_vllm.heads.MedusaHeads`.
+        heads: a :class:`~medusa_vllm.core.heads.MedusaHeads`.
         batches: :class:`~medusa_vllm.training.data.Batch` objects (``labels``
             ``[B, T]`` with :data:`IGNORE_INDEX` on positions not scored).
         hidden_fn: batch -> backbone last hidden states ``[B, T, H]``.

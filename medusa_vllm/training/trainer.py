@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medusa_vllm.core.dtypes import TORCH_DTYPES
 from medusa_vllm.training.config import TrainConfig, TrainingError
 from medusa_vllm.training.data import (
     Batch,
@@ -62,7 +63,6 @@ from medusa_vllm.training.losses import (
 
 __all__ = ["MedusaTrainer", "TrainResult", "train", "OUTPUT_ARTIFACTS"]
 
-_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CHECKPOINT_DIR = "checkpoints"
 # Everything a run writes in its output folder (what --overwrite removes, except
 # the hidden-state cache: it is keyed by a fingerprint of the data, model and
@@ -240,10 +240,10 @@ class MedusaTrainer:
             )
         self.tokenizer = self._tokenizer_arg or AutoTokenizer.from_pretrained(str(path))
         if self._model_arg is not None:
-            self.model = self._model_arg.to(_TORCH_DTYPES[cfg.dtype])
+            self.model = self._model_arg.to(TORCH_DTYPES[cfg.dtype])
         else:
             self.model = AutoModelForCausalLM.from_pretrained(
-                str(path), dtype=_TORCH_DTYPES[cfg.dtype])
+                str(path), dtype=TORCH_DTYPES[cfg.dtype])
         lm = self.model.get_output_embeddings()
         if lm is None or not hasattr(lm, "weight"):
             raise TrainingError(f"model {path}: no output embedding (lm_head) to start heads from")
@@ -284,15 +284,14 @@ class MedusaTrainer:
                   f"tokens), {len(self.eval_data) if self.eval_data else 0} eval rows")
 
     def _build_heads(self) -> None:
-        from medusa_vllm.checkpoints import MedusaCheckpointError, check_compatible
-        from medusa_vllm.heads import MedusaConfig, MedusaHeads, token_map_from_counts
+        from medusa_vllm.checkpoints import MedusaCheckpointError, check_compatible, load_heads
+        from medusa_vllm.core.heads import MedusaHeadsConfig, MedusaHeads, token_map_from_counts
 
         cfg = self.config
         lm_w = self.model.get_output_embeddings().weight.detach()
         if cfg.heads_init:
             try:
-                heads = MedusaHeads.from_pretrained(cfg.heads_init, lm_head_weight=lm_w.float(),
-                                                    dtype=torch.float32)
+                heads = load_heads(cfg.heads_init, lm_head_weight=lm_w.float(), dtype=torch.float32)
                 check_compatible(heads.config, self.hidden_size, self.vocab_size,
                                  source=f"heads_init {cfg.heads_init}")
             except MedusaCheckpointError as exc:
@@ -327,7 +326,7 @@ class MedusaTrainer:
                 covered = counts[token_map].sum() / counts.sum().clamp(min=1)
                 _say(cfg, f"draft vocabulary: {cfg.draft_vocab_size} tokens cover "
                           f"{float(covered):.1%} of the training targets")
-            mcfg = MedusaConfig(
+            mcfg = MedusaHeadsConfig(
                 hidden_size=self.hidden_size, vocab_size=self.vocab_size,
                 num_heads=cfg.num_heads, num_layers=cfg.num_layers,
                 truncated_vocab_size=cfg.draft_vocab_size,
@@ -684,6 +683,8 @@ class MedusaTrainer:
         )
 
     def _save_outputs(self) -> tuple[Path, Path | None, Path | None]:
+        from medusa_vllm.checkpoints import save_heads
+
         cfg = self.config
         heads_dir = self.output / "heads"
         model_dir = adapter_dir = None
@@ -698,10 +699,10 @@ class MedusaTrainer:
                 if cfg.lora:
                     self.model = merged
                 merged.to(orig_dtype).save_pretrained(str(model_dir), safe_serialization=True)
-                merged.to(_TORCH_DTYPES[cfg.dtype])
+                merged.to(TORCH_DTYPES[cfg.dtype])
                 self._copy_backbone_files(model_dir)
         self.heads.config.base_model_name_or_path = str(model_dir or cfg.model)
-        self.heads.save_pretrained(heads_dir, layout=cfg.heads_layout, overwrite=True)
+        save_heads(self.heads, heads_dir, layout=cfg.heads_layout, overwrite=True)
         return heads_dir, model_dir, adapter_dir
 
     _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -733,9 +734,9 @@ class MedusaTrainer:
         if cfg_file.is_file():
             raw = json.loads(cfg_file.read_text())
             name = raw.get("dtype") or raw.get("torch_dtype")
-            if name in _TORCH_DTYPES:
-                return _TORCH_DTYPES[name]
-        return _TORCH_DTYPES[self.config.dtype]
+            if name in TORCH_DTYPES:
+                return TORCH_DTYPES[name]
+        return TORCH_DTYPES[self.config.dtype]
 
 
 def train(config: TrainConfig, *, model: nn.Module | None = None, tokenizer=None) -> TrainResult:

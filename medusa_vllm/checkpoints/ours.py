@@ -1,0 +1,75 @@
+"""The ``medusa_vllm`` layout (ours): read and export.
+
+``config.json`` holds ``"medusa_vllm_format": 1``, ``"architectures":
+["MedusaHeads"]`` and the :class:`~medusa_vllm.core.heads.MedusaHeadsConfig`
+fields; ``model.safetensors`` holds the
+:class:`~medusa_vllm.core.heads.MedusaHeads` state dict under its own names.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from medusa_vllm.checkpoints.common import (
+    WEIGHTS_NAME,
+    Exported,
+    RawHeads,
+    dtype_name,
+    listing,
+    load_tensors,
+    read_config,
+)
+from medusa_vllm.checkpoints.errors import MedusaCheckpointError
+from medusa_vllm.core.heads import MedusaHeadsConfig
+
+__all__ = ["ARCH", "FORMAT_VERSION", "check_writable", "export", "read"]
+
+FORMAT_VERSION = 1
+ARCH = "MedusaHeads"
+# Our config.json keys that are not MedusaHeadsConfig fields.
+_META_KEYS = ("architectures", "medusa_vllm_format", "torch_dtype", "dtype")
+
+
+def read(d: Path) -> RawHeads:
+    """The heads stored in directory ``d`` in our layout."""
+    cfg_file, cfg = read_config(d)
+    version = cfg.get("medusa_vllm_format")
+    if version != FORMAT_VERSION:
+        raise MedusaCheckpointError(
+            f"{cfg_file}: field 'medusa_vllm_format' is {version!r}; this "
+            f"medusa-vllm reads format {FORMAT_VERSION}"
+        )
+    fields = {k: v for k, v in cfg.items() if k not in _META_KEYS}
+    try:
+        config = MedusaHeadsConfig.from_dict(fields)
+    except (TypeError, ValueError) as e:
+        raise MedusaCheckpointError(f"{cfg_file}: {e}") from e
+    raw = RawHeads("medusa_vllm", d, config)
+    wfile = d / WEIGHTS_NAME
+    if not wfile.is_file():
+        raise MedusaCheckpointError(
+            f"weights file {wfile} is missing (files seen: {listing(d)})"
+        )
+    for key, t in load_tensors(wfile).items():
+        raw.add(key, t, key, wfile)
+    return raw
+
+
+def check_writable(cfg: MedusaHeadsConfig) -> None:
+    """Every :class:`MedusaHeadsConfig` can be written in our layout."""
+
+
+def export(
+    cfg: MedusaHeadsConfig, state: dict[str, torch.Tensor], out_dtype: torch.dtype
+) -> Exported:
+    """``(config.json, weights file name, its tensors)`` of heads ``cfg`` with
+    state dict ``state``."""
+    config = {
+        "architectures": [ARCH],
+        "medusa_vllm_format": FORMAT_VERSION,
+        **cfg.to_dict(),
+        "torch_dtype": dtype_name(out_dtype),
+    }
+    return config, WEIGHTS_NAME, state

@@ -1,0 +1,41 @@
+"""MedusaTreeCPUWorker: vLLM's CPU worker running the Medusa tree runner.
+
+The plugin sets ``parallel_config.worker_cls`` to :class:`MedusaTreeCPUWorker`
+for ``method: "medusa_tree"`` runs only; every other run keeps vLLM's worker.
+The worker registers the CPU tree-attention backend and builds
+:class:`medusa_vllm.engine.cpu.runner.MedusaTreeCPUModelRunner` in place of
+vLLM's ``CPUModelRunner``. A GPU worker would do the same over vLLM's GPU
+worker (``docs/gpu-backend.md``).
+"""
+
+from __future__ import annotations
+
+import vllm.v1.worker.cpu_worker as _cpu_worker
+from vllm.v1.worker.cpu_worker import CPUWorker
+
+__all__ = ["MedusaTreeCPUWorker"]
+
+
+class MedusaTreeCPUWorker(CPUWorker):
+    """vLLM's CPU worker with the tree-attention backend and the Medusa tree runner."""
+
+    def init_device(self) -> None:
+        from medusa_vllm.engine.cpu.attention import register_tree_backend
+        from medusa_vllm.engine.cpu.runner import MedusaTreeCPUModelRunner
+
+        # Tree rows need the tree-attention backend; it must be registered
+        # before the model (and its Attention layers) is built.
+        register_tree_backend()
+
+        if getattr(self, "use_v2_model_runner", False):
+            raise RuntimeError(
+                "medusa_tree needs vLLM's V1 CPU model runner; unset VLLM_USE_V2_MODEL_RUNNER"
+            )
+        # CPUWorker.init_device builds `CPUModelRunner(...)` by module-global
+        # name; point that name at the tree runner for this call only.
+        original = _cpu_worker.CPUModelRunner
+        _cpu_worker.CPUModelRunner = MedusaTreeCPUModelRunner
+        try:
+            super().init_device()
+        finally:
+            _cpu_worker.CPUModelRunner = original

@@ -1,0 +1,446 @@
+"""One validated configuration object for Medusa tree decoding.
+
+:class:`MedusaTreeConfig` holds every engine-wide Medusa option; it is built
+once (from the user's ``speculative_config`` by :mod:`medusa_vllm.engine.plugin`),
+validated once, and travels to every vLLM process as a plain dict in
+``vllm_config.additional_config["medusa"]`` (:data:`ADDITIONAL_CONFIG_KEY`).
+In the worker, :class:`medusa_vllm.engine.proposer.MedusaTreeProposer` reads
+it back (:meth:`MedusaTreeConfig.from_vllm_config`) and builds the tree once;
+the tree runner uses the proposer's ``config`` and ``tree``.
+
+Options (defaults in brackets):
+
+- ``heads``: path of the Medusa heads folder (must exist and hold a
+  ``config.json`` naming the number of heads).
+- ``tree`` [``"auto"``]: ``"auto"`` = ``medusa_tree.json`` saved beside the
+  heads if present, else a preset sized to the number of heads
+  (:func:`default_tree_spec`); a preset name (``"sparse-16"``, ``"chain-3"``,
+  ...); an explicit ``medusa_choices`` list (or its JSON string); or the path
+  of a JSON file.
+- ``acceptance`` [``"rejection"``]: ``"rejection"`` (lossless tree rejection
+  sampling), ``"typical"`` (the paper's typical acceptance) or ``"greedy"``.
+  Requests with temperature 0 are always verified with exact greedy matching.
+- ``posterior_threshold`` ε [0.09, ``DEFAULT_POSTERIOR_THRESHOLD`` of
+  :mod:`medusa_vllm.core.acceptance`], in (0, 1): typical acceptance's hard
+  threshold.
+- ``posterior_alpha`` δ [0.3, ``DEFAULT_POSTERIOR_ALPHA``], >= 0: typical
+  acceptance's entropy factor.
+- ``max_nodes`` [None]: cap on the tree size; a larger tree keeps its first
+  ``max_nodes`` nodes in BFS order (always a valid tree, the same cut the
+  engine makes near ``max_model_len``). ``tree="auto"`` picks a preset no
+  larger than the cap first; for a tuned small tree, pass it explicitly.
+- ``nodes_by_batch`` [``"auto"``]: how the tree shrinks as the batch grows
+  (verification turns compute-bound with batch size, so a big tree that pays
+  at batch 1 costs more than it gains at batch 8). A ``{batch_size: nodes}``
+  table (each step drafts the first ``nodes`` BFS nodes; a batch size between
+  entries uses the entry below it, capped at the tokens per step of the entry
+  above; 0 = no speculation at that batch size);
+  ``"auto"`` = the table ``medusa-vllm calibrate`` saved in
+  ``medusa_tree.json`` when ``tree="auto"`` uses it, else the whole tree at
+  batch 1 and about :data:`DEFAULT_VERIFY_TOKEN_BUDGET` verified tokens per
+  step above it; ``"off"`` = always the whole tree.
+
+Per request, ``SamplingParams.extra_args`` may override the acceptance options
+(:mod:`medusa_vllm.engine.request`).
+
+Every error is a :class:`MedusaConfigError` (a ``ValueError``) that names the
+field, what was expected and what was found.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
+
+from medusa_vllm.checkpoints import TREE_FILE, HeadsInfo, MedusaCheckpointError, read_heads_info
+from medusa_vllm.core.acceptance import (
+    DEFAULT_POSTERIOR_ALPHA,
+    DEFAULT_POSTERIOR_THRESHOLD,
+    AcceptanceRule,
+)
+from medusa_vllm.core.tree import PRESETS, MedusaTree, budget_nodes_by_batch, normalize_choices
+
+__all__ = [
+    "ACCEPTANCE_MODES",
+    "ADDITIONAL_CONFIG_KEY",
+    "DEFAULT_ACCEPTANCE",
+    "MedusaConfigError",
+    "DEFAULT_VERIFY_TOKEN_BUDGET",
+    "MedusaTreeConfig",
+    "default_tree_spec",
+]
+
+ACCEPTANCE_MODES = tuple(rule.name.lower() for rule in AcceptanceRule)  # greedy, typical, rejection
+DEFAULT_ACCEPTANCE = "rejection"  # lossless: the target distribution, exactly
+ADDITIONAL_CONFIG_KEY = "medusa"  # vllm_config.additional_config[...] holds to_dict()
+# Uncalibrated trees at batch > 1: about this many verified tokens per step
+# (a 2-core CPU turns compute-bound around 16-32 tokens per forward pass).
+DEFAULT_VERIFY_TOKEN_BUDGET = 32
+
+# What each field expects, for error messages.
+_EXPECTED = {
+    "heads": "the path of a Medusa heads folder",
+    "tree": (
+        f'"auto", a preset ({", ".join(sorted(PRESETS))}), a medusa_choices list such '
+        "as [[0], [1], [0, 0]], or the path of a JSON file"
+    ),
+    "medusa_choices": "a list of paths such as [[0], [1], [0, 0]]",
+    "acceptance": " or ".join(repr(m) for m in ACCEPTANCE_MODES),
+    "posterior_threshold": "a number in the open interval (0, 1)",
+    "posterior_alpha": "a number >= 0",
+    "max_nodes": "an integer >= 1, or null for no cap",
+    "nodes_by_batch": (
+        '"auto", "off", or a {batch_size: tree_nodes} table such as {"1": 32, "8": 4} '
+        "(batch sizes >= 1, tree sizes >= 0)"
+    ),
+}
+
+
+class MedusaConfigError(ValueError):
+    """A Medusa option is invalid; the message names the field and the fix."""
+
+
+def _lower(value: Any) -> Any:
+    return value.strip().lower() if isinstance(value, str) else value
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, found the boolean {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"expected a finite number, found {value!r}")
+    return value
+
+
+def _no_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError(f"expected an integer, found the boolean {value!r}")
+    return value
+
+
+Acceptance = Annotated[Literal[ACCEPTANCE_MODES], BeforeValidator(_lower)]  # type: ignore[valid-type]
+PosteriorThreshold = Annotated[float, BeforeValidator(_finite), Field(gt=0.0, lt=1.0)]
+PosteriorAlpha = Annotated[float, BeforeValidator(_finite), Field(ge=0.0)]
+MaxNodes = Annotated[int, BeforeValidator(_no_bool), Field(ge=1)]
+
+
+def _nodes_by_batch(value: Any) -> Any:
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("auto", "off"):
+            return text
+        raise ValueError(f"expected {_EXPECTED['nodes_by_batch']}, found {value!r}")
+    if value is None:
+        return "off"
+    if not isinstance(value, Mapping) or not value:
+        raise ValueError(f"expected {_EXPECTED['nodes_by_batch']}, found {value!r}")
+    out: dict[int, int] = {}
+    for k, v in value.items():
+        try:
+            b = int(k)
+        except (TypeError, ValueError):
+            b = 0
+        if isinstance(k, bool) or b < 1 or str(b) != str(k).strip():
+            raise ValueError(f"batch size {k!r}: expected an integer >= 1")
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"batch size {b}: tree size {v!r}: expected an integer >= 0")
+        out[b] = v
+    return dict(sorted(out.items()))
+
+
+NodesByBatch = Annotated[Any, BeforeValidator(_nodes_by_batch)]
+
+
+def validation_message(
+    exc: ValidationError, source: str, labels: Mapping[str, str]
+) -> str:
+    """Turn a pydantic error into "source: field: expected X, found Y" lines."""
+    lines = []
+    for err in exc.errors(include_url=False):
+        loc = err.get("loc") or ("",)
+        field = str(loc[0])
+        label = labels.get(field, field)
+        kind = err.get("type", "")
+        found = err.get("input")
+        if kind == "extra_forbidden":
+            valid = ", ".join(labels.get(f, f) for f in MedusaTreeConfig.model_fields)
+            lines.append(f"unknown option {label!r} (valid options: {valid})")
+        elif kind == "missing":
+            lines.append(f"{label}: required, expected {_EXPECTED.get(field, 'a value')}")
+        elif kind == "value_error":
+            # Our own validators already say what was expected and found.
+            msg = str(err.get("ctx", {}).get("error", err.get("msg", "")))
+            lines.append(f"{label}: {msg}")
+        else:
+            lines.append(
+                f"{label}: expected {_EXPECTED.get(field, err.get('msg', 'a valid value'))}, "
+                f"found {found!r}"
+            )
+    where = f"{source}: " if source else ""
+    if len(lines) == 1:
+        return f"{where}{lines[0]}"
+    return where + "invalid Medusa options:\n" + "\n".join(f"  - {line}" for line in lines)
+
+
+def default_tree_spec(num_heads: int, max_nodes: int | None = None) -> str:
+    """The preset used by ``tree="auto"`` without a saved tree: 4 nodes per head,
+    at most 16 (``sparse-4`` for 1 head, ``sparse-8`` for 2, ``sparse-16`` for
+    3+), and no larger than ``max_nodes`` allows (never below ``sparse-4``)."""
+    if num_heads < 1:
+        raise MedusaConfigError(f"num_heads: expected an integer >= 1, found {num_heads}")
+    size = min(16, 4 * 2 ** (min(num_heads, 3) - 1))
+    while max_nodes is not None and size > max(4, max_nodes):
+        size //= 2
+    return f"sparse-{size}"
+
+
+# -------------------------------------------------------------------- config
+class MedusaTreeConfig(BaseModel):
+    """All engine-wide Medusa options, validated on construction (see module doc).
+
+    Build with :meth:`from_dict` to get :class:`MedusaConfigError` messages;
+    :meth:`resolved` pins ``tree`` to an explicit ``medusa_choices`` list.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    heads: str
+    tree: str | list[list[int]] = "auto"
+    acceptance: Acceptance = DEFAULT_ACCEPTANCE
+    posterior_threshold: PosteriorThreshold = DEFAULT_POSTERIOR_THRESHOLD
+    posterior_alpha: PosteriorAlpha = DEFAULT_POSTERIOR_ALPHA
+    max_nodes: MaxNodes | None = None
+    nodes_by_batch: NodesByBatch = "auto"
+
+    @field_validator("heads", mode="before")
+    @classmethod
+    def _check_heads(cls, value: Any) -> str:
+        if isinstance(value, Path):
+            value = str(value)
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(
+                f"expected the path of a Medusa heads folder, found {value!r}"
+            )
+        try:
+            return str(read_heads_info(value).path)
+        except MedusaCheckpointError as exc:  # re-raised as this field's error
+            raise ValueError(str(exc)) from None
+
+    @field_validator("tree", mode="before")
+    @classmethod
+    def _check_tree(cls, value: Any) -> Any:
+        if isinstance(value, Path):
+            value = str(value)
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                try:
+                    value = json.loads(text)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(
+                        f"expected a JSON list of paths such as [[0], [1], [0, 0]], "
+                        f"found {text!r} ({exc})"
+                    ) from exc
+            elif text != "auto" and text not in PRESETS and not Path(text).expanduser().is_file():
+                raise ValueError(f"expected {_EXPECTED['tree']}, found {value!r}")
+            else:
+                return text if text in ("auto", *PRESETS) else str(Path(text).expanduser().resolve())
+        if isinstance(value, (list, tuple)):
+            try:
+                return [list(p) for p in normalize_choices(value)]
+            except ValueError as exc:
+                raise ValueError(str(exc)) from None
+        raise ValueError(f"expected {_EXPECTED['tree']}, found {value!r}")
+
+    # ------------------------------------------------------------ building
+    @classmethod
+    def from_dict(
+        cls,
+        data: Mapping[str, Any],
+        *,
+        source: str = "medusa config",
+        labels: Mapping[str, str] | None = None,
+    ) -> MedusaTreeConfig:
+        """Validate ``data``; raise :class:`MedusaConfigError` naming the fields.
+
+        ``medusa_choices`` (the explicit tree :meth:`to_dict` also writes) is
+        accepted in place of, or consistently with, ``tree``. ``source`` and
+        ``labels`` (field -> the user's name for it) shape the error text.
+        """
+        if not isinstance(data, Mapping):
+            raise MedusaConfigError(
+                f"{source}: expected a dict of Medusa options, found {type(data).__name__}"
+            )
+        data = dict(data)
+        choices = data.pop("medusa_choices", None)
+        if choices is not None:
+            if data.get("tree", "auto") in ("auto", None):
+                data["tree"] = choices
+            elif _as_choices(data["tree"]) != _as_choices(choices):
+                raise MedusaConfigError(
+                    f"{source}: 'tree' and 'medusa_choices' disagree ({data['tree']!r} vs "
+                    f"{choices!r}); give only one of them"
+                )
+        try:
+            return cls(**data)
+        except ValidationError as exc:
+            raise MedusaConfigError(validation_message(exc, source, labels or {})) from None
+
+    @classmethod
+    def from_vllm_config(cls, vllm_config: Any) -> MedusaTreeConfig:
+        """The config the plugin stored in ``vllm_config.additional_config``."""
+        extra = getattr(vllm_config, "additional_config", None) or {}
+        data = extra.get(ADDITIONAL_CONFIG_KEY) if isinstance(extra, Mapping) else None
+        if not data:
+            raise MedusaConfigError(
+                f"additional_config[{ADDITIONAL_CONFIG_KEY!r}]: expected the Medusa options "
+                "written by the medusa-vllm plugin, found none; enable Medusa with "
+                "speculative_config={'method': 'medusa_tree', 'model': HEADS_DIR}"
+            )
+        return cls.from_dict(data, source=f"additional_config[{ADDITIONAL_CONFIG_KEY!r}]")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able options; for a resolved config also ``medusa_choices``.
+
+        ``MedusaTreeConfig.from_dict(cfg.to_dict()) == cfg``.
+        """
+        out = self.model_dump()
+        if isinstance(self.nodes_by_batch, dict):  # JSON object keys are strings
+            out["nodes_by_batch"] = {str(b): int(n) for b, n in self.nodes_by_batch.items()}
+        if isinstance(self.tree, list):
+            out["medusa_choices"] = [list(p) for p in self.tree]
+        return out
+
+    # ------------------------------------------------------------- derived
+    def heads_info(self) -> HeadsInfo:
+        """Re-read the heads' ``config.json`` (number of heads, sizes)."""
+        try:
+            return read_heads_info(self.heads)
+        except MedusaCheckpointError as exc:
+            raise MedusaConfigError(f"heads: {exc}") from None
+
+    def load_tree(self, num_heads: int | None = None) -> MedusaTree:
+        """Resolve ``tree`` (default ``num_heads``: read from the heads) and
+        apply ``max_nodes``; raise :class:`MedusaConfigError` naming ``tree``."""
+        if num_heads is None:
+            num_heads = self.heads_info().num_heads
+        spec: Any = self.tree
+        origin = repr(spec) if not isinstance(spec, list) else "the medusa_choices list"
+        if spec == "auto":
+            saved = Path(self.heads) / TREE_FILE
+            if saved.is_file():
+                spec, origin = str(saved), f"'auto' ({saved})"
+            else:
+                spec = default_tree_spec(num_heads, self.max_nodes)
+                origin = f"'auto' (preset {spec})"
+        try:
+            tree = MedusaTree.load(spec, num_heads)
+        except (ValueError, OSError) as exc:
+            raise MedusaConfigError(
+                f"tree: {origin} is not a valid tree for {num_heads} Medusa heads in "
+                f"{self.heads}: {exc}"
+            ) from None
+        if self.max_nodes is not None and tree.num_nodes > self.max_nodes:
+            tree = tree.truncate(self.max_nodes)
+        return tree
+
+    def load_nodes_by_batch(self, tree: MedusaTree) -> dict[int, int] | None:
+        """Resolve ``nodes_by_batch`` for ``tree`` (see module doc): a
+        ``{batch_size: nodes}`` table capped at the tree size, or ``None``
+        (always the whole tree)."""
+        value = self.nodes_by_batch
+        if value == "off":
+            return None
+        if value == "auto":
+            saved = Path(self.heads) / TREE_FILE
+            value = None
+            if self.tree == "auto" and saved.is_file():
+                try:
+                    data = json.loads(saved.read_text())
+                    raw = data.get("nodes_by_batch") if isinstance(data, dict) else None
+                    value = _nodes_by_batch(raw) if raw is not None else None
+                except (ValueError, OSError) as exc:
+                    raise MedusaConfigError(
+                        f"nodes_by_batch: {saved} holds an invalid 'nodes_by_batch' table: {exc}; "
+                        "re-run `medusa-vllm calibrate` or fix the file"
+                    ) from None
+            if value is None:
+                table = budget_nodes_by_batch(tree.num_nodes, DEFAULT_VERIFY_TOKEN_BUDGET)
+                table[1] = tree.num_nodes
+                return table
+        return {int(b): min(int(n), tree.num_nodes) for b, n in value.items()}
+
+    def resolved(
+        self, num_heads: int | None = None, num_speculative_tokens: int | None = None
+    ) -> MedusaTreeConfig:
+        """A copy whose ``tree`` is the explicit BFS ``medusa_choices`` list and
+        whose ``nodes_by_batch`` is an explicit table (or ``"off"``).
+
+        ``num_speculative_tokens`` (vLLM's setting, if the user gave one) caps
+        the tree like ``max_nodes``: the tree keeps its first that many BFS
+        nodes; more than the tree has is an error.
+        """
+        cap = num_speculative_tokens
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+            raise MedusaConfigError(
+                "num_speculative_tokens: expected an integer >= 1 (a cap on the tree "
+                f"nodes) or nothing, found {cap!r}"
+            )
+        tree = self.load_tree(num_heads)
+        if cap is not None:
+            if cap > tree.num_nodes:
+                raise MedusaConfigError(
+                    f"num_speculative_tokens={cap} exceeds the tree's {tree.num_nodes} nodes; "
+                    "omit it (the tree sets it) or pick a larger tree"
+                )
+            tree = tree.truncate(cap)
+        table = self.load_nodes_by_batch(tree)
+        return self.model_copy(update={"tree": tree.to_list(), "nodes_by_batch": table or "off"})
+
+    @property
+    def num_speculative_tokens(self) -> int:
+        """vLLM's ``num_speculative_tokens``: the number of tree nodes."""
+        return self.load_tree().num_nodes
+
+    def check_backbone(
+        self, hidden_size: int, vocab_size: int, model: str = "the backbone"
+    ) -> None:
+        """Raise if the heads were built for another hidden or vocabulary size."""
+        info = self.heads_info()
+        for name, mine, theirs in (
+            ("hidden_size", info.hidden_size, hidden_size),
+            ("vocab_size", info.vocab_size, vocab_size),
+        ):
+            if mine is not None and mine != theirs:
+                raise MedusaConfigError(
+                    f"heads: {info.config_file} has {name}={mine}, but "
+                    f"{model} has {name}={theirs}; these heads were trained for another "
+                    "model: train or convert Medusa heads for this backbone "
+                    "(`medusa-vllm train`)"
+                )
+
+
+def _as_choices(value: Any) -> Any:
+    if isinstance(value, str) and value.strip().startswith("["):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    if isinstance(value, (list, tuple)):
+        try:
+            return normalize_choices(value)
+        except ValueError:
+            return value
+    return value

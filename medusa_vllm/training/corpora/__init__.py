@@ -1,0 +1,1 @@
+"""Readers of the offline Debian text corpora (Python docs, fortunes, SWORD Bibles) used by training and evaluation."""
