@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 __all__ = ["MedusaHeadsConfig", "MedusaHeads", "MedusaTree"]
 
 if TYPE_CHECKING:
-    from medusa_vllm.core.heads import MedusaHeadsConfig, MedusaHeads
+    from medusa_vllm.core.heads import MedusaHeads, MedusaHeadsConfig
     from medusa_vllm.core.tree import MedusaTree
 
 _LAZY = {

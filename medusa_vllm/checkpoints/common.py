@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from medusa_vllm.core.dtypes import TORCH_DTYPES, dtype_name
 from safetensors.torch import load_file
 
 from medusa_vllm.checkpoints.errors import MedusaCheckpointError
+from medusa_vllm.core.dtypes import TORCH_DTYPES, dtype_name
 from medusa_vllm.core.heads import MedusaHeadsConfig
 
 __all__ = [

@@ -121,6 +121,8 @@ class TreePlan:
     - ``valid``: ``[R, T_max]`` which ``(request, node)`` slots are real.
     - ``blocks``: ``[R, nblk]`` kernel block ids covering ``[0, P+T)``.
     - ``attn_mask``: ``[R, 1, T_max, nblk*block_size]`` bool SDPA mask.
+    - ``tree_mask``: ``[N+1, N+1]`` bool ancestor-or-self mask of the step's tree
+      (what a fused kernel applies itself instead of ``attn_mask``).
     - ``layer_cache``: per-step scratch of the backend, filled by the first
       layer and reused by every other layer of the step (e.g. the CPU
       backend's KV reading plan and additive mask, per layout/GQA shape).
@@ -134,6 +136,7 @@ class TreePlan:
     blocks: torch.Tensor
     attn_mask: torch.Tensor
     block_size: int
+    tree_mask: torch.Tensor
     layer_cache: dict[Any, Any] = field(default_factory=dict)
 
     @property
@@ -319,6 +322,7 @@ def plan_tree_batch(
         blocks=dev(blocks),
         attn_mask=dev(attn_mask).unsqueeze(1),
         block_size=block_size,
+        tree_mask=dev(mask),
     )
 
 

@@ -24,7 +24,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from medusa_vllm.tools.engine_proc import EngineJob, EngineRunError, engine_env, engine_kwargs, run_engine
+from medusa_vllm.tools.engine_proc import (
+    EngineJob,
+    EngineRunError,
+    engine_env,
+    engine_kwargs,
+    run_engine,
+)
 
 
 def bench_prompts(n: int, seed: int) -> list[str]:

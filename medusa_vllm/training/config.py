@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from medusa_vllm.checkpoints.common import WRITE_LAYOUTS
-from medusa_vllm.core.dtypes import TORCH_DTYPES
 from medusa_vllm.core.dict_fields import DictFields
+from medusa_vllm.core.dtypes import TORCH_DTYPES
 
 __all__ = [
     "RECIPES",

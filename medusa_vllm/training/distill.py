@@ -36,7 +36,14 @@ from pathlib import Path
 from typing import Any
 
 from medusa_vllm.tools.engine_proc import (
-    EngineJob, EngineResult, EngineRunError, chat_prompt, engine_kwargs, run_engine, run_job)
+    EngineJob,
+    EngineResult,
+    EngineRunError,
+    chat_prompt,
+    engine_kwargs,
+    run_engine,
+    run_job,
+)
 from medusa_vllm.training.config import TrainConfig, TrainingError
 
 __all__ = [

@@ -19,7 +19,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from medusa_vllm.training.losses import IGNORE_INDEX, head_targets, next_token_targets, to_draft_targets
+from medusa_vllm.training.losses import (
+    IGNORE_INDEX,
+    head_targets,
+    next_token_targets,
+    to_draft_targets,
+)
 
 __all__ = ["HeadAccuracy", "evaluate_heads", "head_logits", "target_ranks", "topk_hits"]
 

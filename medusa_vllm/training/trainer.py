@@ -285,7 +285,7 @@ class MedusaTrainer:
 
     def _build_heads(self) -> None:
         from medusa_vllm.checkpoints import MedusaCheckpointError, check_compatible, load_heads
-        from medusa_vllm.core.heads import MedusaHeadsConfig, MedusaHeads, token_map_from_counts
+        from medusa_vllm.core.heads import MedusaHeads, MedusaHeadsConfig, token_map_from_counts
 
         cfg = self.config
         lm_w = self.model.get_output_embeddings().weight.detach()

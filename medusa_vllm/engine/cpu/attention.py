@@ -57,6 +57,7 @@ from medusa_vllm.engine.cpu.cache_layout import (
     read_kv,
     tile_view,
 )
+from medusa_vllm.engine.cpu.tree_kernel import kernel_enabled, tree_attention_op
 from medusa_vllm.engine.tree_plan import TreePlan, get_tree_batch, plan_tree_batch
 
 if TYPE_CHECKING:
@@ -369,7 +370,9 @@ class TreeCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
 
 
 class TreeCPUAttentionBackendImpl(CPUAttentionBackendImpl):
-    """vLLM's CPU impl; tree rows go through :func:`paged_tree_attention`."""
+    """vLLM's CPU impl; tree rows go through the fused C++ kernel
+    (:mod:`medusa_vllm.engine.cpu.tree_kernel`), or :func:`paged_tree_attention`
+    where it is unavailable."""
 
     def forward(
         self,
@@ -409,9 +412,14 @@ class TreeCPUAttentionBackendImpl(CPUAttentionBackendImpl):
                 f"tree attention: kv_cache block size {bs} != planned block size {plan.block_size}"
             )
         layout = probe_cache_layout(layer.isa, kv_cache.dtype, bs, c // 2)
-        output[plan.rows] = paged_tree_attention(
-            query[plan.rows], kv_cache, plan, layout, self.scale
-        ).to(output.dtype)
+        kernel = tree_attention_op() if kernel_enabled() else None
+        if kernel is not None and query.dtype == kv_cache.dtype:
+            out = kernel(query[plan.rows], kv_cache, layout.k_offsets, layout.v_offsets,
+                         layout.k_transposed, plan.blocks, plan.prefix_lens, plan.num_tokens,
+                         plan.tree_mask, self.scale)
+        else:
+            out = paged_tree_attention(query[plan.rows], kv_cache, plan, layout, self.scale)
+        output[plan.rows] = out.to(output.dtype)
         return output
 
     def _check_tree_supported(

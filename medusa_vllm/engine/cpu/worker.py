@@ -22,10 +22,15 @@ class MedusaTreeCPUWorker(CPUWorker):
     def init_device(self) -> None:
         from medusa_vllm.engine.cpu.attention import register_tree_backend
         from medusa_vllm.engine.cpu.runner import MedusaTreeCPUModelRunner
+        from medusa_vllm.engine.cpu.tree_kernel import kernel_enabled, tree_attention_op
 
         # Tree rows need the tree-attention backend; it must be registered
         # before the model (and its Attention layers) is built.
         register_tree_backend()
+        # build (first use on this machine, ~1 min) or load the fused kernel now,
+        # not in the middle of the first verification step
+        if kernel_enabled():
+            tree_attention_op()
 
         if getattr(self, "use_v2_model_runner", False):
             raise RuntimeError(

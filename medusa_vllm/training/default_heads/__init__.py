@@ -47,7 +47,14 @@ from medusa_vllm.training.default_heads.build import stage_distill, stage_prompt
 from medusa_vllm.training.default_heads.engine import stage_accept, stage_cost
 from medusa_vllm.training.default_heads.export import stage_export
 from medusa_vllm.training.default_heads.medusa2 import stage_medusa2
-from medusa_vllm.training.default_heads.recipe import STAGES, Recipe, Work, recipe_with, say, write_json
+from medusa_vllm.training.default_heads.recipe import (
+    STAGES,
+    Recipe,
+    Work,
+    recipe_with,
+    say,
+    write_json,
+)
 from medusa_vllm.training.default_heads.tree import stage_tree
 
 __all__ = ["STAGES", "STAGE_RUNNERS", "Recipe", "Work", "recipe_with", "run_recipe"]

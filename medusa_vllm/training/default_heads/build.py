@@ -9,7 +9,14 @@ import time
 from pathlib import Path
 
 from medusa_vllm.training.default_heads.recipe import (
-    Recipe, Work, extra_chunks, read_jsonl, say, train_files, write_json)
+    Recipe,
+    Work,
+    extra_chunks,
+    read_jsonl,
+    say,
+    train_files,
+    write_json,
+)
 
 __all__ = ["stage_distill", "stage_prompts", "stage_train"]
 

@@ -9,7 +9,11 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from medusa_vllm.training.default_heads.evaluation import heldout_hidden_eval, perplexity, tree_measures
+from medusa_vllm.training.default_heads.evaluation import (
+    heldout_hidden_eval,
+    perplexity,
+    tree_measures,
+)
 from medusa_vllm.training.default_heads.recipe import Recipe, Work, read_jsonl, say, write_json
 
 __all__ = ["compare_heads", "m1_heads_dir", "ppl_sets", "stage_medusa2"]

@@ -62,8 +62,13 @@ def stage_tree(r: Recipe, w: Work, model: Path, force: bool) -> None:
     tree (:func:`~medusa_vllm.core.tree_fit.fit_tree` at batch 1) and its size per batch size."""
     from medusa_vllm.core.tree import MedusaTree
     from medusa_vllm.core.tree_fit import (
-        expected_accept_length, fit_nodes_by_batch, fit_tree, monotone_curve, prefix_cost,
-        tree_from_accuracies)
+        expected_accept_length,
+        fit_nodes_by_batch,
+        fit_tree,
+        monotone_curve,
+        prefix_cost,
+        tree_from_accuracies,
+    )
     from medusa_vllm.core.tree_stats import tree_from_ranks
 
     d = w / "tree"

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from medusa_vllm.checkpoints import load_heads, save_heads
-from medusa_vllm.core.heads import MedusaHeadsConfig, MedusaHeads
+from medusa_vllm.core.heads import MedusaHeads, MedusaHeadsConfig
+from medusa_vllm.tools.tiny_models import build_tiny_llama
 from medusa_vllm.training import TrainConfig, TrainingError
 from medusa_vllm.training.data import (
     EncodedData,
@@ -34,20 +35,13 @@ from medusa_vllm.training.losses import (
     next_token_targets,
 )
 from medusa_vllm.training.trainer import MedusaTrainer, train
-from medusa_vllm.tools.tiny_models import build_tiny_llama
 
 VOCAB, HIDDEN = 320, 64
 WORDS = ("the quick brown fox jumps over the lazy dog medusa adds extra decoding heads "
          "to predict several tokens at once speculative drafts verify").split()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models train fastest (and most reproducibly) on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,39 +18,25 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from vllm import _custom_ops as ops
 
 from medusa_vllm.engine.cpu.cache_layout import gather_kv, probe_cache_layout
 from medusa_vllm.engine.cpu.kv_copy import compact_kv, compact_layer
 from medusa_vllm.engine.tree_plan import compaction_slots
-from tests.kv_layouts import BLOCK, LAYOUTS, params, require_writable
+from tests.engine.cpu.kv_layouts import (
+    BLOCK,
+    LAYOUTS,
+    allocate_kv_caches,
+    params,
+    require_writable,
+    write_kv,
+)
 
 KV_HEADS, NUM_BLOCKS = 2, 24
 
 
 def make_kv_cache(dtype, head_size, layers=("l0",)):
-    from vllm.v1.kv_cache_interface import (
-        FullAttentionSpec,
-        KVCacheConfig,
-        KVCacheGroupSpec,
-        KVCacheTensor,
-    )
-    from vllm.v1.kv_cache_layout import KVCacheLayout
-    from vllm.v1.worker.utils import allocate_kv_cache
-
-    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=KV_HEADS, head_size=head_size, dtype=dtype)
-    page = spec.page_size_bytes
-    cfg = KVCacheConfig(
-        num_blocks=NUM_BLOCKS,
-        kv_cache_tensors=[KVCacheTensor(size=page * NUM_BLOCKS * len(layers), layers=list(layers), layer_stride=page * NUM_BLOCKS, block_stride=page)],
-        kv_cache_groups=[KVCacheGroupSpec(list(layers), spec)],
-    )
-    return allocate_kv_cache(cfg, torch.device("cpu"), KVCacheLayout.LBHNC, [BLOCK])
-
-
-def write(kv, key, value, slots, isa):
-    key_cache, value_cache = kv.view(kv.shape[0], kv.shape[1], 2 * BLOCK, -1).chunk(2, dim=2)
-    ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slots, isa)
+    return allocate_kv_caches(dtype, head_size, kv_heads=KV_HEADS, num_blocks=NUM_BLOCKS,
+                              layers=layers)[0]
 
 
 def fill_step(kv, isa, dtype, head_size, prefix_lens, counts, gen):
@@ -66,7 +52,7 @@ def fill_step(kv, isa, dtype, head_size, prefix_lens, counts, gen):
         slot = table[pos // BLOCK] * BLOCK + pos % BLOCK
         k = torch.randn(p + t, KV_HEADS, head_size, generator=gen).to(dtype)
         v = torch.randn(p + t, KV_HEADS, head_size, generator=gen).to(dtype)
-        write(kv, k, v, slot, isa)
+        write_kv(kv, k, v, slot, isa)
         slots.append(slot[p:])
         ks.append(k[p:])
         vs.append(v[p:])
@@ -76,7 +62,7 @@ def fill_step(kv, isa, dtype, head_size, prefix_lens, counts, gen):
 
 def expected_after(kv, isa, key, value, src_rows, dst_slots):
     exp = kv.clone()
-    write(exp, key[src_rows], value[src_rows], dst_slots, isa)
+    write_kv(exp, key[src_rows], value[src_rows], dst_slots, isa)
     return exp
 
 

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from medusa_vllm.core.paths import CACHE_ENV
 from medusa_vllm.tools import default_model as DM
 
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv(DM.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     return tmp_path / "cache"
 
 
@@ -47,7 +48,7 @@ def test_cache_dir_follows_env(cache):
 
 
 def test_cache_dir_default(monkeypatch):
-    monkeypatch.delenv(DM.CACHE_ENV, raising=False)
+    monkeypatch.delenv(CACHE_ENV, raising=False)
     assert DM.model_cache_dir() == Path.home() / ".cache" / "medusa-vllm" / "models" / "SmolLM2-135M-Instruct"
 
 

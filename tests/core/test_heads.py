@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from medusa_vllm.core.heads import (
-    MedusaHeadsConfig,
     MedusaHeads,
+    MedusaHeadsConfig,
     strip_vocab_padding,
     token_map_from_counts,
     truncate_lm_head,

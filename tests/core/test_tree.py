@@ -12,7 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from medusa_vllm.core.tree import PRESETS, MedusaTree
-from medusa_vllm.core.tree_fit import best_tree_for_cost, expected_accept_length, tree_from_accuracies
+from medusa_vllm.core.tree_fit import (
+    best_tree_for_cost,
+    expected_accept_length,
+    tree_from_accuracies,
+)
 
 
 @st.composite

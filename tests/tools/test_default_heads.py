@@ -13,11 +13,11 @@ import json
 import pytest
 import torch
 
-from medusa_vllm.tools import default_model as DM
-from medusa_vllm.engine.options import MedusaTreeConfig
 from medusa_vllm.checkpoints import load_heads
 from medusa_vllm.core.tree import MedusaTree
 from medusa_vllm.core.tree_fit import expected_accept_length
+from medusa_vllm.engine.options import MedusaTreeConfig
+from medusa_vllm.tools import default_model as DM
 
 HEADS = DM.default_heads_dir()
 
@@ -86,10 +86,10 @@ def test_default_model_with_shipped_heads_in_vllm():
     # heads' teacher-forced ranks on this very text gives the same accepted length. A
     # proposer that read the wrong position's hidden state, or a verifier that dropped
     # matching drafts, would still be lossless but accept less than this.
-    from medusa_vllm.tools.calibrate import measure_target_ranks
-    from medusa_vllm.engine.options import MedusaTreeConfig
     from medusa_vllm.core.tree import nodes_for_batch
     from medusa_vllm.core.tree_stats import simulate_acceptance
+    from medusa_vllm.engine.options import MedusaTreeConfig
+    from medusa_vllm.tools.calibrate import measure_target_ranks
 
     cfg = MedusaTreeConfig.from_dict({"heads": str(HEADS)})
     tree = cfg.load_tree()

@@ -8,22 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from medusa_vllm.training import TrainConfig, TrainingError
-from medusa_vllm.training import distill
+from medusa_vllm.tools.tiny_models import build_tiny_llama
+from medusa_vllm.training import TrainConfig, TrainingError, distill
 from medusa_vllm.training.data import load_prompts
 from medusa_vllm.training.distill import encode_prompts, ensure_distill_data, generate_distill_data
 from medusa_vllm.training.trainer import train
-from medusa_vllm.tools.tiny_models import build_tiny_llama
 
 VOCAB, HIDDEN = 320, 64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from medusa_vllm.core.tree import MedusaTree
-from medusa_vllm.core.tree_fit import expected_accept_length, fit_tree, interpolate_cost, tree_from_accuracies
+from medusa_vllm.core.tree_fit import (
+    expected_accept_length,
+    fit_tree,
+    interpolate_cost,
+    tree_from_accuracies,
+)
 
 ACC = [[0.55, 0.12, 0.05, 0.03], [0.35, 0.1, 0.04, 0.02], [0.25, 0.07, 0.03, 0.02]]
 
@@ -194,8 +199,8 @@ def test_calibrate_cli_fits_a_tree_and_replays_it_on_the_data(tmp_path, monkeypa
     import json
 
     import medusa_vllm.tools.calibrate as C
-    from medusa_vllm.tools.tiny_models import build_tiny_llama, distill_tiny_heads
     from medusa_vllm.core.tree_stats import simulate_acceptance
+    from medusa_vllm.tools.tiny_models import build_tiny_llama, distill_tiny_heads
 
     model = build_tiny_llama(tmp_path / "model", vocab=128, hidden=32, layers=1, seed=0)
     heads = distill_tiny_heads(model, tmp_path / "heads", num_heads=3, steps=60, num_sequences=64)

@@ -8,7 +8,13 @@ import json
 import pytest
 
 from medusa_vllm.training.default_heads import STAGE_RUNNERS, STAGES, run_recipe
-from medusa_vllm.training.default_heads.recipe import Recipe, Work, extra_chunks, recipe_with, train_files
+from medusa_vllm.training.default_heads.recipe import (
+    Recipe,
+    Work,
+    extra_chunks,
+    recipe_with,
+    train_files,
+)
 
 
 def test_recipe_overrides_from_a_file_then_settings(tmp_path):

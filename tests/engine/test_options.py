@@ -7,6 +7,7 @@ import json
 import pytest
 
 from medusa_vllm.checkpoints import MedusaCheckpointError, read_heads_info
+from medusa_vllm.core.tree import MedusaTree
 from medusa_vllm.engine.options import (
     ACCEPTANCE_MODES,
     MedusaConfigError,
@@ -14,20 +15,14 @@ from medusa_vllm.engine.options import (
     default_tree_spec,
 )
 from medusa_vllm.engine.request import RequestOverrides, request_overrides
-from medusa_vllm.core.tree import MedusaTree
 from medusa_vllm.tools.tiny_models import write_medusa_heads_config
 
 
-@pytest.fixture
-def heads(tmp_path):
-    return write_medusa_heads_config(tmp_path / "heads", num_heads=3, hidden_size=64, vocab_size=512)
-
-
-def test_defaults(heads):
+def test_defaults(heads_dir):
     from medusa_vllm.core.acceptance import DEFAULT_POSTERIOR_ALPHA, DEFAULT_POSTERIOR_THRESHOLD
     from medusa_vllm.engine.options import DEFAULT_ACCEPTANCE
 
-    cfg = MedusaTreeConfig.from_dict({"heads": str(heads)})
+    cfg = MedusaTreeConfig.from_dict({"heads": str(heads_dir)})
     # the documented defaults, defined once (core.acceptance / engine.options)
     assert cfg.acceptance == DEFAULT_ACCEPTANCE == "rejection"
     assert cfg.posterior_threshold == DEFAULT_POSTERIOR_THRESHOLD == 0.09
@@ -35,7 +30,7 @@ def test_defaults(heads):
     assert ACCEPTANCE_MODES == ("greedy", "typical", "rejection")
     assert cfg.tree == "auto"
     assert cfg.max_nodes is None
-    assert cfg.heads == str(heads.resolve())
+    assert cfg.heads == str(heads_dir.resolve())
 
 
 def test_auto_tree_uses_preset_sized_to_heads(tmp_path):
@@ -47,10 +42,10 @@ def test_auto_tree_uses_preset_sized_to_heads(tmp_path):
         assert tree.max_depth <= num_heads
 
 
-def test_auto_tree_prefers_saved_tree(heads):
+def test_auto_tree_prefers_saved_tree(heads_dir):
     saved = MedusaTree([[0], [0, 0], [1]])
-    saved.save(heads / "medusa_tree.json", note="calibrated")
-    cfg = MedusaTreeConfig.from_dict({"heads": heads})
+    saved.save(heads_dir / "medusa_tree.json", note="calibrated")
+    cfg = MedusaTreeConfig.from_dict({"heads": heads_dir})
     assert cfg.load_tree() == saved
     assert cfg.num_speculative_tokens == 3
 
@@ -63,32 +58,32 @@ def test_auto_tree_prefers_saved_tree(heads):
         ("[[0], [0, 0], [0, 0, 0]]", [[0], [0, 0], [0, 0, 0]]),
     ],
 )
-def test_explicit_trees(heads, spec, expected):
-    cfg = MedusaTreeConfig.from_dict({"heads": heads, "tree": spec})
+def test_explicit_trees(heads_dir, spec, expected):
+    cfg = MedusaTreeConfig.from_dict({"heads": heads_dir, "tree": spec})
     assert cfg.load_tree().to_list() == expected
     assert cfg.num_speculative_tokens == len(expected)
 
 
-def test_tree_from_json_file(heads, tmp_path):
+def test_tree_from_json_file(heads_dir, tmp_path):
     f = tmp_path / "t.json"
     f.write_text(json.dumps([[0], [1], [0, 0]]))
-    cfg = MedusaTreeConfig.from_dict({"heads": heads, "tree": str(f)})
+    cfg = MedusaTreeConfig.from_dict({"heads": heads_dir, "tree": str(f)})
     assert cfg.load_tree().to_list() == [[0], [1], [0, 0]]
 
 
-def test_max_nodes_truncates_in_bfs_order(heads):
-    full = MedusaTreeConfig.from_dict({"heads": heads, "tree": "sparse-16"}).load_tree()
-    cut = MedusaTreeConfig.from_dict({"heads": heads, "tree": "sparse-16", "max_nodes": 6})
+def test_max_nodes_truncates_in_bfs_order(heads_dir):
+    full = MedusaTreeConfig.from_dict({"heads": heads_dir, "tree": "sparse-16"}).load_tree()
+    cut = MedusaTreeConfig.from_dict({"heads": heads_dir, "tree": "sparse-16", "max_nodes": 6})
     assert cut.load_tree().to_list() == full.to_list()[:6]
     assert cut.num_speculative_tokens == 6
     # auto with a cap picks a preset no larger than the cap
-    auto = MedusaTreeConfig.from_dict({"heads": heads, "max_nodes": 8}).load_tree()
+    auto = MedusaTreeConfig.from_dict({"heads": heads_dir, "max_nodes": 8}).load_tree()
     assert auto == MedusaTree.load("sparse-8", 3)
 
 
-def test_resolved_round_trip(heads):
+def test_resolved_round_trip(heads_dir):
     cfg = MedusaTreeConfig.from_dict(
-        {"heads": heads, "tree": "sparse-8", "acceptance": "Typical", "posterior_alpha": 0.5}
+        {"heads": heads_dir, "tree": "sparse-8", "acceptance": "Typical", "posterior_alpha": 0.5}
     )
     res = cfg.resolved()
     d = res.to_dict()
@@ -102,8 +97,8 @@ def test_resolved_round_trip(heads):
     assert MedusaTreeConfig.from_dict(only) == res
 
 
-def test_resolved_caps_at_num_speculative_tokens(heads):
-    cfg = MedusaTreeConfig.from_dict({"heads": heads, "tree": "sparse-16"})
+def test_resolved_caps_at_num_speculative_tokens(heads_dir):
+    cfg = MedusaTreeConfig.from_dict({"heads": heads_dir, "tree": "sparse-16"})
     full = MedusaTree.load("sparse-16", 3).to_list()
     cut = cfg.resolved(num_speculative_tokens=5)
     assert cut.tree == full[:5]
@@ -117,9 +112,9 @@ def test_resolved_caps_at_num_speculative_tokens(heads):
             cfg.resolved(num_speculative_tokens=bad)
 
 
-def test_medusa_choices_conflicting_with_tree(heads):
+def test_medusa_choices_conflicting_with_tree(heads_dir):
     with pytest.raises(MedusaConfigError, match="disagree"):
-        MedusaTreeConfig.from_dict({"heads": heads, "tree": "chain-2", "medusa_choices": [[0], [1]]})
+        MedusaTreeConfig.from_dict({"heads": heads_dir, "tree": "chain-2", "medusa_choices": [[0], [1]]})
 
 
 @pytest.mark.parametrize(
@@ -145,15 +140,15 @@ def test_medusa_choices_conflicting_with_tree(heads):
         ("nodes_by_batch", {}, "nodes_by_batch: expected"),
     ],
 )
-def test_bad_option_names_field_expected_and_found(heads, field, value, needle):
+def test_bad_option_names_field_expected_and_found(heads_dir, field, value, needle):
     with pytest.raises(MedusaConfigError) as err:
-        MedusaTreeConfig.from_dict({"heads": heads, field: value})
+        MedusaTreeConfig.from_dict({"heads": heads_dir, field: value})
     assert needle in str(err.value)
 
 
-def test_several_errors_listed_together(heads):
+def test_several_errors_listed_together(heads_dir):
     with pytest.raises(MedusaConfigError) as err:
-        MedusaTreeConfig.from_dict({"heads": heads, "acceptance": "x", "posterior_alpha": -1})
+        MedusaTreeConfig.from_dict({"heads": heads_dir, "acceptance": "x", "posterior_alpha": -1})
     msg = str(err.value)
     assert "acceptance:" in msg and "posterior_alpha:" in msg
 
@@ -203,8 +198,8 @@ def test_heads_info_layouts(tmp_path):
     assert (info.num_heads, info.hidden_size, info.vocab_size) == (2, 48, 77)
 
 
-def test_check_backbone(heads):
-    cfg = MedusaTreeConfig.from_dict({"heads": heads})
+def test_check_backbone(heads_dir):
+    cfg = MedusaTreeConfig.from_dict({"heads": heads_dir})
     cfg.check_backbone(hidden_size=64, vocab_size=512)  # matches: no error
     with pytest.raises(MedusaConfigError, match=r"hidden_size=64, but the backbone has hidden_size=128"):
         cfg.check_backbone(hidden_size=128, vocab_size=512)
@@ -212,8 +207,8 @@ def test_check_backbone(heads):
         cfg.check_backbone(hidden_size=64, vocab_size=1000, model="tiny")
 
 
-def test_frozen(heads):
-    cfg = MedusaTreeConfig.from_dict({"heads": heads})
+def test_frozen(heads_dir):
+    cfg = MedusaTreeConfig.from_dict({"heads": heads_dir})
     with pytest.raises(Exception):
         cfg.acceptance = "greedy"  # type: ignore[misc]
 
@@ -223,16 +218,16 @@ class _FakeVllmConfig:
         self.additional_config = extra
 
 
-def test_from_vllm_config(heads):
-    res = MedusaTreeConfig.from_dict({"heads": heads, "tree": "chain-2"}).resolved()
+def test_from_vllm_config(heads_dir):
+    res = MedusaTreeConfig.from_dict({"heads": heads_dir, "tree": "chain-2"}).resolved()
     assert MedusaTreeConfig.from_vllm_config(_FakeVllmConfig({"medusa": res.to_dict()})) == res
     with pytest.raises(MedusaConfigError, match=r"additional_config\['medusa'\]: expected"):
         MedusaTreeConfig.from_vllm_config(_FakeVllmConfig({}))
 
 
 # ------------------------------------------------------------ request overrides
-def test_request_overrides_parse_and_resolve(heads):
-    cfg = MedusaTreeConfig.from_dict({"heads": heads, "acceptance": "typical", "posterior_alpha": 0.5})
+def test_request_overrides_parse_and_resolve(heads_dir):
+    cfg = MedusaTreeConfig.from_dict({"heads": heads_dir, "acceptance": "typical", "posterior_alpha": 0.5})
     assert request_overrides(None) == RequestOverrides()
     assert request_overrides({"other_plugin": 1}) == RequestOverrides()
     ov = request_overrides({"medusa_acceptance": "GREEDY", "medusa_posterior_threshold": 0.2, "x": 3})
@@ -263,30 +258,30 @@ def test_request_overrides_errors(extra, needle):
     assert needle in str(err.value)
 
 
-def test_nodes_by_batch_auto_off_explicit_and_saved(heads):
-    from medusa_vllm.engine.options import DEFAULT_VERIFY_TOKEN_BUDGET
+def test_nodes_by_batch_auto_off_explicit_and_saved(heads_dir):
     from medusa_vllm.core.tree import budget_nodes_by_batch
+    from medusa_vllm.engine.options import DEFAULT_VERIFY_TOKEN_BUDGET
 
-    cfg = MedusaTreeConfig.from_dict({"heads": heads, "tree": "sparse-16"})
+    cfg = MedusaTreeConfig.from_dict({"heads": heads_dir, "tree": "sparse-16"})
     tree = cfg.load_tree()
     auto = cfg.load_nodes_by_batch(tree)
     assert auto[1] == 16  # batch 1: the whole tree the user asked for
     want = budget_nodes_by_batch(16, DEFAULT_VERIFY_TOKEN_BUDGET)
     assert {b: n for b, n in auto.items() if b > 1} == {b: n for b, n in want.items() if b > 1}
-    off = MedusaTreeConfig.from_dict({"heads": heads, "tree": "sparse-16", "nodes_by_batch": "off"})
+    off = MedusaTreeConfig.from_dict({"heads": heads_dir, "tree": "sparse-16", "nodes_by_batch": "off"})
     assert off.load_nodes_by_batch(tree) is None
-    explicit = MedusaTreeConfig.from_dict({"heads": heads, "tree": "sparse-16",
+    explicit = MedusaTreeConfig.from_dict({"heads": heads_dir, "tree": "sparse-16",
                                            "nodes_by_batch": {"1": 99, "8": 2}})
     assert explicit.load_nodes_by_batch(tree) == {1: 16, 8: 2}  # capped at the tree size
     # tree="auto" with a calibrated file: its table wins
-    MedusaTree([[0], [1], [0, 0]]).save(heads / "medusa_tree.json", nodes_by_batch={"1": 3, "4": 1, "16": 0})
-    saved = MedusaTreeConfig.from_dict({"heads": heads})
+    MedusaTree([[0], [1], [0, 0]]).save(heads_dir / "medusa_tree.json", nodes_by_batch={"1": 3, "4": 1, "16": 0})
+    saved = MedusaTreeConfig.from_dict({"heads": heads_dir})
     assert saved.load_nodes_by_batch(saved.load_tree()) == {1: 3, 4: 1, 16: 0}
     resolved = saved.resolved()
     assert resolved.nodes_by_batch == {1: 3, 4: 1, 16: 0}
     d = resolved.to_dict()
     assert d["nodes_by_batch"] == {"1": 3, "4": 1, "16": 0}
     assert MedusaTreeConfig.from_dict(json.loads(json.dumps(d))) == resolved
-    (heads / "medusa_tree.json").write_text(json.dumps({"medusa_choices": [[0]], "nodes_by_batch": {"x": 1}}))
+    (heads_dir / "medusa_tree.json").write_text(json.dumps({"medusa_choices": [[0]], "nodes_by_batch": {"x": 1}}))
     with pytest.raises(MedusaConfigError, match="invalid 'nodes_by_batch' table"):
-        MedusaTreeConfig.from_dict({"heads": heads}).load_nodes_by_batch(MedusaTree([[0]]))
+        MedusaTreeConfig.from_dict({"heads": heads_dir}).load_nodes_by_batch(MedusaTree([[0]]))

@@ -18,7 +18,7 @@ from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
 import medusa_vllm_patches as patches
 from medusa_vllm.engine.options import MedusaConfigError
 from medusa_vllm.engine.plugin import METHOD, PROPOSER_CLASS, WORKER_CLASSES
-from medusa_vllm.tools.tiny_models import build_tiny_llama, write_medusa_heads_config
+from medusa_vllm.tools.tiny_models import write_medusa_heads_config
 from medusa_vllm_patches import (
     request_params_check,
     speculative_method,
@@ -26,18 +26,8 @@ from medusa_vllm_patches import (
     vllm_version_alias,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return str(build_tiny_llama(tmp_path_factory.mktemp("tiny"), vocab=512, hidden=64, layers=2))
-
-
-@pytest.fixture
-def heads(tmp_path):
-    return str(write_medusa_heads_config(tmp_path / "heads", num_heads=3, hidden_size=64, vocab_size=512))
 
 
 def test_apply_all_lists_every_patch_module():

@@ -14,18 +14,18 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from medusa_vllm.checkpoints import (
-    expand_draft_vocab,
     MedusaCheckpointError,
     add_convert_args,
     check_compatible,
     convert,
     convert_main,
     detect_layout,
+    expand_draft_vocab,
     load_backbone_lm_head,
     load_heads,
     save_heads,
 )
-from medusa_vllm.core.heads import MedusaHeadsConfig, MedusaHeads, token_map_from_counts
+from medusa_vllm.core.heads import MedusaHeads, MedusaHeadsConfig, token_map_from_counts
 
 H, V = 8, 24
 
@@ -823,7 +823,6 @@ def test_expand_draft_vocab_keeps_the_heads_predictions(tmp_path):
 def test_vllm_builtin_medusa_loads_exports(tmp_path):
     """vLLM 0.32's own ``Medusa`` model loads our vLLM (and FasterDecoding)
     exports and computes the same logits as MedusaHeads, on CPU."""
-    pytest.importorskip("vllm")
     variants = {
         "per_head": random_heads(seed=20),
         "shared": random_heads(seed=21, original_lm_head=True),
@@ -862,7 +861,7 @@ def test_vllm_builtin_medusa_loads_exports(tmp_path):
         capture_output=True,
         text=True,
         timeout=600,
-        cwd=Path(__file__).parents[1],
+        cwd=Path(__file__).parents[2],
     )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("REPORT")]
     assert proc.returncode == 0 and lines, proc.stderr[-4000:]

@@ -16,11 +16,8 @@ import dataclasses
 import math
 
 import numpy as np
-
 import pytest
 import torch
-
-from vllm import _custom_ops as ops
 from vllm.v1.attention.backends import cpu_attn
 
 from medusa_vllm.engine import tree_plan
@@ -33,6 +30,7 @@ from medusa_vllm.engine.cpu.attention import (
     tree_attention_reference,
 )
 from medusa_vllm.engine.cpu.cache_layout import gather_kv, kv_gather_index, probe_cache_layout
+from medusa_vllm.engine.cpu.tree_kernel import KERNEL_ENV, tree_attention_op
 from medusa_vllm.engine.tree_plan import (
     TreeBatch,
     causal_rows,
@@ -41,16 +39,18 @@ from medusa_vllm.engine.tree_plan import (
     tree_batch_context,
     tree_rows,
 )
-from tests.kv_layouts import (
+from tests.engine.cpu.kv_layouts import (
     BF16,
     BLOCK,
     FP32,
     LAYOUTS,
     TRANSPOSED,
     Layout,
+    allocate_kv_caches,
     params,
     require_kernel,
     require_writable,
+    write_kv,
 )
 
 HEADS, KV_HEADS = 4, 2
@@ -75,31 +75,21 @@ def random_tree_mask(num_nodes: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def make_kv_cache(dtype: torch.dtype, head_size: int, kv_heads: int = KV_HEADS):
-    """One layer's KV cache exactly as vLLM 0.32 allocates it (LBHNC layer view)."""
-    from vllm.v1.kv_cache_interface import (
-        FullAttentionSpec,
-        KVCacheConfig,
-        KVCacheGroupSpec,
-        KVCacheTensor,
-    )
-    from vllm.v1.kv_cache_layout import KVCacheLayout
-    from vllm.v1.worker.utils import allocate_kv_cache
-
-    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=kv_heads, head_size=head_size, dtype=dtype)
-    page = spec.page_size_bytes
-    cfg = KVCacheConfig(
-        num_blocks=NUM_BLOCKS,
-        kv_cache_tensors=[KVCacheTensor(size=page * NUM_BLOCKS, layers=[LAYER], layer_stride=page * NUM_BLOCKS, block_stride=page)],
-        kv_cache_groups=[KVCacheGroupSpec([LAYER], spec)],
-    )
-    kv = allocate_kv_cache(cfg, torch.device("cpu"), KVCacheLayout.LBHNC, [BLOCK])[LAYER]
-    assert tuple(kv.shape) == (NUM_BLOCKS, kv_heads, BLOCK, 2 * head_size)
-    return kv, spec
+    """One layer's KV cache exactly as vLLM 0.32 allocates it, and its spec."""
+    caches, spec = allocate_kv_caches(dtype, head_size, kv_heads=kv_heads, num_blocks=NUM_BLOCKS,
+                                      layers=(LAYER,))
+    return caches[LAYER], spec
 
 
-def write_cache(kv, key, value, slots, isa):
-    key_cache, value_cache = kv.view(kv.shape[0], kv.shape[1], 2 * kv.shape[2], -1).chunk(2, dim=2)
-    ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slots, isa)
+@pytest.fixture(autouse=True, params=["kernel", "torch"])
+def impl(request, monkeypatch):
+    """Every test runs with the fused C++ kernel and with the torch path."""
+    if request.param == "kernel":
+        assert tree_attention_op() is not None, "the C++ tree-attention kernel did not build"
+        monkeypatch.delenv(KERNEL_ENV, raising=False)
+    else:
+        monkeypatch.setenv(KERNEL_ENV, "torch")
+    return request.param
 
 
 @pytest.fixture(scope="module", params=params(ENV_LAYOUTS))
@@ -175,7 +165,7 @@ def run_step(env, reqs: list[Req], seed: int = 0, publish: bool = True, impl_cls
         slot = block_table[r, pos // BLOCK].long() * BLOCK + pos % BLOCK
         pk = torch.randn(req.prefix, KV_HEADS, head_size, generator=gen).to(dtype)
         pv = torch.randn(req.prefix, KV_HEADS, head_size, generator=gen).to(dtype)
-        write_cache(kv, pk, pv, slot[: req.prefix], layer.isa)
+        write_kv(kv, pk, pv, slot[: req.prefix], layer.isa)
         prefixes.append((pk, pv))
         slots.append(slot[req.prefix :])
         q.append(torch.randn(req.qlen, HEADS, head_size, generator=gen).to(dtype))
@@ -275,7 +265,7 @@ def test_gather_kv_reads_what_vllm_wrote(case):
         pos = torch.arange(n[r])
         k = torch.randn(n[r], KV_HEADS, head_size, generator=gen).to(dtype)
         v = torch.randn(n[r], KV_HEADS, head_size, generator=gen).to(dtype)
-        write_cache(kv, k, v, blocks[r, pos // BLOCK] * BLOCK + pos % BLOCK, isa)
+        write_kv(kv, k, v, blocks[r, pos // BLOCK] * BLOCK + pos % BLOCK, isa)
         ks.append(k)
         vs.append(v)
     generic = dataclasses.replace(layout, k_transposed=False)
@@ -347,17 +337,19 @@ def test_tree_rows_match_reference_in_a_mixed_batch(env):
     assert not torch.allclose(out[rows].float(), chain_out[rows].float(), **tol(env["dtype"]))
 
 
-def test_element_index_reads_match_tile_reads(env, monkeypatch):
+def test_element_index_reads_match_tile_reads(env, monkeypatch, impl):
     """Layouts that are not K-transposed (e.g. AMX's packing) are read through
-    flat element indices instead of whole tiles: same rows, same answer (on a
+    element offsets (torch: flat indices; kernel: the offset table) instead of
+    whole tiles: same rows, same answer (on a
     K-transposed layout, forcing the index path checks it against the tile path)."""
     gen = torch.Generator().manual_seed(21)
     tree = random_tree_mask(9, gen)
     reqs = [Req(prefix=70, qlen=10, tree=tree), Req(prefix=5, qlen=1), Req(prefix=33, qlen=4, tree=tree[:4, :4])]
     tile_out, expected, meta, _ = run_step(env, reqs, seed=22)
     transposed = require_kernel(env["layout"]).k_transposed
-    reads = next(iter(meta.tree.layer_cache.values()))
-    assert (reads.kv.blocks is not None) == transposed  # whole tiles exactly for vec/vec16
+    if impl == "torch":
+        reads = next(iter(meta.tree.layer_cache.values()))
+        assert (reads.kv.blocks is not None) == transposed  # whole tiles exactly for vec/vec16
     torch.testing.assert_close(tile_out, expected, **tol(env["dtype"]))
     real = attention.probe_cache_layout
     seen = []
@@ -370,10 +362,15 @@ def test_element_index_reads_match_tile_reads(env, monkeypatch):
     monkeypatch.setattr(attention, "probe_cache_layout", generic)
     index_out, _, meta, _ = run_step(env, reqs, seed=22)
     assert seen and set(seen) == {transposed}
-    reads = next(iter(meta.tree.layer_cache.values()))
-    assert reads.kv.blocks is None and reads.kv.k_index is not None
+    if impl == "torch":
+        reads = next(iter(meta.tree.layer_cache.values()))
+        assert reads.kv.blocks is None and reads.kv.k_index is not None
     torch.testing.assert_close(index_out, expected, **tol(env["dtype"]))
-    torch.testing.assert_close(index_out, tile_out, atol=1e-6, rtol=1e-6)
+    # the torch path reads the same values either way; the kernel's two loops sum in
+    # another order, so low-precision outputs may differ by one rounding step
+    exact = impl == "torch" or env["dtype"] == torch.float32
+    torch.testing.assert_close(index_out, tile_out, atol=1e-6 if exact else 1e-5,
+                               rtol=1e-6 if exact else 2**-7)
 
 
 def test_plain_rows_equal_vllm_kernel_output(env):
@@ -397,7 +394,7 @@ def test_all_tree_batch_skips_the_kernel(env):
     torch.testing.assert_close(out, expected, **tol(env["dtype"]))
 
 
-def test_equal_size_trees_take_the_dense_path(env):
+def test_equal_size_trees_take_the_dense_path(env, impl):
     gen = torch.Generator().manual_seed(9)
     tree = random_tree_mask(8, gen)
     reqs = [Req(prefix=p, qlen=8, tree=tree) for p in (31, 70, 2)] + [Req(prefix=12, qlen=1)]
@@ -405,7 +402,8 @@ def test_equal_size_trees_take_the_dense_path(env):
     assert meta.tree.dense  # no query padding: the query rows are viewed, not scattered
     assert meta.tree.rows == slice(0, 24)  # tree requests first: their rows are a slice
     torch.testing.assert_close(out, expected, **tol(env["dtype"]))
-    assert len(meta.tree.layer_cache) == 1  # one reading plan (tile rows + mask bias) shared by every layer
+    if impl == "torch":  # one reading plan (tile rows + mask bias) shared by every layer
+        assert len(meta.tree.layer_cache) == 1
 
 
 def test_short_tree_ending_at_a_block_edge_next_to_a_long_tree(env):

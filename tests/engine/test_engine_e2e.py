@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from medusa_vllm.checkpoints import save_heads
-from medusa_vllm.core.heads import MedusaHeadsConfig, MedusaHeads
+from medusa_vllm.core.heads import MedusaHeads, MedusaHeadsConfig
 from medusa_vllm.tools import engine_proc
 from medusa_vllm.tools.engine_proc import EngineJob
 from medusa_vllm.tools.tiny_models import build_tiny_llama, distill_tiny_heads
@@ -76,6 +76,12 @@ def _greedy(n, seed=0, **kw):
             for _ in range(n)]
 
 
+def _tree(heads, tree, **options):
+    """speculative_config for tree Medusa with ``heads``, the whole tree at every batch size."""
+    return {"method": "medusa_tree", "model": str(heads), "tree": tree, "nodes_by_batch": "off",
+            **options}
+
+
 def _compare(vanilla, ours):
     assert len(vanilla.token_ids) == len(ours.token_ids)
     for i, (a, b) in enumerate(zip(vanilla.token_ids, ours.token_ids)):
@@ -97,7 +103,7 @@ def test_greedy_identical_to_vanilla_random_heads(tiny, greedy_vanilla):
     root, model = tiny
     heads = _random_heads(root, model)
     prompts, sampling, vanilla = greedy_vanilla
-    ours = run_engine(EngineJob(llm=_llm(model, {"method": "medusa_tree", "model": str(heads), "tree": "sparse-16", "nodes_by_batch": "off"}),
+    ours = run_engine(EngineJob(llm=_llm(model, _tree(heads, "sparse-16")),
                        prompts=prompts, sampling=sampling))
     _compare(vanilla, ours)
     assert ours.metrics["num_drafts"] > 0, "the tree path never ran"
@@ -108,7 +114,7 @@ def test_distilled_heads_accept_and_stay_identical(tiny, greedy_vanilla):
     root, model = tiny
     heads = _distilled_heads(root, model)
     prompts, sampling, vanilla = greedy_vanilla
-    ours = run_engine(EngineJob(llm=_llm(model, {"method": "medusa_tree", "model": str(heads), "tree": "sparse-16", "nodes_by_batch": "off"}),
+    ours = run_engine(EngineJob(llm=_llm(model, _tree(heads, "sparse-16")),
                        prompts=prompts, sampling=sampling))
     _compare(vanilla, ours)
     m = ours.metrics
@@ -118,9 +124,9 @@ def test_distilled_heads_accept_and_stay_identical(tiny, greedy_vanilla):
     # replayed offline from the heads' teacher-forced target ranks, with the same
     # 16-node tree, accepts as much (a verifier that missed a matching branch, or a
     # proposer fed the wrong position's hidden state, stays lossless but accepts less)
-    from medusa_vllm.tools.calibrate import measure_target_ranks
     from medusa_vllm.core.tree import MedusaTree
     from medusa_vllm.core.tree_stats import simulate_acceptance
+    from medusa_vllm.tools.calibrate import measure_target_ranks
 
     ranks = measure_target_ranks(str(model), str(heads), prompts, vanilla.token_ids)
     replay = simulate_acceptance(MedusaTree.load("sparse-16", num_heads=3), ranks)
@@ -135,7 +141,7 @@ def test_preemption_tiny_kv_cache(tiny):
     sampling = _greedy(len(prompts), seed=2)
     kw = dict(num_gpu_blocks_override=5, block_size=32, max_model_len=128, max_num_seqs=16)
     vanilla = run_engine(EngineJob(llm=_llm(model, **kw), prompts=prompts, sampling=sampling))
-    spec = {"method": "medusa_tree", "model": str(heads), "tree": "sparse-8", "nodes_by_batch": "off"}
+    spec = _tree(heads, "sparse-8")
     ours = run_engine(EngineJob(llm=_llm(model, spec, **kw), prompts=prompts, sampling=sampling))
     # 16 requests in 5 blocks of 32 tokens: the scheduler must have preempted some
     assert vanilla.num_preemptions > 0 and ours.num_preemptions > 0, (
@@ -161,8 +167,7 @@ def test_stop_conditions_inside_accepted_path(tiny):
             sampling.append(dict(temperature=0.0, max_tokens=40, ignore_eos=False))
     # the tree shrinks as the batch grows: no drafts while 8 requests run, then 3, 8 or 16
     # nodes as requests finish (steps with and without speculation alternate)
-    spec = {"method": "medusa_tree", "model": str(heads), "tree": "sparse-16",
-            "nodes_by_batch": {"1": 16, "4": 8, "6": 3, "8": 0}}
+    spec = _tree(heads, "sparse-16", nodes_by_batch={"1": 16, "4": 8, "6": 3, "8": 0})
     vanilla = run_engine(EngineJob(llm=_llm(model), prompts=prompts, sampling=sampling))
     ours = run_engine(EngineJob(llm=_llm(model, spec), prompts=prompts, sampling=sampling))
     _compare(vanilla, ours)
@@ -177,7 +182,7 @@ def test_tensor_parallel_2(tiny, greedy_vanilla):
     heads = _distilled_heads(root, model)
     prompts, sampling, vanilla = greedy_vanilla  # vanilla ran without TP
     env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
-    ours = run_engine(EngineJob(llm=_llm(model, {"method": "medusa_tree", "model": str(heads), "tree": "sparse-8", "nodes_by_batch": "off"},
+    ours = run_engine(EngineJob(llm=_llm(model, _tree(heads, "sparse-8"),
                                    tensor_parallel_size=2, distributed_executor_backend="mp"),
                        prompts=prompts, sampling=sampling), env=env)
     _compare(vanilla, ours)
@@ -218,8 +223,7 @@ def test_rejection_sampling_reproduces_target_distribution(tmp_path, acceptance)
     # 8 of the 12 tokens drafted at depth 1 (so drafts are often accepted and the
     # residual path is exercised too), a few depth-2 nodes below the top ones
     tree = [[r] for r in range(8)] + [[0, 0], [0, 1], [1, 0], [2, 0]]
-    spec = {"method": "medusa_tree", "model": str(heads), "tree": tree, "acceptance": acceptance,
-            "nodes_by_batch": "off"}
+    spec = _tree(heads, tree, acceptance=acceptance)
     res = run_engine(EngineJob(
         llm=_llm(model, spec, max_num_seqs=256, max_model_len=64),
         prompts=[prompt] * n,
@@ -270,7 +274,7 @@ def test_mixed_batch_chunked_prefill_prefix_cache_logprobs_n(tiny):
             sampling.append(dict(temperature=0.0, max_tokens=32, ignore_eos=True, logprobs=2))
     kw = dict(max_num_batched_tokens=96, enable_chunked_prefill=True, enable_prefix_caching=True,
               max_model_len=512)
-    spec = {"method": "medusa_tree", "model": str(heads), "tree": "sparse-16", "nodes_by_batch": "off"}
+    spec = _tree(heads, "sparse-16")
     # bad per-request overrides are refused at admission; the engine keeps serving
     refuse = [dict(temperature=0.8, extra_args={"medusa_acceptance": "fast"}),
               dict(temperature=0.8, extra_args={"medusa_posterior_threshold": 2.0})]

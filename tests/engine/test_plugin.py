@@ -23,19 +23,9 @@ from medusa_vllm.engine.plugin import (
     register,
     translate,
 )
-from medusa_vllm.tools.tiny_models import build_tiny_llama, write_medusa_heads_config
+from medusa_vllm.tools.tiny_models import write_medusa_heads_config
 
 CPU_WORKER = WORKER_CLASSES["cpu"]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return str(build_tiny_llama(tmp_path_factory.mktemp("tiny"), vocab=512, hidden=64, layers=2))
-
-
-@pytest.fixture
-def heads(tmp_path):
-    return str(write_medusa_heads_config(tmp_path / "heads", num_heads=3, hidden_size=64, vocab_size=512))
 
 
 def _engine_config(model, **kwargs):

@@ -64,3 +64,40 @@ def require_kernel(layout: Layout, block_size: int = BLOCK) -> CacheTileLayout:
             f"False); vLLM's amx attention kernel needs them and vLLM never selects amx here"
         )
     return tile_layout
+
+
+def allocate_kv_caches(dtype: torch.dtype, head_size: int, *, kv_heads: int, num_blocks: int,
+                       layers: tuple[str, ...] = ("l0",)):
+    """Per-layer KV caches exactly as vLLM 0.32 allocates them (LBHNC layer views,
+    ``[num_blocks, kv_heads, BLOCK, 2 * head_size]``), and their spec."""
+    from vllm.v1.kv_cache_interface import (
+        FullAttentionSpec,
+        KVCacheConfig,
+        KVCacheGroupSpec,
+        KVCacheTensor,
+    )
+    from vllm.v1.kv_cache_layout import KVCacheLayout
+    from vllm.v1.worker.utils import allocate_kv_cache
+
+    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=kv_heads, head_size=head_size,
+                             dtype=dtype)
+    page = spec.page_size_bytes
+    cfg = KVCacheConfig(
+        num_blocks=num_blocks,
+        kv_cache_tensors=[KVCacheTensor(size=page * num_blocks * len(layers), layers=list(layers),
+                                        layer_stride=page * num_blocks, block_stride=page)],
+        kv_cache_groups=[KVCacheGroupSpec(list(layers), spec)],
+    )
+    caches = allocate_kv_cache(cfg, torch.device("cpu"), KVCacheLayout.LBHNC, [BLOCK])
+    for kv in caches.values():
+        assert tuple(kv.shape) == (num_blocks, kv_heads, BLOCK, 2 * head_size)
+    return caches, spec
+
+
+def write_kv(kv: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor,
+             isa: str) -> None:
+    """Write K/V rows into one layer's cache at ``slots`` with vLLM's own op for ``isa``."""
+    from vllm import _custom_ops as ops
+
+    key_cache, value_cache = kv.view(kv.shape[0], kv.shape[1], 2 * kv.shape[2], -1).chunk(2, dim=2)
+    ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slots, isa)

@@ -11,7 +11,13 @@ import pytest
 
 from medusa_vllm.tools import engine_proc
 from medusa_vllm.tools.engine_proc import (
-    EngineJob, EngineResult, EngineRunError, chat_prompt, engine_kwargs, run_engine)
+    EngineJob,
+    EngineResult,
+    EngineRunError,
+    chat_prompt,
+    engine_kwargs,
+    run_engine,
+)
 
 
 def test_job_and_result_round_trip_through_json():
