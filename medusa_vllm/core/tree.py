@@ -33,6 +33,7 @@ __all__ = [
     "greedy_paths",
     "nodes_for_batch",
     "normalize_choices",
+    "with_chain_branch",
 ]
 
 
@@ -276,6 +277,21 @@ class MedusaTree:
 
 
 # ------------------------------------------------------------- presets
+def with_chain_branch(tree: MedusaTree, length: int, num_heads: int | None = None) -> MedusaTree:
+    """``tree`` plus a chain of ``length`` nodes under the root at rank ``tree.topk``
+    at every depth: the paths ``(r,), (r, r), ...`` with ``r = tree.topk``.
+
+    Rank ``r`` is one past every head's top-k the tree uses, so a proposer fills
+    that chain from a second source of candidates (prompt lookup) by appending
+    one column to the heads' top-k tokens (:meth:`MedusaTree.node_tokens`).
+    """
+    if length < 0:
+        raise ValueError(f"branch length must be >= 0, found {length}")
+    rank = tree.topk
+    return MedusaTree([*tree.medusa_choices, *((rank,) * d for d in range(1, length + 1))],
+                      num_heads)
+
+
 def greedy_paths(a: torch.Tensor, num_nodes: int) -> list[Path]:
     """The ``num_nodes`` paths with the largest products of ``a[depth, rank]`` along them.
 

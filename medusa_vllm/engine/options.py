@@ -40,6 +40,14 @@ Options (defaults in brackets):
   batch 1 and about :data:`DEFAULT_VERIFY_TOKEN_BUDGET` verified tokens per
   step above it; ``"off"`` = always the whole tree.
 
+- ``ngram_nodes`` [0]: length of a prompt-lookup branch added to the tree: a
+  chain under the root holding the continuation of the longest n-gram match in
+  the request's own prompt and output (vLLM's ``ngram`` method's matcher),
+  verified in the same pass as the heads' nodes; where no n-gram matches, the
+  branch repeats the heads' top-1 path. At most the number of heads; 0 = off.
+- ``ngram_min`` [2] / ``ngram_max`` [5]: the n-gram lengths matched (as vLLM's
+  ``prompt_lookup_min`` / ``prompt_lookup_max``).
+
 Per request, ``SamplingParams.extra_args`` may override the acceptance options
 (:mod:`medusa_vllm.engine.request`).
 
@@ -61,6 +69,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
 )
 
@@ -70,7 +79,13 @@ from medusa_vllm.core.acceptance import (
     DEFAULT_POSTERIOR_THRESHOLD,
     AcceptanceRule,
 )
-from medusa_vllm.core.tree import PRESETS, MedusaTree, budget_nodes_by_batch, normalize_choices
+from medusa_vllm.core.tree import (
+    PRESETS,
+    MedusaTree,
+    budget_nodes_by_batch,
+    normalize_choices,
+    with_chain_branch,
+)
 
 __all__ = [
     "ACCEPTANCE_MODES",
@@ -101,6 +116,9 @@ _EXPECTED = {
     "posterior_threshold": "a number in the open interval (0, 1)",
     "posterior_alpha": "a number >= 0",
     "max_nodes": "an integer >= 1, or null for no cap",
+    "ngram_nodes": "an integer >= 0 (0: no prompt-lookup branch), at most the number of heads",
+    "ngram_min": "an integer >= 1",
+    "ngram_max": "an integer >= 1, at least ngram_min",
     "nodes_by_batch": (
         '"auto", "off", or a {batch_size: tree_nodes} table such as {"1": 32, "8": 4} '
         "(batch sizes >= 1, tree sizes >= 0)"
@@ -134,6 +152,8 @@ Acceptance = Annotated[Literal[ACCEPTANCE_MODES], BeforeValidator(_lower)]  # ty
 PosteriorThreshold = Annotated[float, BeforeValidator(_finite), Field(gt=0.0, lt=1.0)]
 PosteriorAlpha = Annotated[float, BeforeValidator(_finite), Field(ge=0.0)]
 MaxNodes = Annotated[int, BeforeValidator(_no_bool), Field(ge=1)]
+NgramNodes = Annotated[int, BeforeValidator(_no_bool), Field(ge=0)]
+NgramLength = Annotated[int, BeforeValidator(_no_bool), Field(ge=1)]
 
 
 def _nodes_by_batch(value: Any) -> Any:
@@ -223,6 +243,17 @@ class MedusaTreeConfig(BaseModel):
     posterior_alpha: PosteriorAlpha = DEFAULT_POSTERIOR_ALPHA
     max_nodes: MaxNodes | None = None
     nodes_by_batch: NodesByBatch = "auto"
+    ngram_nodes: NgramNodes = 0
+    ngram_min: NgramLength = 2
+    ngram_max: NgramLength = 5
+
+    @field_validator("ngram_max")
+    @classmethod
+    def _check_ngram_max(cls, value: int, info: ValidationInfo) -> int:
+        low = info.data.get("ngram_min")
+        if low is not None and value < low:
+            raise ValueError(f"expected an integer >= ngram_min ({low}), found {value}")
+        return value
 
     @field_validator("heads", mode="before")
     @classmethod
@@ -406,13 +437,34 @@ class MedusaTreeConfig(BaseModel):
                     "omit it (the tree sets it) or pick a larger tree"
                 )
             tree = tree.truncate(cap)
-        table = self.load_nodes_by_batch(tree)
-        return self.model_copy(update={"tree": tree.to_list(), "nodes_by_batch": table or "off"})
+        pinned = self.model_copy(update={"tree": tree.to_list()})
+        table = self.load_nodes_by_batch(pinned.engine_tree(num_heads))
+        return pinned.model_copy(update={"nodes_by_batch": table or "off"})
+
+    def engine_tree(self, num_heads: int | None = None) -> MedusaTree:
+        """The tree the engine drafts and verifies: :meth:`load_tree` (the heads'
+        nodes) plus, with ``ngram_nodes``, the prompt-lookup chain under the root
+        at rank :attr:`MedusaTree.topk` of the heads' tree
+        (:func:`~medusa_vllm.core.tree.with_chain_branch`)."""
+        tree = self.load_tree(num_heads)
+        if not self.ngram_nodes:
+            return tree
+        if num_heads is None:
+            num_heads = self.heads_info().num_heads
+        if self.ngram_nodes > num_heads:
+            raise MedusaConfigError(
+                f"ngram_nodes: {self.ngram_nodes} is deeper than the {num_heads} Medusa heads in "
+                f"{self.heads} (a tree is at most as deep as the heads); use ngram_nodes <= "
+                f"{num_heads}"
+            )
+        return with_chain_branch(tree, self.ngram_nodes, num_heads)
 
     @property
     def num_speculative_tokens(self) -> int:
-        """vLLM's ``num_speculative_tokens``: the number of tree nodes."""
-        return self.load_tree().num_nodes
+        """vLLM's ``num_speculative_tokens``: the number of tree nodes (the
+        prompt-lookup branch included)."""
+        heads_nodes = len(self.tree) if isinstance(self.tree, list) else self.load_tree().num_nodes
+        return heads_nodes + self.ngram_nodes
 
     def check_backbone(
         self, hidden_size: int, vocab_size: int, model: str = "the backbone"

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from medusa_vllm.core.tree import MedusaTree, nodes_for_batch
@@ -63,7 +64,11 @@ class MedusaTreeProposer:
     def __init__(self, vllm_config: VllmConfig) -> None:
         self.vllm_config = vllm_config
         self.config: MedusaTreeConfig = MedusaTreeConfig.from_vllm_config(vllm_config)
-        self.tree: MedusaTree = self.config.load_tree()
+        self.tree: MedusaTree = self.config.engine_tree()
+        # rank of the prompt-lookup branch's nodes (one past the heads' top-k), if any
+        self.ngram_rank: int | None = (
+            self.config.load_tree().topk if self.config.ngram_nodes else None
+        )
         self.nodes_by_batch: dict[int, int] | None = self.config.load_nodes_by_batch(self.tree)
         self.heads = None
         self.dtype = vllm_config.model_config.dtype
@@ -84,10 +89,19 @@ class MedusaTreeProposer:
         use_engine_gemm(self.heads)
 
     @torch.inference_mode()
-    def propose_tree(self, hidden_states: torch.Tensor, eligible: list[bool]) -> list[list[int]]:
+    def propose_tree(
+        self,
+        hidden_states: torch.Tensor,
+        eligible: list[bool],
+        ngram_drafts: np.ndarray | None = None,
+    ) -> list[list[int]]:
         """``hidden_states [B, H]`` at each request's last accepted position ->
         one BFS list of tree tokens per eligible request: the first
-        ``nodes_for_batch(nodes_by_batch, len(eligible))`` nodes."""
+        ``nodes_for_batch(nodes_by_batch, len(eligible))`` nodes.
+
+        ``ngram_drafts [B, ngram_nodes]`` (``-1`` = none) fill the prompt-lookup
+        branch; where a request has none, the branch repeats the heads' top-1.
+        """
         assert self.heads is not None, "load_model() was not called"
         out: list[list[int]] = [[] for _ in eligible]
         rows = [i for i, ok in enumerate(eligible) if ok]
@@ -96,8 +110,17 @@ class MedusaTreeProposer:
             return out
         tree = self._prefix_tree(n)
         h = hidden_states[rows].to(self.dtype)
+        branch = self.ngram_rank is not None and tree.topk > self.ngram_rank
+        k = self.ngram_rank if branch else tree.topk
         # only the heads the (truncated) tree reaches: a depth-2 tree runs 2 of K heads
-        topk = self.heads.topk(h, tree.topk, tree.max_depth)  # [b, depth, k] full-vocab ids
+        topk = self.heads.topk(h, k, tree.max_depth)  # [b, depth, k] full-vocab ids
+        if branch:  # the branch's rank is column k: prompt lookup, else the heads' top-1
+            fill = topk[:, :, 0].clone()
+            if ngram_drafts is not None:
+                found = torch.from_numpy(ngram_drafts[rows, : tree.max_depth]).to(fill.device)
+                d = found.shape[1]
+                fill[:, :d] = torch.where(found >= 0, found.to(fill.dtype), fill[:, :d])
+            topk = torch.cat([topk, fill.unsqueeze(-1)], dim=-1)
         nodes = tree.node_tokens(topk, torch.zeros(len(rows), dtype=torch.long))[:, 1:]
         for i, toks in zip(rows, nodes.tolist()):
             out[i] = toks

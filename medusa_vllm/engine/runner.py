@@ -16,7 +16,9 @@ tokens in BFS order. The mixin changes exactly four things:
    slots the next step expects: :func:`medusa_vllm.engine.tree_plan.compaction_slots`
    picks the slots, the device hook :meth:`MedusaTreeRunnerMixin._copy_kv_slots` copies.
 4. ``propose_draft_token_ids``: the heads read the hidden state of each
-   request's last accepted node (:class:`medusa_vllm.engine.proposer.MedusaTreeProposer`).
+   request's last accepted node (:class:`medusa_vllm.engine.proposer.MedusaTreeProposer`);
+   with ``ngram_nodes``, prompt lookup over the request's own tokens fills the
+   tree's n-gram branch (:mod:`medusa_vllm.engine.ngram`).
 
 Device-agnostic: positions and the slot mapping are read and written on the
 runner's device tensors (``self.positions``, the block table's
@@ -38,6 +40,7 @@ from vllm.v1.outputs import SamplerOutput
 
 from medusa_vllm.core.acceptance import AcceptanceParams, AcceptanceRule
 from medusa_vllm.core.tree import MedusaTree
+from medusa_vllm.engine.ngram import NgramLookup
 from medusa_vllm.engine.options import MedusaTreeConfig
 from medusa_vllm.engine.proposer import MedusaTreeProposer
 from medusa_vllm.engine.request import draftable, request_overrides
@@ -91,6 +94,12 @@ class MedusaTreeRunnerMixin(_RunnerBase):
                 f"{self.medusa_tree.num_nodes} nodes; let the plugin set it (method='medusa_tree')"
             )
         self.medusa_verifier = MedusaTreeVerifier(self.sampler, self.medusa_tree)
+        cfg = self.medusa_config
+        self._ngram = (
+            NgramLookup(cfg.ngram_min, cfg.ngram_max, cfg.ngram_nodes, self.max_model_len,
+                        self.scheduler_config.max_num_seqs)
+            if cfg.ngram_nodes else None
+        )
         # node i of a request sits at batch row root + i with vLLM's linear
         # position root_pos + i; it needs root_pos + depth(i)
         depth = self.medusa_tree.position_offsets.numpy()
@@ -243,4 +252,10 @@ class MedusaTreeRunnerMixin(_RunnerBase):
                 and draftable(state.sampling_params, len(state.output_token_ids))
             )
         proposer = cast(MedusaTreeProposer, self.drafter)
-        return proposer.propose_tree(sample_hidden_states[rows], eligible)
+        ngram = None
+        if self._ngram is not None:  # prompt lookup over each request's prompt + output
+            ngram = self._ngram.drafts(
+                self.input_batch.token_ids_cpu, self.input_batch.num_tokens_no_spec[:b],
+                [i for i, ok in enumerate(eligible) if ok],
+            )
+        return proposer.propose_tree(sample_hidden_states[rows], eligible, ngram)

@@ -234,3 +234,19 @@ def test_nodes_for_batch_uses_the_entry_at_or_below_the_batch():
         assert n == 0 or b * (n + 1) <= 32 or n == 16
     with pytest.raises(ValueError, match="token_budget"):
         budget_nodes_by_batch(16, 0)
+
+
+def test_chain_branch_sits_one_rank_past_the_heads_top_k():
+    from medusa_vllm.core.tree import with_chain_branch
+
+    base = MedusaTree([[0], [1], [0, 0], [0, 2]])
+    tree = with_chain_branch(base, 2, num_heads=3)
+    assert base.topk == 3
+    assert tree.to_list() == [[0], [1], [3], [0, 0], [0, 2], [3, 3]]
+    # the branch is a chain under the root: node [3, 3]'s ancestors are [3] and the root
+    idx = {tuple(p): i + 1 for i, p in enumerate(tree.to_list())}
+    row = tree.tree_mask[idx[(3, 3)]]
+    assert row.nonzero().flatten().tolist() == [0, idx[(3,)], idx[(3, 3)]]
+    assert with_chain_branch(base, 0) == base
+    with pytest.raises(ValueError, match="exceeds the number of Medusa heads"):
+        with_chain_branch(base, 4, num_heads=3)

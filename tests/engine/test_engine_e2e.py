@@ -304,3 +304,28 @@ def test_mixed_batch_chunked_prefill_prefix_cache_logprobs_n(tiny):
             greedy_lp += 1
     assert greedy_lp > 100
     assert ours.metrics["mean_accepted_length"] > 1.2
+
+
+def test_ngram_branch_is_exact_and_accepts_on_repetitive_text(tiny):
+    """The prompt-lookup branch, verified in the same tree pass as the heads' nodes:
+    greedy output stays vanilla's, and on text that repeats itself it accepts far
+    more than heads that predict nothing (random heads, same tree otherwise)."""
+    root, model = tiny
+    heads = _random_heads(root, model)
+    rng = random.Random(5)
+    prompts = []
+    for _ in range(12):
+        segment = [rng.randrange(3, VOCAB) for _ in range(rng.randint(4, 9))]
+        prompts.append(segment * 3 + segment[: rng.randint(1, 3)])
+    sampling = dict(temperature=0.0, max_tokens=40, ignore_eos=True)
+    vanilla = run_engine(EngineJob(llm=_llm(model), prompts=prompts, sampling=sampling))
+    with_lookup = run_engine(EngineJob(llm=_llm(model, _tree(heads, "sparse-4", ngram_nodes=3)),
+                                       prompts=prompts, sampling=sampling))
+    heads_only = run_engine(EngineJob(llm=_llm(model, _tree(heads, "sparse-4")),
+                                      prompts=prompts, sampling=sampling))
+    _compare(vanilla, with_lookup)
+    _compare(vanilla, heads_only)
+    gained = with_lookup.metrics["mean_accepted_length"] - heads_only.metrics["mean_accepted_length"]
+    print("n-gram branch:", with_lookup.metrics, "heads only:", heads_only.metrics)
+    assert with_lookup.metrics["tree_size"] == 4 + 3
+    assert gained > 0.3, (with_lookup.metrics, heads_only.metrics)

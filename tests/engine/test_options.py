@@ -285,3 +285,36 @@ def test_nodes_by_batch_auto_off_explicit_and_saved(heads_dir):
     (heads_dir / "medusa_tree.json").write_text(json.dumps({"medusa_choices": [[0]], "nodes_by_batch": {"x": 1}}))
     with pytest.raises(MedusaConfigError, match="invalid 'nodes_by_batch' table"):
         MedusaTreeConfig.from_dict({"heads": heads_dir}).load_nodes_by_batch(MedusaTree([[0]]))
+
+
+def test_ngram_branch_options(heads_dir):
+    cfg = MedusaTreeConfig.from_dict({"heads": heads_dir, "tree": "chain-2", "ngram_nodes": 3})
+    assert (cfg.ngram_nodes, cfg.ngram_min, cfg.ngram_max) == (3, 2, 5)
+    assert cfg.load_tree().to_list() == [[0], [0, 0]]  # the heads' nodes
+    assert cfg.engine_tree().to_list() == [[0], [1], [0, 0], [1, 1], [1, 1, 1]]
+    assert cfg.num_speculative_tokens == 5
+    res = cfg.resolved()
+    assert res.tree == [[0], [0, 0]] and res.num_speculative_tokens == 5
+    assert MedusaTreeConfig.from_dict(res.to_dict()).engine_tree() == cfg.engine_tree()
+    off = MedusaTreeConfig.from_dict({"heads": heads_dir, "tree": "chain-2"})
+    assert off.engine_tree() == off.load_tree() and off.num_speculative_tokens == 2
+
+
+@pytest.mark.parametrize(
+    "options, needle",
+    [
+        ({"ngram_nodes": -1}, "ngram_nodes"),
+        ({"ngram_nodes": True}, "ngram_nodes"),
+        ({"ngram_min": 0}, "ngram_min"),
+        ({"ngram_min": 4, "ngram_max": 3}, r"ngram_max: expected an integer >= ngram_min \(4\)"),
+    ],
+)
+def test_ngram_options_refused(heads_dir, options, needle):
+    with pytest.raises(MedusaConfigError, match=needle):
+        MedusaTreeConfig.from_dict({"heads": heads_dir, **options})
+
+
+def test_ngram_branch_deeper_than_the_heads_is_refused(heads_dir):
+    cfg = MedusaTreeConfig.from_dict({"heads": heads_dir, "tree": "chain-2", "ngram_nodes": 4})
+    with pytest.raises(MedusaConfigError, match=r"ngram_nodes: 4 is deeper than the 3 Medusa heads"):
+        cfg.engine_tree()

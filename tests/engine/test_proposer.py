@@ -11,6 +11,7 @@ from __future__ import annotations
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -157,3 +158,37 @@ def test_engine_gemm_heads_match_torch_heads(reduced):
     after = heads.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert all(hasattr(m, "cpu_linear") for m in heads.modules() if isinstance(m, torch.nn.Linear))
+
+
+def test_ngram_branch_carries_prompt_lookup_tokens_else_the_heads_top1(setup):
+    """With ``ngram_nodes``, the tree gains a chain at rank ``topk`` of the heads'
+    tree; its nodes hold the prompt-lookup continuation where one was found and,
+    per depth where none was, the heads' top-1 token (brute force)."""
+    ref, heads_dir, lm = setup
+    heads_tree = MedusaTree([[0], [1], [0, 0], [0, 1]])
+    vcfg = _vllm_config(heads_dir, heads_tree)
+    vcfg.additional_config["medusa"]["ngram_nodes"] = 3
+    p = MedusaTreeProposer(vcfg)
+    p.load_model(lm)
+    r = heads_tree.topk  # 2
+    assert p.ngram_rank == r
+    assert p.tree.to_list() == sorted(heads_tree.to_list() + [[r], [r, r], [r, r, r]],
+                                      key=lambda q: (len(q), q))
+    torch.manual_seed(3)
+    hidden = torch.randn(4, H)
+    ngram = np.array([[7, 8, 9], [5, -1, -1], [-1, -1, -1], [11, 12, -1]])
+    got = p.propose_tree(hidden, [True, True, False, True], ngram)
+    heads_only = _expected_drafts(ref, hidden, heads_tree.to_list())
+    top1 = _expected_drafts(ref, hidden, [[0], [0, 0], [0, 0, 0]])  # heads' top-1 per depth
+    for b in (0, 1, 3):
+        by_path = dict(zip(map(tuple, p.tree.to_list()), got[b]))
+        assert [by_path[tuple(q)] for q in sorted(heads_tree.to_list(), key=lambda q: (len(q), q))] \
+            == heads_only[b]
+        branch = [by_path[(r,) * d] for d in (1, 2, 3)]
+        assert branch == [int(t) if t >= 0 else top1[b][d] for d, t in enumerate(ngram[b])]
+    assert got[2] == []
+    # no lookup at all: the branch is the heads' top-1 chain
+    plain = p.propose_tree(hidden, [True] * 4, None)
+    for b in range(4):
+        by_path = dict(zip(map(tuple, p.tree.to_list()), plain[b]))
+        assert [by_path[(r,) * d] for d in (1, 2, 3)] == top1[b]
