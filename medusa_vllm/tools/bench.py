@@ -93,7 +93,11 @@ def add_bench_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--batch-sizes", default="1,8")
     ap.add_argument("--ignore-eos", action="store_true")
-    ap.add_argument("--configs", default="vanilla,medusa,medusa_tree")
+    ap.add_argument("--configs", default="vanilla,medusa,medusa_tree",
+                    help="comma-separated: vanilla, medusa (vLLM's chain), medusa_tree, "
+                         "medusa_tree_ngram (ours + prompt-lookup branch), ngram (vLLM's)")
+    ap.add_argument("--ngram-nodes", type=int, default=3,
+                    help="prompt-lookup tokens: our branch's nodes and vLLM's ngram k")
     ap.add_argument("--cost-curve", default="", help="tree sizes for the verification-cost curve, e.g. 1,4,16,32,64")
     ap.add_argument("--out", default="runs/bench_e2e")
     return ap
@@ -150,6 +154,15 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
                 sc = {"method": "medusa", "model": str(vllm_heads), "num_speculative_tokens": num_heads}
             elif name == "medusa_tree":
                 sc = {"method": "medusa_tree", "model": args.heads, "tree": args.tree}
+            elif name == "medusa_tree_ngram":  # ours with the prompt-lookup branch in the tree
+                sc = {"method": "medusa_tree", "model": args.heads, "tree": args.tree,
+                      "ngram_nodes": args.ngram_nodes}
+            elif name == "ngram":  # vLLM's own prompt lookup, as many tokens as our branch
+                sc = {"method": "ngram", "num_speculative_tokens": args.ngram_nodes,
+                      "prompt_lookup_min": 2, "prompt_lookup_max": 5}
+            elif name != "vanilla":
+                raise ValueError(f"bench: unknown configuration {name!r}; known: vanilla, medusa, "
+                                 "medusa_tree, medusa_tree_ngram, ngram")
             specs.append({**base, "name": name, "batch_size": bs, "speculative_config": sc})
         for n in [int(x) for x in args.cost_curve.split(",") if x]:
             tree = "chain-1" if n == 1 else f"sparse-{n}"
