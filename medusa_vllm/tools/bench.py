@@ -155,8 +155,10 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
             elif name == "medusa_tree":
                 sc = {"method": "medusa_tree", "model": args.heads, "tree": args.tree}
             elif name == "medusa_tree_ngram":  # ours with the prompt-lookup branch in the tree
+                # the whole tree: a calibrated nodes_by_batch table was fitted without the
+                # branch and would cut the combined tree to its first BFS nodes
                 sc = {"method": "medusa_tree", "model": args.heads, "tree": args.tree,
-                      "ngram_nodes": args.ngram_nodes}
+                      "ngram_nodes": args.ngram_nodes, "nodes_by_batch": "off"}
             elif name == "ngram":  # vLLM's own prompt lookup, as many tokens as our branch
                 sc = {"method": "ngram", "num_speculative_tokens": args.ngram_nodes,
                       "prompt_lookup_min": 2, "prompt_lookup_max": 5}

@@ -99,13 +99,18 @@ def greedy_vanilla(tiny):
     return prompts, sampling, vanilla
 
 
-def test_greedy_identical_to_vanilla_random_heads(tiny, greedy_vanilla):
-    root, model = tiny
-    heads = _random_heads(root, model)
+def _sparse16_like_vanilla(model, heads, greedy_vanilla):
+    """The shared greedy prompts through a 16-node tree; output checked against vanilla's."""
     prompts, sampling, vanilla = greedy_vanilla
     ours = run_engine(EngineJob(llm=_llm(model, _tree(heads, "sparse-16")),
-                       prompts=prompts, sampling=sampling))
+                                prompts=prompts, sampling=sampling))
     _compare(vanilla, ours)
+    return ours
+
+
+def test_greedy_identical_to_vanilla_random_heads(tiny, greedy_vanilla):
+    root, model = tiny
+    ours = _sparse16_like_vanilla(model, _random_heads(root, model), greedy_vanilla)
     assert ours.metrics["num_drafts"] > 0, "the tree path never ran"
     assert ours.metrics["tree_size"] > 1
 
@@ -113,10 +118,8 @@ def test_greedy_identical_to_vanilla_random_heads(tiny, greedy_vanilla):
 def test_distilled_heads_accept_and_stay_identical(tiny, greedy_vanilla):
     root, model = tiny
     heads = _distilled_heads(root, model)
-    prompts, sampling, vanilla = greedy_vanilla
-    ours = run_engine(EngineJob(llm=_llm(model, _tree(heads, "sparse-16")),
-                       prompts=prompts, sampling=sampling))
-    _compare(vanilla, ours)
+    prompts, _, vanilla = greedy_vanilla
+    ours = _sparse16_like_vanilla(model, heads, greedy_vanilla)
     m = ours.metrics
     print("distilled heads:", m)
     assert m["mean_accepted_length"] > 1.5, m

@@ -422,21 +422,27 @@ class TreeCPUAttentionBackendImpl(CPUAttentionBackendImpl):
         output[plan.rows] = out.to(output.dtype)
         return output
 
-    def _check_tree_supported(
-        self,
-        layer: AttentionLayer,
-        output_scale: torch.Tensor | None,
-        output_block_scale: torch.Tensor | None,
-    ) -> None:
+    def tree_unsupported(self) -> list[str]:
+        """This layer's features that tree rows do not implement (checked for every
+        layer when the model is loaded, so such a model is refused at start-up)."""
         unsupported = {
             "sliding_window": self.sliding_window != -1,
             "alibi_slopes": self.alibi_slopes is not None,
             "logits_soft_cap": bool(self.logits_soft_cap),
             "sinks": self.sinks is not None,
             "fp8 kv cache": self.is_fp8_kv_cache,
-            "fused output quantization": output_scale is not None or output_block_scale is not None,
         }
-        bad = [name for name, on in unsupported.items() if on]
+        return [name for name, on in unsupported.items() if on]
+
+    def _check_tree_supported(
+        self,
+        layer: AttentionLayer,
+        output_scale: torch.Tensor | None,
+        output_block_scale: torch.Tensor | None,
+    ) -> None:
+        bad = self.tree_unsupported()
+        if output_scale is not None or output_block_scale is not None:
+            bad.append("fused output quantization")
         if bad:
             raise NotImplementedError(
                 f"medusa tree attention (layer {getattr(layer, 'layer_name', '?')}): "

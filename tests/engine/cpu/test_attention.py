@@ -524,6 +524,25 @@ def test_unsupported_layer_features_are_refused(env):
         impl.sliding_window = -1
 
 
+def test_unsupported_layers_are_refused_when_the_model_loads(env, monkeypatch):
+    """The runner checks every attention layer once the model is loaded, so a model
+    whose layers tree rows cannot serve fails at start-up, not at its first tree step."""
+    from types import SimpleNamespace
+
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+    from medusa_vllm.engine.cpu.runner import MedusaTreeCPUModelRunner
+    from medusa_vllm.engine.options import MedusaConfigError
+
+    monkeypatch.setattr(CPUModelRunner, "load_model", lambda self, *a, **k: None)
+    runner = object.__new__(MedusaTreeCPUModelRunner)
+    runner.compilation_config = SimpleNamespace(static_forward_context={LAYER: env["layer"]})
+    MedusaTreeCPUModelRunner.load_model(runner)  # a plain layer passes
+    monkeypatch.setattr(env["layer"].impl, "sliding_window", 16)
+    with pytest.raises(MedusaConfigError, match=rf"use sliding_window \(e.g. {LAYER}, 1 layers\)"):
+        MedusaTreeCPUModelRunner.load_model(runner)
+
+
 @pytest.mark.parametrize("env", params([Layout("vec", BF16, 64)]), indirect=True)
 def test_builder_falls_back_to_vec_when_layout_unreadable(env, monkeypatch):
     real = attention.probe_cache_layout
