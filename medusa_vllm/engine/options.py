@@ -39,7 +39,6 @@ Options (defaults in brackets):
   ``medusa_tree.json`` when ``tree="auto"`` uses it, else the whole tree at
   batch 1 and about :data:`DEFAULT_VERIFY_TOKEN_BUDGET` verified tokens per
   step above it; ``"off"`` = always the whole tree.
-
 - ``ngram_nodes`` [0]: length of a prompt-lookup branch added to the tree: a
   chain under the root holding the continuation of the longest n-gram match in
   the request's own prompt and output (vLLM's ``ngram`` method's matcher),

@@ -28,9 +28,11 @@ import tempfile
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, BinaryIO
+
+from medusa_vllm.core.dict_fields import DictFields
 
 __all__ = [
     "SMALL_MACHINE_CORES",
@@ -92,7 +94,7 @@ def chat_prompt(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> str | 
 
 
 @dataclass
-class EngineJob:
+class EngineJob(DictFields):
     """What one engine run does (JSON-serialisable; sent to the child as is)."""
 
     llm: dict[str, Any]  # LLM(**llm) arguments, speculative_config included (see engine_kwargs)
@@ -112,20 +114,9 @@ class EngineJob:
     probe: str | None = None
     probe_args: dict[str, Any] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> EngineJob:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"engine job: unknown field(s) {unknown}; known: {sorted(known)}")
-        return cls(**data)
-
 
 @dataclass
-class EngineResult:
+class EngineResult(DictFields):
     """What one engine run returned: one entry per completion (prompt order, a
     request's ``n`` completions together, ``repeat`` runs one after the other)."""
 
@@ -143,13 +134,6 @@ class EngineResult:
     @property
     def output_tokens(self) -> int:
         return sum(len(t) for t in self.token_ids)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> EngineResult:
-        return cls(**data)
 
 
 class EngineRunError(RuntimeError):
