@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -120,7 +121,8 @@ class TreePlan:
       or a ``slice`` when they are contiguous.
     - ``valid``: ``[R, T_max]`` which ``(request, node)`` slots are real.
     - ``blocks``: ``[R, nblk]`` kernel block ids covering ``[0, P+T)``.
-    - ``attn_mask``: ``[R, 1, T_max, nblk*block_size]`` bool SDPA mask.
+    - ``attn_mask``: ``[R, 1, T_max, nblk*block_size]`` bool SDPA mask, built on
+      first use (a backend that applies ``tree_mask`` itself never pays for it).
     - ``tree_mask``: ``[N+1, N+1]`` bool ancestor-or-self mask of the step's tree
       (what a fused kernel applies itself instead of ``attn_mask``).
     - ``layer_cache``: per-step scratch of the backend, filled by the first
@@ -134,10 +136,31 @@ class TreePlan:
     rows: slice | torch.Tensor
     valid: torch.Tensor
     blocks: torch.Tensor
-    attn_mask: torch.Tensor
     block_size: int
     tree_mask: torch.Tensor
     layer_cache: dict[Any, Any] = field(default_factory=dict)
+
+    @cached_property
+    def attn_mask(self) -> torch.Tensor:
+        """Prefix columns ``[0, P)`` for every query row, then the ``[T, T]``
+        ancestor block at columns ``[P, P+T)``; padding query rows see only the root."""
+        valid = self.valid.cpu().numpy()
+        plen = self.prefix_lens.cpu().numpy()
+        mask = self.tree_mask.cpu().numpy()
+        r, t_max = valid.shape
+        length = self.blocks.shape[1] * self.block_size
+        node = np.arange(t_max)
+        tree = mask[None, :t_max, :t_max] & valid[:, None, :] & valid[:, :, None]
+        # padding query rows only see the root, so no row is fully masked (no NaN)
+        tree[:, :, 0] |= ~valid
+        # T_max spare columns: a short tree right at the end of the gathered
+        # length still writes its padding columns in bounds
+        prefix = np.arange(length + t_max)[None, None, :] < plen[:, None, None]  # [R, 1, W]
+        out = np.repeat(prefix, t_max, axis=1)  # [R, T_max, W]
+        cols = plen[:, None] + node[None, :]  # [R, T_max]
+        out[np.arange(r)[:, None, None], node[None, :, None], cols[:, None, :]] = tree
+        return torch.from_numpy(np.ascontiguousarray(out[:, :, :length])).to(
+            self.valid.device).unsqueeze(1)
 
     @property
     def dense(self) -> bool:
@@ -279,7 +302,6 @@ def plan_tree_batch(
     t_max = int(ntok.max())
     total = plen + ntok
     nblk = int((int(total.max()) + block_size - 1) // block_size)
-    length = nblk * block_size
     bt = cm.block_table_tensor
     if bt.shape[1] < nblk:
         raise ValueError(
@@ -290,20 +312,7 @@ def plan_tree_batch(
     needed = (total + block_size - 1) // block_size
     blocks[np.arange(nblk)[None, :] >= needed[:, None]] = 0  # null block, masked out
 
-    # prefix columns [0, P) for every query row, then the [T, T] ancestor block
-    # at columns [P, P+T) (T_max spare columns: a short tree right at the end
-    # of the gathered length still writes its padding columns in bounds)
-    node = np.arange(t_max)
-    valid = node[None, :] < ntok[:, None]  # [R, T_max]
-    tree = mask[None, :t_max, :t_max] & valid[:, None, :] & valid[:, :, None]
-    # padding query rows only see the root, so no row is fully masked (no NaN)
-    tree[:, :, 0] |= ~valid
-    prefix = np.arange(length + t_max)[None, None, :] < plen[:, None, None]  # [R, 1, W]
-    attn_mask = np.repeat(prefix, t_max, axis=1)  # [R, T_max, W]
-    cols = plen[:, None] + node[None, :]  # [R, T_max]
-    attn_mask[np.arange(r)[:, None, None], node[None, :, None], cols[:, None, :]] = tree
-    attn_mask = np.ascontiguousarray(attn_mask[:, :, :length])  # shared by every layer
-
+    valid = np.arange(t_max)[None, :] < ntok[:, None]  # [R, T_max]
     rows, _ = tree_rows(qsl[req], ntok)
     device = cm.query_start_loc.device
 
@@ -320,7 +329,6 @@ def plan_tree_batch(
         rows=slice(int(rows[0]), int(rows[-1]) + 1) if contiguous else dev(rows),
         valid=dev(valid),
         blocks=dev(blocks),
-        attn_mask=dev(attn_mask).unsqueeze(1),
         block_size=block_size,
         tree_mask=dev(mask),
     )
