@@ -34,6 +34,10 @@ def expand_draft_vocab(heads: MedusaHeads) -> MedusaHeads:
     vocabulary; it then pays for the full-vocabulary LM layers.
     """
     cfg = heads.config
+    if not isinstance(heads, MedusaHeads):
+        raise MedusaCheckpointError(
+            f"expand_draft_vocab: only Medusa heads run in vLLM's built-in Medusa; found "
+            f"{type(heads).__name__}")
     if cfg.truncated_vocab_size is None or cfg.original_lm_head:
         raise MedusaCheckpointError(
             "expand_draft_vocab: these heads have no per-head reduced draft vocabulary "

@@ -27,6 +27,7 @@ class HeadsInfo:
     num_heads: int
     hidden_size: int | None  # None when the config does not say
     vocab_size: int | None  # full vocabulary the heads were trained for
+    head_type: str = "medusa"  # config.json "head_type": "medusa" or "hydra" (ours only)
 
     @property
     def config_file(self) -> Path:
@@ -93,8 +94,14 @@ def read_heads_info(heads: str | Path) -> HeadsInfo:
             )
         return value
 
+    head_type = cfg.get("head_type", "medusa")
+    if head_type not in ("medusa", "hydra"):
+        raise MedusaCheckpointError(
+            f"{cfg_file}: 'head_type' must be 'medusa' or 'hydra', found {head_type!r}"
+        )
     return HeadsInfo(
         path=path.resolve(),
+        head_type=head_type,
         num_heads=positive_int(_NUM_HEADS_KEYS, required=True),  # type: ignore[arg-type]
         hidden_size=positive_int(("hidden_size",), required=False),
         vocab_size=positive_int(("vocab_size",), required=False),

@@ -21,6 +21,7 @@ from medusa_vllm.core.heads import (
     strip_vocab_padding,
     token_map_problem,
 )
+from medusa_vllm.core.hydra import HydraHeads, HydraHeadsConfig
 
 __all__ = ["check_compatible", "expected_shapes", "load_heads"]
 
@@ -33,14 +34,17 @@ READERS: dict[str, Callable[[Path], RawHeads]] = {
 assert tuple(READERS) == READ_LAYOUTS
 
 
-def _meta_heads(config: MedusaHeadsConfig, dtype: torch.dtype | None = None) -> MedusaHeads:
-    """Unallocated (meta-device) heads of ``config``, with a placeholder
-    ``token_map`` if the draft vocabulary is reduced."""
+def _meta_heads(config: MedusaHeadsConfig | HydraHeadsConfig,
+                dtype: torch.dtype | None = None) -> MedusaHeads | HydraHeads:
+    """Unallocated (meta-device) heads of ``config`` (Medusa or Hydra), with a
+    placeholder ``token_map`` if the draft vocabulary is reduced."""
     placeholder = (
         torch.arange(config.draft_vocab_size)
         if config.truncated_vocab_size is not None
         else None
     )
+    if isinstance(config, HydraHeadsConfig):
+        return HydraHeads(config, token_map=placeholder, device="meta", dtype=dtype)
     return MedusaHeads(config, token_map=placeholder, device="meta", dtype=dtype)
 
 
@@ -120,7 +124,11 @@ def _assemble(
         if tuple(t.shape) != shape:
             what = {
                 2: "[hidden_size, hidden_size]"
+                if "blocks" in name and ".path." not in name
+                else "[hidden_size, (head + 2) * hidden_size]"
                 if "blocks" in name
+                else "[draft_vocab + 1, hidden_size]"
+                if name == "embed.weight"
                 else "[draft_vocab, hidden_size]",
                 1: "[hidden_size]",
             }.get(len(shape), "")
@@ -171,6 +179,8 @@ def _assemble(
         for name in expected
     }
     heads.load_state_dict(state, strict=True, assign=True)
+    if isinstance(heads, HydraHeads):
+        heads.embed.weight.requires_grad_(False)  # the backbone's embedding rows: frozen
     if config.original_lm_head:
         assert heads.lm_head is not None
         heads.lm_head.weight.requires_grad_(False)
@@ -185,8 +195,9 @@ def load_heads(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     strict: bool = True,
-) -> MedusaHeads:
-    """Load Medusa heads from a directory in any of ``READ_LAYOUTS``.
+) -> MedusaHeads | HydraHeads:
+    """Load Medusa heads from a directory in any of ``READ_LAYOUTS`` (Hydra heads,
+    ``config.json`` ``"head_type": "hydra"``, from our layout only).
 
     Args:
         path: the heads directory.

@@ -4,6 +4,11 @@
 ["MedusaHeads"]`` and the :class:`~medusa_vllm.core.heads.MedusaHeadsConfig`
 fields; ``model.safetensors`` holds the
 :class:`~medusa_vllm.core.heads.MedusaHeads` state dict under its own names.
+
+Hydra heads (:mod:`medusa_vllm.core.hydra`) use the same layout with
+``"head_type": "hydra"``, ``"architectures": ["HydraHeads"]`` and the
+:class:`~medusa_vllm.core.hydra.HydraHeadsConfig` fields. A config without
+``head_type`` holds Medusa heads (every checkpoint written before Hydra existed).
 """
 
 from __future__ import annotations
@@ -23,13 +28,19 @@ from medusa_vllm.checkpoints.common import (
 )
 from medusa_vllm.checkpoints.errors import MedusaCheckpointError
 from medusa_vllm.core.heads import MedusaHeadsConfig
+from medusa_vllm.core.hydra import HEAD_TYPE as HYDRA
+from medusa_vllm.core.hydra import HydraHeadsConfig
 
-__all__ = ["ARCH", "FORMAT_VERSION", "check_writable", "export", "read"]
+__all__ = ["ARCH", "FORMAT_VERSION", "HEAD_TYPES", "HYDRA_ARCH", "check_writable", "export", "read"]
 
 FORMAT_VERSION = 1
 ARCH = "MedusaHeads"
-# Our config.json keys that are not MedusaHeadsConfig fields.
-_META_KEYS = ("architectures", "medusa_vllm_format", "torch_dtype", "dtype")
+HYDRA_ARCH = "HydraHeads"
+# config.json "head_type" -> its config class ("medusa" when the key is absent)
+HEAD_TYPES: dict[str, type[MedusaHeadsConfig | HydraHeadsConfig]] = {
+    "medusa": MedusaHeadsConfig, HYDRA: HydraHeadsConfig}
+# Our config.json keys that are not config fields.
+_META_KEYS = ("architectures", "medusa_vllm_format", "torch_dtype", "dtype", "head_type")
 
 
 def read(d: Path) -> RawHeads:
@@ -41,9 +52,14 @@ def read(d: Path) -> RawHeads:
             f"{cfg_file}: field 'medusa_vllm_format' is {version!r}; this "
             f"medusa-vllm reads format {FORMAT_VERSION}"
         )
+    head_type = cfg.get("head_type", "medusa")
+    if head_type not in HEAD_TYPES:
+        raise MedusaCheckpointError(
+            f"{cfg_file}: field 'head_type' is {head_type!r}; this medusa-vllm reads "
+            f"{sorted(HEAD_TYPES)} (no field: medusa)")
     fields = {k: v for k, v in cfg.items() if k not in _META_KEYS}
     try:
-        config = MedusaHeadsConfig.from_dict(fields)
+        config = HEAD_TYPES[head_type].from_dict(fields)
     except (TypeError, ValueError) as e:
         raise MedusaCheckpointError(f"{cfg_file}: {e}") from e
     raw = RawHeads("medusa_vllm", d, config)
@@ -57,18 +73,22 @@ def read(d: Path) -> RawHeads:
     return raw
 
 
-def check_writable(cfg: MedusaHeadsConfig) -> None:
-    """Every :class:`MedusaHeadsConfig` can be written in our layout."""
+def check_writable(cfg: MedusaHeadsConfig | HydraHeadsConfig) -> None:
+    """Every :class:`MedusaHeadsConfig` and :class:`HydraHeadsConfig` can be
+    written in our layout."""
 
 
 def export(
-    cfg: MedusaHeadsConfig, state: dict[str, torch.Tensor], out_dtype: torch.dtype
+    cfg: MedusaHeadsConfig | HydraHeadsConfig, state: dict[str, torch.Tensor],
+    out_dtype: torch.dtype,
 ) -> Exported:
     """``(config.json, weights file name, its tensors)`` of heads ``cfg`` with
     state dict ``state``."""
+    hydra = isinstance(cfg, HydraHeadsConfig)
     config = {
-        "architectures": [ARCH],
+        "architectures": [HYDRA_ARCH if hydra else ARCH],
         "medusa_vllm_format": FORMAT_VERSION,
+        **({"head_type": HYDRA} if hydra else {}),
         **cfg.to_dict(),
         "torch_dtype": dtype_name(out_dtype),
     }

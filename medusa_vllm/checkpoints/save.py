@@ -14,6 +14,7 @@ from medusa_vllm.checkpoints import faster_decoding, ours, vllm_medusa
 from medusa_vllm.checkpoints.common import CONFIG_NAME, WRITE_LAYOUTS, Exported, listing
 from medusa_vllm.checkpoints.errors import MedusaCheckpointError
 from medusa_vllm.core.heads import MedusaHeads, MedusaHeadsConfig
+from medusa_vllm.core.hydra import HydraHeads
 
 __all__ = ["check_write_layout", "save_heads"]
 
@@ -71,7 +72,7 @@ def _prepare_dst(dst: Path, overwrite: bool) -> None:
 
 
 def _cpu_state(
-    heads: MedusaHeads, dtype: torch.dtype | None
+    heads: MedusaHeads | HydraHeads, dtype: torch.dtype | None
 ) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for name, t in heads.state_dict().items():
@@ -87,7 +88,7 @@ def _cpu_state(
 
 
 def save_heads(
-    heads: MedusaHeads,
+    heads: MedusaHeads | HydraHeads,
     path: str | os.PathLike[str],
     *,
     layout: str = "medusa_vllm",
@@ -114,6 +115,12 @@ def save_heads(
     """
     check_write_layout(layout)
     cfg = heads.config
+    if isinstance(heads, HydraHeads) and layout != "medusa_vllm":
+        raise MedusaCheckpointError(
+            f"Hydra heads can only be written in our layout 'medusa_vllm'; the {layout!r} "
+            f"layout has no sequentially dependent heads (vLLM and FasterDecoding/Medusa "
+            f"read plain Medusa heads only)"
+        )
     if not include_lm_head:
         if layout != "medusa_vllm":
             raise MedusaCheckpointError(

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from medusa_vllm.core.hydra import HydraHeads
 from medusa_vllm.core.tree import MedusaTree, nodes_for_batch
 from medusa_vllm.engine.options import MedusaTreeConfig
 
@@ -94,6 +95,7 @@ class MedusaTreeProposer:
         hidden_states: torch.Tensor,
         eligible: list[bool],
         ngram_drafts: np.ndarray | None = None,
+        root_tokens: list[int] | None = None,
     ) -> list[list[int]]:
         """``hidden_states [B, H]`` at each request's last accepted position ->
         one BFS list of tree tokens per eligible request: the first
@@ -101,6 +103,8 @@ class MedusaTreeProposer:
 
         ``ngram_drafts [B, ngram_nodes]`` (``-1`` = none) fill the prompt-lookup
         branch; where a request has none, the branch repeats the heads' top-1.
+        ``root_tokens [B]``: the token each request just sampled (the tree's root),
+        which Hydra heads read (:mod:`medusa_vllm.engine.hydra_draft`).
         """
         assert self.heads is not None, "load_model() was not called"
         out: list[list[int]] = [[] for _ in eligible]
@@ -112,6 +116,14 @@ class MedusaTreeProposer:
         h = hidden_states[rows].to(self.dtype)
         branch = self.ngram_rank is not None and tree.topk > self.ngram_rank
         k = self.ngram_rank if branch else tree.topk
+        if isinstance(self.heads, HydraHeads):  # Hydra: each depth reads its parents' paths
+            from medusa_vllm.engine.hydra_draft import hydra_nodes
+
+            nodes = hydra_nodes(self.heads, h, root_tokens, rows, tree, k,
+                                self.ngram_rank if branch else None, ngram_drafts)
+            for i, toks in zip(rows, nodes.tolist()):
+                out[i] = toks
+            return out
         # only the heads the (truncated) tree reaches: a depth-2 tree runs 2 of K heads
         topk = self.heads.topk(h, k, tree.max_depth)  # [b, depth, k] full-vocab ids
         if branch:  # the branch's rank is column k: prompt lookup, else the heads' top-1

@@ -258,4 +258,6 @@ class MedusaTreeRunnerMixin(_RunnerBase):
                 self.input_batch.token_ids_cpu, self.input_batch.num_tokens_no_spec[:b],
                 [i for i, ok in enumerate(eligible) if ok],
             )
-        return proposer.propose_tree(sample_hidden_states[rows], eligible, ngram)
+        # the tree's root: the token each request just sampled (Hydra heads read it)
+        roots = [t[-1] if t else -1 for t in sampled_token_ids]
+        return proposer.propose_tree(sample_hidden_states[rows], eligible, ngram, roots)
