@@ -156,14 +156,16 @@ def write_medusa_heads_config(
 
 
 def distill_tiny_heads(model_dir: str | Path, out: str | Path, num_heads: int = 3, steps: int = 400,
-                       num_sequences: int = 512, seed: int = 0) -> Path:
+                       num_sequences: int = 512, seed: int = 0, head_type: str = "medusa") -> Path:
     """Medusa-1 heads self-distilled for a few seconds on the backbone's own greedy
-    continuations of random prompts (head k at position t learns token t+k+2)."""
+    continuations of random prompts (head k at position t learns token t+k+2).
+    ``head_type="hydra"``: Hydra heads, teacher-forced on the continuation's tokens."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from medusa_vllm.checkpoints import save_heads
     from medusa_vllm.core.heads import MedusaHeads, MedusaHeadsConfig
+    from medusa_vllm.core.hydra import HydraHeads, HydraHeadsConfig
 
     out = Path(out)
     torch.manual_seed(seed)
@@ -174,13 +176,20 @@ def distill_tiny_heads(model_dir: str | Path, out: str | Path, num_heads: int = 
         seqs = lm.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=60,
                            do_sample=False, pad_token_id=2, eos_token_id=None)
         hidden = lm.model(seqs).last_hidden_state  # [B, T, H]
-    heads = MedusaHeads(MedusaHeadsConfig(hidden_size=hidden_size, vocab_size=vocab, num_heads=num_heads),
-                        lm_head_weight=lm.lm_head.weight.detach())
+    if head_type == "hydra":
+        heads = HydraHeads(HydraHeadsConfig(hidden_size=hidden_size, vocab_size=vocab,
+                                            num_heads=num_heads),
+                           lm_head_weight=lm.lm_head.weight.detach(),
+                           embed_weight=lm.get_input_embeddings().weight.detach())
+    else:
+        heads = MedusaHeads(MedusaHeadsConfig(hidden_size=hidden_size, vocab_size=vocab,
+                                              num_heads=num_heads),
+                            lm_head_weight=lm.lm_head.weight.detach())
     opt = torch.optim.Adam(heads.parameters(), lr=3e-3)
     t = seqs.shape[1]
     for step in range(steps):
         rows = torch.randint(0, seqs.shape[0], (64,), generator=torch.Generator().manual_seed(step))
-        logits = heads(hidden[rows])  # [K, b, T, V]
+        logits = heads(hidden[rows], seqs[rows]) if head_type == "hydra" else heads(hidden[rows])
         loss = 0.0
         for k in range(num_heads):
             shift = k + 2

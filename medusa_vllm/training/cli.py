@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from medusa_vllm.training.config import (
     CACHE_MODES,
     DTYPES,
+    HEAD_TYPES,
     HEADS_LAYOUTS,
     HEADS_LOSSES,
     LAMBDA0_SCHEDULES,
@@ -57,6 +58,9 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
     g = parser.add_argument_group("heads")
+    g.add_argument("--head-type", choices=HEAD_TYPES, default=d.head_type,
+                   help="medusa: independent heads; hydra: each head also reads the tokens "
+                        "on its tree path (sequentially dependent, arXiv 2402.05109)")
     g.add_argument("--num-heads", type=int, default=d.num_heads, help="Medusa heads (default %(default)s)")
     g.add_argument("--num-layers", type=int, default=d.num_layers, help="ResBlocks per head")
     g.add_argument("--draft-vocab-size", type=_opt_int, default=None,

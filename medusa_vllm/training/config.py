@@ -21,6 +21,11 @@ its LoRA adapters disabled (Medusa-2 only). The heads use ``distill_heads_loss``
 what the paper does for Medusa-1) or ``"kl"`` against the teacher's distribution
 at the head's target position (for Medusa-1 the frozen backbone is the teacher).
 
+Head types (``head_type``): ``"medusa"`` (independent heads on the last hidden
+state) or ``"hydra"`` (:mod:`medusa_vllm.core.hydra`: head ``k`` also reads the
+tokens on its path, teacher-forced with the ground-truth tokens ``t+1 .. t+k+1``);
+every recipe above trains either.
+
 Every problem raises :class:`TrainingError` naming the field (or file), what
 was expected and what was found, and the fix.
 """
@@ -44,6 +49,7 @@ __all__ = [
 ]
 
 RECIPES = ("medusa1", "medusa2")
+HEAD_TYPES = ("medusa", "hydra")
 LAMBDA0_SCHEDULES = ("sine", "linear", "constant")
 LR_SCHEDULERS = ("cosine", "linear", "constant")
 CACHE_MODES = ("auto", "none", "memory", "disk")
@@ -85,6 +91,7 @@ class TrainConfig(DictFields):
     recipe: str = "medusa1"
 
     # heads
+    head_type: str = "medusa"
     num_heads: int = 4
     num_layers: int = 1
     draft_vocab_size: int | None = None
@@ -231,6 +238,7 @@ class TrainConfig(DictFields):
         if not self.output:
             raise TrainingError("output: expected an output folder path, found nothing")
         choice("recipe", RECIPES)
+        choice("head_type", HEAD_TYPES)
         choice("heads_layout", HEADS_LAYOUTS)
         choice("loss_on", LOSS_ON)
         choice("text_sample_by", TEXT_SAMPLE_BY)
@@ -298,6 +306,18 @@ class TrainConfig(DictFields):
                 "original_lm_head with num_layers=0 leaves nothing to train (the shared "
                 "LM layer is the frozen backbone's); use --num-layers >= 1"
             )
+        if self.head_type == "hydra":
+            if self.heads_layout != "medusa_vllm":
+                raise TrainingError(
+                    f"head_type 'hydra' can only be saved in layout 'medusa_vllm', found "
+                    f"heads_layout {self.heads_layout!r}; drop --heads-layout")
+            if self.original_lm_head:
+                raise TrainingError("head_type 'hydra' has one LM layer per head; drop "
+                                    "--original-lm-head")
+            if self.num_layers < 1:
+                raise TrainingError(
+                    f"head_type 'hydra' needs num_layers >= 1 (the block that reads the path), "
+                    f"found {self.num_layers}")
         if self.cache_hidden in ("memory", "disk") and self.recipe != "medusa1":
             raise TrainingError(
                 f"cache_hidden={self.cache_hidden!r} needs recipe medusa1 (a frozen "
@@ -345,7 +365,7 @@ class TrainConfig(DictFields):
 
     # Fields that must not change between a run and its resumption.
     RESUME_KEYS = (
-        "model", "data", "recipe", "num_heads", "num_layers", "draft_vocab_size",
+        "model", "data", "recipe", "head_type", "num_heads", "num_layers", "draft_vocab_size",
         "original_lm_head", "seq_len", "batch_size", "grad_accum", "seed", "lora",
         "lora_rank", "lora_target_modules", "self_distill", "dtype", "eval_data",
         "eval_fraction", "loss_on", "text_sample_by", "heads_init",

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from medusa_vllm.core.hydra import HydraHeads, teacher_forced_paths
 from medusa_vllm.training.losses import (
     IGNORE_INDEX,
     head_targets,
@@ -29,9 +30,16 @@ from medusa_vllm.training.losses import (
 __all__ = ["HeadAccuracy", "evaluate_heads", "head_logits", "target_ranks", "topk_hits"]
 
 
-def head_logits(heads: nn.Module, k: int, hidden: torch.Tensor) -> torch.Tensor:
+def head_logits(heads: nn.Module, k: int, hidden: torch.Tensor,
+                path: torch.Tensor | None = None) -> torch.Tensor:
     """Logits of head ``k`` alone on ``hidden [..., H]`` -> ``[..., draft_vocab]``
-    (the same numbers as ``heads(hidden)[k]`` without computing the other heads)."""
+    (the same numbers as ``heads(hidden)[k]`` without computing the other heads).
+    Hydra heads also read ``path [..., k + 1]``, the tokens on the head's path
+    (teacher forcing: :func:`~medusa_vllm.core.hydra.teacher_forced_paths`)."""
+    if isinstance(heads, HydraHeads):
+        if path is None:
+            raise ValueError(f"Hydra head {k} reads the {k + 1} token(s) on its path: pass path")
+        return heads.head_logits(k, hidden, path)
     x = hidden.to(heads.dtype)
     return heads.lm_layers[k](heads.blocks[k](x))
 
@@ -164,7 +172,9 @@ def evaluate_heads(
     """Top-1..top-``topk`` accuracy of every head over ``batches``.
 
     Args:
-        heads: a :class:`~medusa_vllm.core.heads.MedusaHeads`.
+        heads: a :class:`~medusa_vllm.core.heads.MedusaHeads` or
+            :class:`~medusa_vllm.core.hydra.HydraHeads` (teacher-forced on the
+            batch's ``input_ids``).
         batches: :class:`~medusa_vllm.training.data.Batch` objects (``labels``
             ``[B, T]`` with :data:`IGNORE_INDEX` on positions not scored).
         hidden_fn: batch -> backbone last hidden states ``[B, T, H]``.
@@ -198,7 +208,9 @@ def evaluate_heads(
                 if not pos.any():
                     continue
                 draft = to_draft_targets(targets, inverse)[pos]
-                r = target_ranks(head_logits(heads, k, hidden[pos]), draft, topk)
+                path = (teacher_forced_paths(batch.input_ids.to(hidden.device), k)[pos]
+                        if isinstance(heads, HydraHeads) else None)
+                r = target_ranks(head_logits(heads, k, hidden[pos], path), draft, topk)
                 hits[k] += _hits(r[valid[pos].cpu()], topk)
                 totals[k] += int(valid.sum())
                 if ranks is not None:

@@ -286,6 +286,7 @@ class MedusaTrainer:
     def _build_heads(self) -> None:
         from medusa_vllm.checkpoints import MedusaCheckpointError, check_compatible, load_heads
         from medusa_vllm.core.heads import MedusaHeads, MedusaHeadsConfig, token_map_from_counts
+        from medusa_vllm.core.hydra import HydraHeads, HydraHeadsConfig
 
         cfg = self.config
         lm_w = self.model.get_output_embeddings().weight.detach()
@@ -299,6 +300,11 @@ class MedusaTrainer:
                     f"{exc}; pass heads trained for this backbone, or drop --heads-init"
                 ) from exc
             hc = heads.config
+            found_type = "hydra" if isinstance(heads, HydraHeads) else "medusa"
+            if found_type != cfg.head_type:
+                raise TrainingError(
+                    f"heads_init {cfg.heads_init} holds {found_type} heads; the run asks for "
+                    f"head_type {cfg.head_type!r}; pass --head-type {found_type}")
             if hc.num_heads != cfg.num_heads or (cfg.draft_vocab_size or None) != hc.truncated_vocab_size:
                 raise TrainingError(
                     f"heads_init {cfg.heads_init} has num_heads={hc.num_heads}, "
@@ -333,8 +339,18 @@ class MedusaTrainer:
                 original_lm_head=cfg.original_lm_head,
                 base_model_name_or_path=str(cfg.model),
             )
-            heads = MedusaHeads(mcfg, token_map=token_map, lm_head_weight=lm_w.float(),
-                                dtype=torch.float32)
+            if cfg.head_type == "hydra":  # + the backbone's input embedding rows (frozen)
+                hcfg = HydraHeadsConfig(
+                    hidden_size=self.hidden_size, vocab_size=self.vocab_size,
+                    num_heads=cfg.num_heads, num_layers=cfg.num_layers,
+                    truncated_vocab_size=cfg.draft_vocab_size,
+                    base_model_name_or_path=str(cfg.model))
+                emb = self.model.get_input_embeddings().weight.detach()
+                heads = HydraHeads(hcfg, token_map=token_map, lm_head_weight=lm_w.float(),
+                                   embed_weight=emb.float(), dtype=torch.float32)
+            else:
+                heads = MedusaHeads(mcfg, token_map=token_map, lm_head_weight=lm_w.float(),
+                                    dtype=torch.float32)
         self.heads = heads.to(self.device)
         self.inverse = full_to_draft_map(self.heads.token_map, self.vocab_size)
         self.weights = cfg.head_loss_weights()
@@ -396,10 +412,17 @@ class MedusaTrainer:
         return self.config.recipe == "medusa2" and step >= self.config.heads_only_steps
 
     def _heads_backward(self, hidden: torch.Tensor, labels: torch.Tensor,
-                        teacher: TeacherLogits | None, scale: float) -> list[float]:
+                        teacher: TeacherLogits | None, scale: float,
+                        input_ids: torch.Tensor | None = None) -> list[float]:
         """Per-head losses on ``hidden`` (a leaf), backpropagated head by head
-        with weight ``scale * lambda_k``; returns the unweighted losses."""
+        with weight ``scale * lambda_k``; returns the unweighted losses. Hydra heads
+        read the ground-truth path tokens from ``input_ids`` (teacher forcing)."""
+        from medusa_vllm.core.hydra import HydraHeads, teacher_forced_paths
+
         cfg = self.config
+        hydra = isinstance(self.heads, HydraHeads)
+        if hydra and input_ids is None:
+            raise ValueError("Hydra heads train on the batch's input_ids (their path tokens)")
         use_kl = cfg.self_distill and cfg.distill_heads_loss == "kl"
         token_map = self.heads.token_map
         losses = []
@@ -413,7 +436,8 @@ class MedusaTrainer:
             if not sel.any():
                 losses.append(0.0)
                 continue
-            logits = head_logits(self.heads, k, hidden[sel])
+            path = teacher_forced_paths(input_ids, k)[sel] if hydra else None
+            logits = head_logits(self.heads, k, hidden[sel], path)
             if use_kl:
                 assert teacher is not None
                 loss = kl_from_logits(logits, teacher.shifted(k + 1).select(sel), token_map,
@@ -474,7 +498,7 @@ class MedusaTrainer:
         if not self.joint(step):
             hidden = self._hidden_for(batch).detach()
             teacher = self._teacher(batch, hidden) if cfg.distill_heads_loss == "kl" else None
-            head_losses = self._heads_backward(hidden, labels, teacher, scale)
+            head_losses = self._heads_backward(hidden, labels, teacher, scale, batch.input_ids)
             return {"head_losses": head_losses, "lambda0": 1.0, "stage": "heads"}
         out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                          output_hidden_states=True)
@@ -491,7 +515,8 @@ class MedusaTrainer:
         lam = self.lambda0(step)
         leaf = hidden.detach().requires_grad_(True)
         head_teacher = teacher if cfg.distill_heads_loss == "kl" else None
-        head_losses = self._heads_backward(leaf, labels, head_teacher, scale * lam)
+        head_losses = self._heads_backward(leaf, labels, head_teacher, scale * lam,
+                                           batch.input_ids)
         if leaf.grad is not None:
             torch.autograd.backward([lm_loss * scale, hidden], [None, leaf.grad])
         else:
