@@ -23,7 +23,7 @@ from medusa_vllm.core.heads import (
 )
 from medusa_vllm.core.hydra import HydraHeads, HydraHeadsConfig
 
-__all__ = ["check_compatible", "expected_shapes", "load_heads"]
+__all__ = ["check_compatible", "expected_shapes", "load_heads", "verify_heads"]
 
 READERS: dict[str, Callable[[Path], RawHeads]] = {
     "medusa_vllm": ours.read,
@@ -228,6 +228,27 @@ def load_heads(
     return _assemble(
         raw, lm_head_weight=lm_head_weight, device=device, dtype=dtype, strict=strict
     )
+
+
+def verify_heads(path: str | os.PathLike[str], *, layout: str | None = None,
+                 strict: bool = True) -> MedusaHeadsConfig | HydraHeadsConfig:
+    """Every check :func:`load_heads` makes (files readable and complete, tensor
+    names and shapes, finite values), without building the heads: for a
+    front-end that must refuse bad heads before an engine process loads them.
+
+    The tensors are read once and dropped; a shared ``lm_head`` the checkpoint
+    omits (``original_lm_head``) is taken as present (the backbone supplies it).
+    Returns the heads' config; raises :class:`MedusaCheckpointError` like
+    :func:`load_heads`.
+    """
+    d = check_dir(path)
+    raw = READERS[detect_layout(d) if layout is None else layout](d)
+    config = raw.config
+    lm = None
+    if config.original_lm_head:  # stand-in for the backbone's weight: shape only
+        lm = torch.empty(config.vocab_size, config.hidden_size, device="meta")
+    _assemble(raw, lm_head_weight=lm, device="meta", dtype=None, strict=strict)
+    return config
 
 
 def check_compatible(

@@ -96,7 +96,31 @@ def register() -> None:
     import medusa_vllm_patches as patches
 
     patches.apply_all(strict=False)
+    _install_cli_excepthook()
     _REGISTERED = True
+
+
+def _install_cli_excepthook() -> None:
+    """In the `vllm` command's process, a :class:`MedusaConfigError` that ends the
+    process (a start-up refusal) prints as one error line naming the problem and
+    its fix, not under a traceback of vLLM's CLI and event loop (exit code 1)."""
+    import sys
+    from pathlib import Path
+
+    if Path(sys.argv[0] if sys.argv else "").name != "vllm":
+        return
+    previous = sys.excepthook
+    if getattr(previous, "__medusa_vllm__", False):
+        return
+
+    def hook(exc_type, exc, tb):  # noqa: ANN001 - sys.excepthook signature
+        if isinstance(exc, MedusaConfigError):
+            print(f"vllm serve: error: MedusaConfigError: {exc}", file=sys.stderr, flush=True)
+        else:
+            previous(exc_type, exc, tb)
+
+    hook.__medusa_vllm__ = True  # type: ignore[attr-defined]
+    sys.excepthook = hook
 
 
 # ------------------------------------------------------------- translation
@@ -431,3 +455,28 @@ def _check_backbone(
         )
     except MedusaConfigError as exc:
         raise MedusaConfigError(f"{METHOD}: {exc}") from None
+    _check_weights(medusa.heads)
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".pt", ".bin")
+
+
+def _check_weights(heads: str) -> None:
+    """Refuse unreadable, truncated, misshapen or non-finite heads weights here,
+    in the front-end: the same error raised by the engine's worker when it loads
+    the heads would surface as a wall of engine-process tracebacks. A folder
+    without any weights file is left to that load (which refuses it)."""
+    from pathlib import Path
+
+    from medusa_vllm.checkpoints import MedusaCheckpointError
+    from medusa_vllm.checkpoints.load import verify_heads
+
+    if not any(p.suffix in _WEIGHT_SUFFIXES for p in Path(heads).iterdir()):
+        return
+    try:
+        verify_heads(heads)
+    except MedusaCheckpointError as exc:
+        raise MedusaConfigError(
+            f"{METHOD}: the heads in {heads} cannot be loaded: {exc}; re-download, re-train "
+            "or re-convert them"
+        ) from None
