@@ -16,7 +16,7 @@ from pathlib import Path
 
 
 def main() -> int:
-    from medusa_vllm.tools.bench import add_bench_args, plot, print_table, run_bench
+    from medusa_vllm.tools.bench.simple import add_bench_args, plot, print_table, run_bench
     from medusa_vllm.tools.default_model import default_model_info
 
     ap = add_bench_args(argparse.ArgumentParser(description=__doc__))

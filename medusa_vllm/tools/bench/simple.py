@@ -1,29 +1,25 @@
-"""End-to-end decoding speed: vanilla vLLM vs vLLM's built-in (chain) Medusa vs
-medusa_tree, side by side in one run, plus the verification-cost curve.
+"""The simple side-by-side run behind ``make demo`` (and the one-engine helper
+:func:`run_config` that ``calibrate`` and the default-heads recipe time with):
+vanilla vLLM vs vLLM's built-in (chain) Medusa vs medusa_tree, one after the
+other, greedy, at a few batch sizes, plus the verification-cost curve.
 
-Each configuration runs in its own subprocess (a fresh engine,
-:func:`medusa_vllm.tools.engine_proc.run_engine`), one after the other, with the
-same held-out prompts from the offline corpora (a missing corpus is an error that
-names the apt-get command) and sampling settings; the parent prints a table
-of tokens/s, speedups and acceptance, and writes JSON + PNG.
+``medusa-vllm bench`` itself (interleaved repeats, concurrency levels, HTTP,
+vLLM's other speculators, sampling modes) is :mod:`medusa_vllm.tools.bench.cli`.
 
-    medusa-vllm bench                                   # default model + shipped heads
-    medusa-vllm bench --model M --heads H --batch-sizes 1,8
-    medusa-vllm bench --cost-curve 1,4,16,32,64         # step cost vs tree size
+    python examples/demo.py --batch-sizes 1,8      # uses add_bench_args / run_bench below
 
 Greedy decoding throughout (temperature 0), so every configuration must emit
-the same text; the script checks that and reports any mismatch.
+the same text; the run checks that and reports any mismatch.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from medusa_vllm.tools.bench.prompts import bench_prompts
 from medusa_vllm.tools.engine_proc import (
     EngineJob,
     EngineRunError,
@@ -31,20 +27,6 @@ from medusa_vllm.tools.engine_proc import (
     engine_kwargs,
     run_engine,
 )
-
-
-def bench_prompts(n: int, seed: int) -> list[str]:
-    """``n`` held-out prompts from the offline Debian corpora
-    (:func:`medusa_vllm.training.prompts.build_prompts`). A missing corpus is
-    an error naming the package(s) and the apt-get command, never a silent
-    switch to other prompts (the measurements would not compare)."""
-    from medusa_vllm.training.corpora.common import MissingCorpus
-    from medusa_vllm.training.prompts import build_prompts
-
-    try:
-        return build_prompts(n, seed=seed, split="heldout")
-    except MissingCorpus as exc:
-        raise MissingCorpus(f"bench draws its prompts from the offline Debian corpora: {exc}") from exc
 
 
 def bench_job(config: Mapping[str, Any]) -> EngineJob:
@@ -55,7 +37,7 @@ def bench_job(config: Mapping[str, Any]) -> EngineJob:
                           max_num_seqs=config["batch_size"],
                           speculative_config=config.get("speculative_config")),
         prompts=list(config["prompts"]), chat_template=True, warmup=config["batch_size"],
-        sampling=dict(temperature=0.0, max_tokens=config["max_tokens"], ignore_eos=config["ignore_eos"]),
+        sampling={"temperature": 0.0, "max_tokens": config["max_tokens"], "ignore_eos": config["ignore_eos"]},
     )
 
 
@@ -103,22 +85,6 @@ def add_bench_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return ap
 
 
-def bench_main(args: argparse.Namespace) -> int:
-    from medusa_vllm.training.corpora.common import MissingCorpus
-
-    try:
-        rows = run_bench(args)
-    except MissingCorpus as exc:
-        print(f"medusa-vllm bench: error: {exc}", file=sys.stderr)
-        return 2
-    print_table(rows)
-    out_dir = Path(args.out)
-    (out_dir / "results.json").write_text(json.dumps(rows, indent=1))
-    plot(rows, out_dir)
-    print(f"\nwrote {out_dir / 'results.json'} and PNG plots")
-    return 0
-
-
 def run_bench(args: argparse.Namespace) -> list[dict]:
     """Run every configuration and return one row per (configuration, batch size)."""
     from tqdm import tqdm
@@ -144,8 +110,8 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
         convert(args.heads, vllm_heads, layout="vllm", overwrite=True,
                 lm_head_weight=load_backbone_lm_head(args.model), expand_vocab=True)
 
-    base = dict(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
-                max_tokens=args.max_tokens, ignore_eos=args.ignore_eos, prompts=prompts)
+    base = {"model": args.model, "dtype": args.dtype, "max_model_len": args.max_model_len,
+                "max_tokens": args.max_tokens, "ignore_eos": args.ignore_eos, "prompts": prompts}
     specs = []
     for bs in [int(x) for x in args.batch_sizes.split(",")]:
         for name in configs:
@@ -239,6 +205,3 @@ def plot(rows: list[dict], out_dir: Path) -> None:
         fig.tight_layout()
         fig.savefig(out_dir / "verify_cost.png", dpi=120)
 
-
-if __name__ == "__main__":
-    sys.exit(bench_main(add_bench_args(argparse.ArgumentParser(description=__doc__)).parse_args()))

@@ -1,0 +1,421 @@
+"""``medusa-vllm bench``: arguments, the interleaved schedule, outputs.
+
+Every (configuration, variant, transport) is one engine slot; each round
+starts a fresh engine for every slot, in the slot order on even rounds and in
+reverse on odd ones (vanilla first, then last: A B C | C B A | A B C ...), so a
+slow drift of the machine hits every configuration alike, and every ratio is
+taken against vanilla of the same round (:mod:`medusa_vllm.tools.bench.report`).
+Each engine serves all concurrency levels and modes of its configuration
+(:mod:`.offline`, :mod:`.http`). An engine that fails is recorded as failed
+with its error and not retried in later rounds; a configuration that cannot
+run here is recorded as unavailable with the reason.
+
+Outputs: ``--json`` (header, one record per (config, variant, transport,
+concurrency, mode, repeat), the summary), ``--markdown`` (also printed) and
+PNG plots in ``--out``; each starts with the machine header (CPU model, ISA,
+threads, dtype, vLLM version, command line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medusa_vllm.tools.bench.configs import (
+    CONFIGS,
+    DEFAULT_CONFIGS,
+    MODES,
+    BenchConfig,
+    BenchContext,
+    Variant,
+    config_from_json,
+    cost_curve_config,
+)
+from medusa_vllm.tools.bench.prompts import PROMPT_SETS
+from medusa_vllm.tools.bench.report import (
+    annotate,
+    level_record,
+    markdown,
+    summarize,
+    unavailable_record,
+)
+
+__all__ = ["EngineSlot", "add_bench_args", "bench_main", "requests_per_level", "run_bench", "schedule"]
+
+QUICK = {"num_prompts": 4, "max_tokens": 48, "concurrency": "1,4", "transports": "offline", "repeats": 2,
+             "medusa_ks": "1", "ngram_settings": "4:5", "kv_cache_gib": 1.0}
+FULL = {"num_prompts": 16, "max_tokens": 128, "concurrency": "1,4,16,64", "transports": "offline,http", "repeats": 3,
+            "medusa_ks": "", "ngram_settings": "2:3,2:5,4:3,4:5", "kv_cache_gib": 4.0}
+CONCURRENCY_NOTE = ("exactly c requests in flight, a new one submitted as soon as one finishes (offline: "
+                    "LLM engine steps with max_num_seqs = the largest c; HTTP: c concurrent streaming "
+                    "chat requests to vllm serve); max(num_prompts, 2c) requests per level")
+
+
+def requests_per_level(concurrency: int, num_prompts: int) -> int:
+    """Requests measured at one concurrency level: at least two waves of ``c``."""
+    return max(int(num_prompts), 2 * int(concurrency))
+
+
+@dataclass
+class EngineSlot:
+    """One engine to start per round: a configuration's variant on one transport."""
+
+    config: BenchConfig
+    variant: Variant
+    transport: str  # "offline" | "http"
+    concurrency: list[int]
+    modes: list[str]
+
+    @property
+    def label(self) -> str:
+        return " ".join(x for x in (self.config.name, self.variant.label, f"[{self.transport}]") if x)
+
+
+def schedule(slots: Sequence[EngineSlot], repeats: int) -> list[tuple[int, EngineSlot]]:
+    """(round, slot) in run order: the slot order on even rounds, reversed on odd ones."""
+    if repeats < 1:
+        raise ValueError(f"bench: --repeats must be >= 1, found {repeats}")
+    out = []
+    for r in range(repeats):
+        out += [(r, s) for s in (slots if r % 2 == 0 else list(reversed(slots)))]
+    return out
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        vals = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"bench: {what} must be comma-separated integers, found {text!r}") from None
+    if any(v < 1 for v in vals):
+        raise ValueError(f"bench: {what} must be >= 1, found {text!r}")
+    return vals
+
+
+def _ngram_settings(text: str) -> list[tuple[int, int]]:
+    out = []
+    for part in str(text).split(","):
+        k, sep, mx = part.strip().partition(":")
+        if not sep or not k.isdigit() or not mx.isdigit():
+            raise ValueError(f"bench: --ngram-settings takes K:MAX pairs (num_speculative_tokens:"
+                             f"prompt_lookup_max), e.g. 2:3,4:5; found {text!r}")
+        out.append((int(k), int(mx)))
+    return out
+
+
+def add_bench_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    ap.add_argument("--model", help="backbone folder (default: the embedded default model)")
+    ap.add_argument("--heads", help="Medusa heads folder, our layout (default: the shipped heads)")
+    ap.add_argument("--tree", default="auto", help="our tree (medusa_tree's 'tree' option)")
+    ap.add_argument("--dtype", default=None, help="default: the dtype this CPU does best "
+                    "(bfloat16 with AMX or AVX-512-BF16, else float32)")
+    ap.add_argument("--prompts", default="mix", help=f"{' | '.join(PROMPT_SETS)} | FILE.jsonl")
+    ap.add_argument("--num-prompts", type=int, default=None, help="distinct prompts; also the requests "
+                    "per level at low concurrency (full 16, quick 4)")
+    ap.add_argument("--max-tokens", type=int, default=None, help="(full 128, quick 48)")
+    ap.add_argument("--max-model-len", type=int, default=1024)
+    ap.add_argument("--ignore-eos", action="store_true", help="every request runs to max_tokens")
+    ap.add_argument("--temperature", type=float, default=0.7, help="of the sampling modes")
+    ap.add_argument("--concurrency", default=None, help="requests in flight (full 1,4,16,64; quick 1,4)")
+    ap.add_argument("--transports", default=None, help="offline,http (quick: offline)")
+    ap.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
+                    help=f"comma-separated, from: {', '.join(CONFIGS)}")
+    ap.add_argument("--add-config", action="append", default=[], metavar="NAME=JSON",
+                    help="an extra configuration: NAME={speculative_config JSON}, optional "
+                         "\"bench_modes\": [...] in it (repeatable)")
+    ap.add_argument("--modes", default=",".join(MODES), help=f"modes to measure, from: {', '.join(MODES)}")
+    ap.add_argument("--repeats", type=int, default=None, help="interleaved rounds (full 3, quick 2)")
+    ap.add_argument("--medusa-ks", default=None, help="vLLM Medusa num_speculative_tokens sweep "
+                    "(default 1..K heads; quick 1)")
+    ap.add_argument("--ngram-settings", default=None, help="vLLM ngram sweep K:MAX pairs "
+                    "(default 2:3,2:5,4:3,4:5; quick 4:5)")
+    ap.add_argument("--ngram-nodes", type=int, default=3, help="nodes of our tree's prompt-lookup branch")
+    ap.add_argument("--cost-curve", default="", help="tree sizes for the verification cost curve, "
+                    "e.g. 1,4,16,64 (offline, concurrency 1, greedy)")
+    ap.add_argument("--kv-cache-gib", type=float, default=None,
+                    help="VLLM_CPU_KVCACHE_SPACE of each engine (full 4, quick 1; the environment wins)")
+    ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per engine")
+    ap.add_argument("--quick", action="store_true", help="a few minutes: " + ", ".join(
+        f"{k}={v}" for k, v in QUICK.items()))
+    ap.add_argument("--out", default="runs/bench", help="folder for logs, plots, converted heads")
+    ap.add_argument("--json", dest="json_path", default=None, help="default OUT/bench.json")
+    ap.add_argument("--markdown", dest="markdown_path", default=None, help="default OUT/bench.md")
+    return ap
+
+
+def _resolve(args: argparse.Namespace) -> None:
+    base = QUICK if args.quick else FULL
+    for k, v in base.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+
+
+def _vllm_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("vllm-cpu", "vllm"):
+        try:
+            return f"{version(dist)} ({dist})"
+        except PackageNotFoundError:
+            continue
+    return "unknown"
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False, capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def build_header(args: argparse.Namespace, env: Mapping[str, str], num_heads: int | None) -> dict[str, Any]:
+    from medusa_vllm.engine.cpu.machine import machine_info
+
+    bind = env.get("VLLM_CPU_OMP_THREADS_BIND", "auto (vLLM's default)")
+    old = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = env.get("VLLM_CPU_OMP_THREADS_BIND", old or "")
+    try:
+        machine = machine_info().to_dict()
+    finally:
+        if old is None:
+            os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+        else:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = old
+    return {
+        "machine": machine, "threads_bind": bind, "dtype": args.dtype, "dtype_reason": args.dtype_reason,
+        "vllm_version": _vllm_version(), "commit": _commit(),
+        "command": shlex.join(["medusa-vllm", "bench", *sys.argv[2:]] if "bench" in sys.argv[1:2]
+                              else sys.argv),
+        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+        "load_average": " ".join(f"{x:.1f}" for x in os.getloadavg()),
+        "model": args.model, "heads": args.heads, "num_heads": num_heads, "tree": args.tree,
+        "prompts": f"{args.prompts} ({args.num_prompts} distinct)", "max_tokens": args.max_tokens,
+        "ignore_eos": args.ignore_eos, "temperature": args.temperature, "repeats": args.repeats,
+        "concurrency": args.concurrency, "transports": args.transports, "quick": args.quick,
+        "concurrency_note": CONCURRENCY_NOTE,
+        "kv_cache_gib": env.get("VLLM_CPU_KVCACHE_SPACE"),
+    }
+
+
+@dataclass
+class Plan:
+    """Everything a run needs, resolved from the arguments."""
+
+    header: dict[str, Any]
+    slots: list[EngineSlot]
+    unavailable: list[dict[str, Any]]
+    prompts: list[str]
+    requests: dict[int, int]
+    env: dict[str, str]
+    out_dir: Path
+    args: argparse.Namespace
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    """Resolve the arguments into slots (prompts first: a missing corpus fails before any work)."""
+    from medusa_vllm.engine.cpu.machine import preferred_dtype
+    from medusa_vllm.tools.bench.prompts import load_prompts
+
+    _resolve(args)
+    concurrency = _int_list(args.concurrency, "--concurrency")
+    transports = [t for t in str(args.transports).split(",") if t]
+    bad = [t for t in transports if t not in ("offline", "http")]
+    if bad or not transports:
+        raise ValueError(f"bench: --transports takes offline and/or http, found {args.transports!r}")
+    modes = [m for m in args.modes.split(",") if m]
+    if not modes or any(m not in MODES for m in modes):
+        raise ValueError(f"bench: --modes takes {', '.join(MODES)}, found {args.modes!r}")
+    names = [c for c in args.configs.split(",") if c]
+    unknown = [c for c in names if c not in CONFIGS]
+    if unknown:
+        raise ValueError(f"bench: unknown configuration(s) {unknown}; known: {', '.join(CONFIGS)} "
+                         "(or --add-config NAME=JSON)")
+    configs = [CONFIGS[c] for c in names] + [config_from_json(s) for s in args.add_config]
+    configs += [cost_curve_config(n) for n in _int_list(args.cost_curve, "--cost-curve")]
+    if "vanilla" not in [c.name for c in configs]:  # every ratio needs it
+        configs.insert(0, CONFIGS["vanilla"])
+    max_tokens, num_prompts = int(args.max_tokens), int(args.num_prompts)
+    prompts = load_prompts(args.prompts, max(num_prompts, 2 * max(concurrency)))
+
+    if args.model is None or args.heads is None:
+        from medusa_vllm.tools.default_model import default_model_info
+
+        info = default_model_info()
+        args.model = args.model or info["model"]
+        args.heads = args.heads or info["heads"]
+    if args.dtype is None:
+        args.dtype, args.dtype_reason = preferred_dtype(), "this CPU's best: preferred_dtype()"
+    else:
+        args.dtype_reason = "--dtype"
+    from medusa_vllm.checkpoints import read_heads_info
+
+    num_heads = read_heads_info(args.heads).num_heads
+    out_dir = Path(args.out)
+    ctx = BenchContext(model=args.model, heads=args.heads, num_heads=num_heads, tree=args.tree,
+                       medusa_ks=_int_list(args.medusa_ks, "--medusa-ks"),
+                       ngram_settings=_ngram_settings(args.ngram_settings), ngram_nodes=args.ngram_nodes)
+    env = {"VLLM_CONFIGURE_LOGGING": "1"}
+    if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+        env["VLLM_CPU_KVCACHE_SPACE"] = f"{args.kv_cache_gib:g}"
+    from medusa_vllm.tools.engine_proc import engine_env
+
+    full_env = {**engine_env(), **env}
+    slots: list[EngineSlot] = []
+    unavailable: list[dict[str, Any]] = []
+    for cfg in configs:
+        reason = cfg.available()
+        if reason:
+            unavailable.append(unavailable_record(config=cfg.name, family=cfg.family, reason=reason))
+            continue
+        cmodes = [m for m in cfg.modes if m in modes]
+        if not cmodes:
+            continue
+        if cfg.needs_vllm_heads and not ctx.vllm_heads:
+            ctx.vllm_heads = str(out_dir / "heads_vllm_layout")
+        for variant in cfg.variants(ctx):
+            for t in (["offline"] if cfg.offline_only else transports):
+                if cfg.offline_only and "offline" not in transports:
+                    continue
+                slots.append(EngineSlot(cfg, variant, t, [1] if cfg.offline_only else concurrency, cmodes))
+    header = build_header(args, full_env, num_heads)
+    requests = {c: requests_per_level(c, num_prompts) for c in sorted(set(concurrency) | {1})}
+    return Plan(header, slots, unavailable, prompts, requests, env, out_dir, args,
+                settings={"max_tokens": max_tokens, "ctx": ctx})
+
+
+def _prepare_vllm_heads(plan: Plan) -> None:
+    ctx: BenchContext = plan.settings["ctx"]
+    if not ctx.vllm_heads:
+        return
+    from medusa_vllm.checkpoints import convert, load_backbone_lm_head
+
+    # vLLM 0.32's Medusa needs full-vocabulary LM layers: a reduced draft vocabulary
+    # is expanded (zero rows elsewhere), the same top-1 proposals as our heads
+    convert(plan.args.heads, ctx.vllm_heads, layout="vllm", overwrite=True,
+            lm_head_weight=load_backbone_lm_head(plan.args.model), expand_vocab=True)
+
+
+def default_run(plan: Plan, slot: EngineSlot, rnd: int) -> dict[str, Any]:
+    """Start the slot's engine, measure, stop it; the driver result."""
+    from medusa_vllm.tools.bench.http import run_http
+    from medusa_vllm.tools.bench.offline import offline_job, run_offline
+
+    a = plan.args
+    modes = [{"name": m, "sampling": MODES[m].sampling_params(a.temperature, plan.settings["max_tokens"],
+                                                             a.ignore_eos or slot.config.family == "cost")}
+             for m in slot.modes]
+    safe = slot.label.replace(" ", "_").replace("[", "").replace("]", "").replace(",", "_").replace("=", "")
+    log = plan.out_dir / "logs" / f"r{rnd}_{safe}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    common = {"model": a.model, "dtype": a.dtype, "max_model_len": a.max_model_len,
+                  "max_num_seqs": max(slot.concurrency), "speculative_config": slot.variant.speculative_config,
+                  "prompts": plan.prompts, "concurrency": slot.concurrency,
+                  "requests": {c: plan.requests[c] for c in slot.concurrency}, "modes": modes}
+    if slot.transport == "offline":
+        return run_offline(offline_job(**common), env=plan.env, log=log, timeout=a.timeout)
+    return run_http(**common, env=plan.env, log=log)
+
+
+def run_bench(plan: Plan, run: Callable[[Plan, EngineSlot, int], dict[str, Any]] | None = None,
+              say: Callable[[str], None] = print) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Run the schedule; (records, summary). ``run`` (default :func:`default_run`)
+    is injectable for tests."""
+    from medusa_vllm.tools.engine_proc import EngineRunError
+
+    run = run or default_run
+    records: list[dict[str, Any]] = list(plan.unavailable)
+    failed: dict[str, str] = {}
+    order = schedule(plan.slots, plan.args.repeats)
+    t_start = time.monotonic()
+    for i, (rnd, slot) in enumerate(order, 1):
+        key = slot.label
+        fam, cfg, var = slot.config.family, slot.config.name, slot.variant.label
+        if key in failed:
+            records.append(unavailable_record(config=cfg, family=fam, variant=var, status="failed",
+                                              transport=slot.transport, repeat=rnd,
+                                              reason=f"not retried: {failed[key]}"))
+            continue
+        t0 = time.monotonic()
+        say(f"[bench] {i}/{len(order)} round {rnd}: {key} ...")
+        try:
+            res = run(plan, slot, rnd)
+        except EngineRunError as exc:
+            msg = str(exc).strip().splitlines()
+            reason = " | ".join(msg[:1] + [m for m in msg[1:] if "Error" in m][:3])[:1500]
+            failed[key] = reason
+            records.append(unavailable_record(config=cfg, family=fam, variant=var, status="failed",
+                                              transport=slot.transport, repeat=rnd, reason=reason))
+            say(f"[bench]   FAILED: {reason[:300]}")
+            continue
+        if not res.get("timers_installed") and slot.transport == "offline":
+            say("[bench]   note: step timers not installed (proposer share not measured)")
+        for lv in res["levels"]:
+            records.append(level_record(lv, config=cfg, variant=var, family=fam, transport=slot.transport,
+                                        repeat=rnd, peak_rss_mb=res.get("peak_rss_mb"),
+                                        temperature=plan.args.temperature))
+        say(f"[bench]   done in {time.monotonic() - t0:.0f} s (total {time.monotonic() - t_start:.0f} s)")
+    annotate(records)
+    return records, summarize(records)
+
+
+def write_outputs(plan: Plan, records: list[dict[str, Any]], summary: list[dict[str, Any]],
+                  plots: bool = True) -> tuple[Path, Path, list[Path]]:
+    from medusa_vllm.tools.bench.plots import write_plots
+
+    a = plan.args
+    json_path = Path(a.json_path or plan.out_dir / "bench.json")
+    md_path = Path(a.markdown_path or plan.out_dir / "bench.md")
+    for p in (json_path, md_path):
+        p.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps({"header": plan.header, "records": records, "summary": summary}, indent=1))
+    md = markdown(plan.header, summary, records)
+    md_path.write_text(md + "\n")
+    pngs = write_plots(plan.header, summary, plan.out_dir) if plots else []
+    return json_path, md_path, pngs
+
+
+def bench_main(args: argparse.Namespace, run: Callable[[Plan, EngineSlot, int], dict[str, Any]] | None = None) -> int:
+    from medusa_vllm.training.corpora.common import MissingCorpus
+
+    try:
+        plan = make_plan(args)
+    except MissingCorpus as exc:
+        print(f"medusa-vllm bench: error: {exc}", file=sys.stderr)
+        return 2
+    h = plan.header
+    print(f"[bench] {h['machine']['cpu_model']} ({h['machine']['isa']}), dtype {h['dtype']} "
+          f"({h['dtype_reason']}), VLLM_CPU_OMP_THREADS_BIND={h['threads_bind']}, vLLM {h['vllm_version']}",
+          flush=True)
+    for r in plan.unavailable:
+        print(f"[bench] {r['config']}: unavailable: {r['reason']}", flush=True)
+    print(f"[bench] {len(plan.slots)} engines x {args.repeats} rounds; concurrency {args.concurrency}; "
+          f"transports {args.transports}", flush=True)
+    plan.out_dir.mkdir(parents=True, exist_ok=True)
+    if run is None:
+        _prepare_vllm_heads(plan)
+    records, summary = run_bench(plan, run, say=lambda s: print(s, flush=True))
+    json_path, md_path, pngs = write_outputs(plan, records, summary)
+    print("\n" + md_path.read_text())
+    print(f"[bench] wrote {json_path}, {md_path}" + (f", {', '.join(str(p) for p in pngs)}" if pngs else ""))
+    ok = [r for r in records if r["status"] == "ok"]
+    bad = [r for r in ok if r["mode"] == "greedy" and r.get("same_output_as_vanilla") not in (None, 1.0)
+           and plan.args.dtype == "float32"]
+    if bad:
+        print("[bench] WARNING: float32 greedy output differs from vanilla for "
+              + ", ".join(sorted({f"{r['config']} {r['variant']} [{r['transport']} c={r['concurrency']}]"
+                                  for r in bad})), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(bench_main(add_bench_args(argparse.ArgumentParser(description=__doc__)).parse_args()))
