@@ -10,7 +10,7 @@ torch op chain. :func:`~medusa_vllm.engine.cpu.attention.paged_tree_attention`
 
 Build: ``torch.utils.cpp_extension.load`` with ninja and ``-O3 -march=native``,
 cached under ``$MEDUSA_VLLM_CACHE`` (default ``~/.cache/medusa-vllm``) in a
-folder keyed by the source, torch version and this CPU's ISA flags, so a host
+folder keyed by the source, the torch install and this CPU's ISA flags, so a host
 with another ISA never loads a binary built for a different one. The first
 build takes about a minute; later processes load it in well under a second.
 ``MEDUSA_VLLM_TREE_KERNEL=torch`` turns the kernel off (torch path).
@@ -56,9 +56,12 @@ def _cpu_flags() -> str:
 
 
 def build_dir() -> Path:
-    """Build folder for this source, torch version and CPU ISA."""
+    """Build folder for this source, torch install (version and path: another
+    virtualenv compiles with other include paths, and ninja would rebuild on
+    every switch) and CPU ISA."""
     key = hashlib.sha256(
-        SOURCE.read_bytes() + torch.__version__.encode() + _cpu_flags().encode()
+        SOURCE.read_bytes() + torch.__version__.encode() + torch.__file__.encode()
+        + _cpu_flags().encode()
     ).hexdigest()[:16]
     return cache_root() / "kernels" / f"tree_attention-{key}"
 
