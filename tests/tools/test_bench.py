@@ -193,7 +193,7 @@ def _rec(records, **kw):
 
 
 def test_one_record_per_config_variant_transport_concurrency_mode_repeat(fake_bench):
-    plan, records, summary, calls = fake_bench
+    _, records, _, calls = fake_bench
     ok = [r for r in records if r["status"] == "ok"]
     # engines: vanilla, medusa k=1, k=2, ngram, ours = 5 per round, 3 rounds
     assert len(calls) == 15
@@ -218,7 +218,7 @@ def test_one_record_per_config_variant_transport_concurrency_mode_repeat(fake_be
 
 
 def test_ratios_are_within_the_round_against_the_right_vanilla(fake_bench):
-    _, records, summary, _ = fake_bench
+    _, records, _, _ = fake_bench
     ok = [r for r in records if r["status"] == "ok"]
     for rnd in range(3):
         # greedy vs vanilla greedy; drift (ROUND_SPEED) cancels
@@ -307,21 +307,47 @@ def test_percentile_and_spread():
 
 
 def test_prometheus_spec_metrics_parse():
-    text = "\n".join([
-        "# TYPE vllm:spec_decode_num_drafts counter",
-        'vllm:spec_decode_num_drafts_total{engine="0",model_name="bench"} 10.0',
-        "# TYPE vllm:spec_decode_num_draft_tokens counter",
-        'vllm:spec_decode_num_draft_tokens_total{engine="0",model_name="bench"} 30.0',
-        "# TYPE vllm:spec_decode_num_accepted_tokens counter",
-        'vllm:spec_decode_num_accepted_tokens_total{engine="0",model_name="bench"} 12.0',
-        "# TYPE vllm:spec_decode_num_accepted_tokens_per_pos counter",
-        'vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="0",model_name="bench",position="0"} 8.0',
-        'vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="0",model_name="bench",position="2"} 1.0',
-        "# TYPE vllm:num_preemptions counter",
-        'vllm:num_preemptions_total{engine="0",model_name="bench"} 2.0',
-        "# TYPE vllm:spec_decode_num_drafts_created gauge",
-        'vllm:spec_decode_num_drafts_created{engine="0"} 99.0', ""])
+    text = """\
+# TYPE vllm:spec_decode_num_drafts counter
+vllm:spec_decode_num_drafts_total{engine="0",model_name="bench"} 10.0
+# TYPE vllm:spec_decode_num_draft_tokens counter
+vllm:spec_decode_num_draft_tokens_total{engine="0",model_name="bench"} 30.0
+# TYPE vllm:spec_decode_num_accepted_tokens counter
+vllm:spec_decode_num_accepted_tokens_total{engine="0",model_name="bench"} 12.0
+# TYPE vllm:spec_decode_num_accepted_tokens_per_pos counter
+vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="0",model_name="bench",position="0"} 8.0
+vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="0",model_name="bench",position="2"} 1.0
+# TYPE vllm:num_preemptions counter
+vllm:num_preemptions_total{engine="0",model_name="bench"} 2.0
+# TYPE vllm:spec_decode_num_drafts_created gauge
+vllm:spec_decode_num_drafts_created{engine="0"} 99.0
+"""
     s, pre = parse_spec_metrics(text)
     assert (s.num_drafts, s.num_draft_tokens, s.num_accepted_tokens) == (10, 30, 12)
     assert s.accepted_per_depth == [8, 0, 1] and pre == 2
     assert s.mean_accepted_length == pytest.approx(2.2)
+
+
+def test_http_runs_each_swept_mode_at_its_best_offline_setting(tmp_path, heads):
+    args = parse("--model", "m", "--heads", heads, "--prompts", "everyday", "--quick", "--repeats", "2",
+                 "--transports", "offline,http", "--configs", "vanilla,vllm_medusa,medusa_tree",
+                 "--medusa-ks", "1,2", "--out", str(tmp_path))
+    plan = cli.make_plan(args)
+    assert [s.label for s in plan.deferred] == ["vllm_medusa k=1 [http]"]
+    calls: list = []
+    records, summary = cli.run_bench(plan, fake_run(calls), say=lambda s: None)
+    labels = [c[1] for c in calls]
+    n_off = 2 * 4  # vanilla, k=1, k=2, ours; 2 rounds
+    assert all("[offline]" in c for c in labels[:n_off]) and all("[http]" in c for c in labels[n_off:])
+    # greedy was best at k=2, sampling at k=1: two HTTP engines for vLLM's Medusa, vanilla first
+    assert labels[n_off:n_off + 4] == ["vanilla [http]", "vllm_medusa k=2 [http]", "vllm_medusa k=1 [http]",
+                                       "medusa_tree [http]"]
+    assert labels[n_off + 4:] == list(reversed(labels[n_off:n_off + 4]))
+    http = {(r["variant"], r["mode"]) for r in records
+            if r["status"] == "ok" and r["transport"] == "http" and r["config"] == "vllm_medusa"}
+    assert http == {("k=2", "greedy"), ("k=1", "sample")}
+    ours = _rec(records, config="medusa_tree", transport="http", mode="greedy", concurrency=4, repeat=1)
+    assert ours["speedup_vs_vanilla"] == pytest.approx(1.5) and ours["same_output_as_vanilla"] == 1.0
+    # offline identity survives the second annotate() pass
+    assert _rec(records, config="medusa_tree", transport="offline", mode="greedy",
+                concurrency=1, repeat=0)["same_output_as_vanilla"] == 1.0

@@ -74,6 +74,7 @@ class EngineSlot:
     transport: str  # "offline" | "http"
     concurrency: list[int]
     modes: list[str]
+    all_variants: list[Variant] = field(default_factory=list)  # deferred HTTP slots: the sweep
 
     @property
     def label(self) -> str:
@@ -140,6 +141,9 @@ def add_bench_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--ngram-nodes", type=int, default=3, help="nodes of our tree's prompt-lookup branch")
     ap.add_argument("--cost-curve", default="", help="tree sizes for the verification cost curve, "
                     "e.g. 1,4,16,64 (offline, concurrency 1, greedy)")
+    ap.add_argument("--http-sweep", choices=("best", "all"), default="best",
+                    help="HTTP runs of a swept configuration: each mode at its best offline setting "
+                         "(after the offline rounds), or every setting")
     ap.add_argument("--kv-cache-gib", type=float, default=None,
                     help="VLLM_CPU_KVCACHE_SPACE of each engine (full 4, quick 1; the environment wins)")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per engine")
@@ -219,6 +223,7 @@ class Plan:
     out_dir: Path
     args: argparse.Namespace
     settings: dict[str, Any] = field(default_factory=dict)
+    deferred: list[EngineSlot] = field(default_factory=list)
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
@@ -271,6 +276,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
 
     full_env = {**engine_env(), **env}
     slots: list[EngineSlot] = []
+    deferred: list[EngineSlot] = []  # HTTP slots of swept configs: at their best offline setting
     unavailable: list[dict[str, Any]] = []
     for cfg in configs:
         reason = cfg.available()
@@ -282,15 +288,19 @@ def make_plan(args: argparse.Namespace) -> Plan:
             continue
         if cfg.needs_vllm_heads and not ctx.vllm_heads:
             ctx.vllm_heads = str(out_dir / "heads_vllm_layout")
-        for variant in cfg.variants(ctx):
-            for t in (["offline"] if cfg.offline_only else transports):
-                if cfg.offline_only and "offline" not in transports:
-                    continue
-                slots.append(EngineSlot(cfg, variant, t, [1] if cfg.offline_only else concurrency, cmodes))
+        variants = cfg.variants(ctx)
+        for t in (["offline"] if cfg.offline_only else transports):
+            if cfg.offline_only and "offline" not in transports:
+                continue
+            levels = [1] if cfg.offline_only else concurrency
+            if t == "http" and len(variants) > 1 and "offline" in transports and args.http_sweep == "best":
+                deferred.append(EngineSlot(cfg, variants[0], t, levels, cmodes, variants))  # chosen later
+                continue
+            slots += [EngineSlot(cfg, v, t, levels, cmodes) for v in variants]
     header = build_header(args, full_env, num_heads)
     requests = {c: requests_per_level(c, num_prompts) for c in sorted(set(concurrency) | {1})}
     return Plan(header, slots, unavailable, prompts, requests, env, out_dir, args,
-                settings={"max_tokens": max_tokens, "ctx": ctx})
+                settings={"max_tokens": max_tokens, "ctx": ctx}, deferred=deferred)
 
 
 def _prepare_vllm_heads(plan: Plan) -> None:
@@ -326,44 +336,86 @@ def default_run(plan: Plan, slot: EngineSlot, rnd: int) -> dict[str, Any]:
     return run_http(**common, env=plan.env, log=log)
 
 
+def best_offline_slots(deferred: Sequence[EngineSlot], summary: Sequence[Mapping[str, Any]]) -> list[EngineSlot]:
+    """HTTP slots of the swept configurations: for each mode, the variant with the
+    highest geometric-mean offline speedup (medians over rounds) across the
+    concurrency levels; modes sharing a variant share its engine. A config with
+    no offline result keeps its first variant."""
+    import math
+
+    out: list[EngineSlot] = []
+    for slot in deferred:
+        by_variant: dict[str, list[str]] = {}
+        for mode in slot.modes:
+            score: dict[str, list[float]] = {}
+            for s in summary:
+                if (s["config"] == slot.config.name and s["transport"] == "offline" and s["mode"] == mode
+                        and s["speedup_vs_vanilla"]):
+                    score.setdefault(s["variant"], []).append(math.log(max(s["speedup_vs_vanilla"]["median"],
+                                                                           1e-9)))
+            best = max(score, key=lambda v: sum(score[v]) / len(score[v])) if score else slot.variant.label
+            by_variant.setdefault(best, []).append(mode)
+        for label, modes in by_variant.items():
+            variant = next((v for v in slot.all_variants if v.label == label), slot.variant)
+            out.append(EngineSlot(slot.config, variant, "http", slot.concurrency, modes, slot.all_variants))
+    return out
+
+
+def _run_slot(plan: Plan, run: Callable[[Plan, EngineSlot, int], dict[str, Any]], slot: EngineSlot, rnd: int,
+              records: list[dict[str, Any]], failed: dict[str, str], say: Callable[[str], None], pos: str,
+              t_start: float) -> None:
+    from medusa_vllm.tools.engine_proc import EngineRunError
+
+    key = slot.label
+    fam, cfg, var = slot.config.family, slot.config.name, slot.variant.label
+    if key in failed:
+        records.append(unavailable_record(config=cfg, family=fam, variant=var, status="failed",
+                                          transport=slot.transport, repeat=rnd,
+                                          reason=f"not retried: {failed[key]}"))
+        return
+    t0 = time.monotonic()
+    say(f"[bench] {pos} round {rnd}: {key} ({', '.join(slot.modes)}) ...")
+    try:
+        res = run(plan, slot, rnd)
+    except EngineRunError as exc:
+        msg = str(exc).strip().splitlines()
+        reason = " | ".join(msg[:1] + [m for m in msg[1:] if "Error" in m][:3])[:1500]
+        failed[key] = reason
+        records.append(unavailable_record(config=cfg, family=fam, variant=var, status="failed",
+                                          transport=slot.transport, repeat=rnd, reason=reason))
+        say(f"[bench]   FAILED: {reason[:300]}")
+        return
+    if not res.get("timers_installed") and slot.transport == "offline":
+        say("[bench]   note: step timers not installed (proposer share not measured)")
+    for lv in res["levels"]:
+        records.append(level_record(lv, config=cfg, variant=var, family=fam, transport=slot.transport,
+                                    repeat=rnd, peak_rss_mb=res.get("peak_rss_mb"),
+                                    temperature=plan.args.temperature))
+    say(f"[bench]   done in {time.monotonic() - t0:.0f} s (total {time.monotonic() - t_start:.0f} s)")
+
+
+
 def run_bench(plan: Plan, run: Callable[[Plan, EngineSlot, int], dict[str, Any]] | None = None,
               say: Callable[[str], None] = print) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Run the schedule; (records, summary). ``run`` (default :func:`default_run`)
-    is injectable for tests."""
-    from medusa_vllm.tools.engine_proc import EngineRunError
-
+    is injectable for tests. Offline slots run first when swept configurations
+    wait for their best offline setting to be measured over HTTP."""
     run = run or default_run
     records: list[dict[str, Any]] = list(plan.unavailable)
     failed: dict[str, str] = {}
-    order = schedule(plan.slots, plan.args.repeats)
+    offline = [s for s in plan.slots if s.transport == "offline"]
+    http = [s for s in plan.slots if s.transport == "http"]
     t_start = time.monotonic()
-    for i, (rnd, slot) in enumerate(order, 1):
-        key = slot.label
-        fam, cfg, var = slot.config.family, slot.config.name, slot.variant.label
-        if key in failed:
-            records.append(unavailable_record(config=cfg, family=fam, variant=var, status="failed",
-                                              transport=slot.transport, repeat=rnd,
-                                              reason=f"not retried: {failed[key]}"))
-            continue
-        t0 = time.monotonic()
-        say(f"[bench] {i}/{len(order)} round {rnd}: {key} ...")
-        try:
-            res = run(plan, slot, rnd)
-        except EngineRunError as exc:
-            msg = str(exc).strip().splitlines()
-            reason = " | ".join(msg[:1] + [m for m in msg[1:] if "Error" in m][:3])[:1500]
-            failed[key] = reason
-            records.append(unavailable_record(config=cfg, family=fam, variant=var, status="failed",
-                                              transport=slot.transport, repeat=rnd, reason=reason))
-            say(f"[bench]   FAILED: {reason[:300]}")
-            continue
-        if not res.get("timers_installed") and slot.transport == "offline":
-            say("[bench]   note: step timers not installed (proposer share not measured)")
-        for lv in res["levels"]:
-            records.append(level_record(lv, config=cfg, variant=var, family=fam, transport=slot.transport,
-                                        repeat=rnd, peak_rss_mb=res.get("peak_rss_mb"),
-                                        temperature=plan.args.temperature))
-        say(f"[bench]   done in {time.monotonic() - t0:.0f} s (total {time.monotonic() - t_start:.0f} s)")
+    phases = [offline, http] if plan.deferred else [offline + http]
+    for p, slots in enumerate(phases):
+        if p == 1:  # the swept configs over HTTP: each mode at its best offline setting
+            annotate(records)
+            rank = {n: i for i, n in enumerate(dict.fromkeys(s.config.name for s in plan.slots + plan.deferred))}
+            slots = sorted(slots + best_offline_slots(plan.deferred, summarize(records)),
+                           key=lambda s: rank[s.config.name])
+        order = schedule(slots, plan.args.repeats) if slots else []
+        for i, (rnd, slot) in enumerate(order, 1):
+            _run_slot(plan, run, slot, rnd, records, failed, say, f"{i}/{len(order)}", t_start)
     annotate(records)
     return records, summarize(records)
 

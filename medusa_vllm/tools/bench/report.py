@@ -110,9 +110,11 @@ def annotate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         tp, vtp = r["tpot_ms"]["median"], (v["tpot_ms"]["median"] if v else None)
         r["step_cost_vs_vanilla"] = (tp * (r["mean_accepted_length"] or 1.0) / vtp
                                      if tp is not None and vtp else None)
-        mine, theirs = r.get("_outputs"), (v.get("_outputs") if v else None)
-        r["same_output_as_vanilla"] = (sum(a == b for a, b in zip(mine, theirs)) / len(mine)
-                                       if mine and theirs and len(mine) == len(theirs) else None)
+        if "_outputs" in r:  # compared once (annotate may run again after more rounds)
+            mine, theirs = r["_outputs"], (v.get("_outputs") if v else None)
+            r["same_output_as_vanilla"] = (sum(a == b for a, b in zip(mine, theirs)) / len(mine)
+                                           if mine and theirs and len(mine) == len(theirs) else None)
+        r.setdefault("same_output_as_vanilla", None)
     for r in records:
         r.pop("_outputs", None)
     return records
