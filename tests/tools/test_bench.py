@@ -335,7 +335,7 @@ def test_http_runs_each_swept_mode_at_its_best_offline_setting(tmp_path, heads):
     plan = cli.make_plan(args)
     assert [s.label for s in plan.deferred] == ["vllm_medusa k=1 [http]"]
     calls: list = []
-    records, summary = cli.run_bench(plan, fake_run(calls), say=lambda s: None)
+    records, _ = cli.run_bench(plan, fake_run(calls), say=lambda s: None)
     labels = [c[1] for c in calls]
     n_off = 2 * 4  # vanilla, k=1, k=2, ours; 2 rounds
     assert all("[offline]" in c for c in labels[:n_off]) and all("[http]" in c for c in labels[n_off:])
