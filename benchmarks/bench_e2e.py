@@ -1,8 +1,7 @@
-"""Vanilla vLLM vs vLLM's built-in chain Medusa vs medusa_tree, side by side.
+"""``medusa-vllm bench`` as a script (same options; see ``medusa_vllm/tools/bench/cli.py``).
 
-Same as ``medusa-vllm bench`` (see ``medusa_vllm/tools/bench.py`` for the options):
-
-    python benchmarks/bench_e2e.py --batch-sizes 1,8 --cost-curve 1,4,16,32,64
+    python benchmarks/bench_e2e.py --quick                     # a few minutes
+    python benchmarks/bench_e2e.py --prompts everyday --concurrency 1,4,16,64
 """
 
 import argparse

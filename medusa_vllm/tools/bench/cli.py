@@ -53,7 +53,7 @@ __all__ = ["EngineSlot", "add_bench_args", "bench_main", "requests_per_level", "
 
 QUICK = {"num_prompts": 4, "max_tokens": 48, "concurrency": "1,4", "transports": "offline", "repeats": 2,
              "medusa_ks": "1", "ngram_settings": "4:5", "kv_cache_gib": 1.0}
-FULL = {"num_prompts": 16, "max_tokens": 128, "concurrency": "1,4,16,64", "transports": "offline,http", "repeats": 3,
+FULL = {"num_prompts": 8, "max_tokens": 128, "concurrency": "1,4,16,64", "transports": "offline,http", "repeats": 3,
             "medusa_ks": "", "ngram_settings": "2:3,2:5,4:3,4:5", "kv_cache_gib": 4.0}
 CONCURRENCY_NOTE = ("exactly c requests in flight, a new one submitted as soon as one finishes (offline: "
                     "LLM engine steps with max_num_seqs = the largest c; HTTP: c concurrent streaming "
@@ -120,7 +120,7 @@ def add_bench_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
                     "(bfloat16 with AMX or AVX-512-BF16, else float32)")
     ap.add_argument("--prompts", default="mix", help=f"{' | '.join(PROMPT_SETS)} | FILE.jsonl")
     ap.add_argument("--num-prompts", type=int, default=None, help="distinct prompts; also the requests "
-                    "per level at low concurrency (full 16, quick 4)")
+                    "per level at low concurrency (full 8, quick 4)")
     ap.add_argument("--max-tokens", type=int, default=None, help="(full 128, quick 48)")
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--ignore-eos", action="store_true", help="every request runs to max_tokens")
