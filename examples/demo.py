@@ -5,7 +5,10 @@ Runs the same held-out prompts greedily through vanilla vLLM, vLLM's built-in
 text, tokens/s, speedups, mean accepted length and per-depth acceptance.
 Greedy decoding: all three must print the same text.
 
-    python examples/demo.py [--batch-sizes 1] [--max-tokens 128] [--num-prompts 8]
+    python examples/demo.py [--batch-sizes 1] [--max-tokens 128] [--num-prompts 8] [--dtype D]
+
+The dtype defaults to the one this CPU does best (bfloat16 with AMX or AVX-512-BF16,
+else float32); the demo says which and why.
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ from pathlib import Path
 
 def main() -> int:
     from medusa_vllm.tools.bench.simple import add_bench_args, plot, print_table, run_bench
-    from medusa_vllm.tools.default_model import default_model_info
+    from medusa_vllm.tools.default_model import default_model_info, runtime_dtype
 
     ap = add_bench_args(argparse.ArgumentParser(description=__doc__))
-    ap.set_defaults(batch_sizes="1", num_prompts=6, max_tokens=128, out="runs/demo")
+    ap.set_defaults(batch_sizes="1", num_prompts=6, max_tokens=128, out="runs/demo", dtype=None)
     args = ap.parse_args()
+    args.dtype, why = runtime_dtype(args.dtype)
+    print(f"[demo] dtype {args.dtype}: {why} (override with --dtype)")
     print("[demo] preparing the embedded default model (SmolLM2-135M-Instruct; converted once, then cached)")
     info = default_model_info()
     args.model = args.model or info["model"]

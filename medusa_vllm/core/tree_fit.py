@@ -15,27 +15,48 @@ calibrate`` (:mod:`medusa_vllm.tools.calibrate` measures, this module decides).
 - Fit: :func:`best_tree_for_cost` and :func:`fit_tree` pick the size maximising
   E[tokens per step] / cost(n); :func:`fit_nodes_by_batch` picks, per batch size,
   how many of a tree's BFS-first nodes to draft (0 = plain decoding).
+- In the engine (``tree: "auto"``): :func:`read_per_rank_accuracy` reads the heads'
+  shipped statistics, :func:`fit_engine_tree` fits the tree, the prompt-lookup branch
+  and the size per batch to the curves the engine measured on its own machine
+  (:mod:`medusa_vllm.core.cost_curve`), drafting cost included (:func:`step_cost`).
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 import math
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path as FsPath
+from typing import Any
 
 import torch
 
-from medusa_vllm.core.tree import MedusaTree, Path, greedy_paths, normalize_choices
+from medusa_vllm.core.tree import (
+    MedusaTree,
+    Path,
+    greedy_paths,
+    normalize_choices,
+    with_chain_branch,
+)
 
 __all__ = [
+    "DEFAULT_NGRAM_ACCEPTANCE",
+    "EngineTreeFit",
     "best_tree_for_cost",
     "check_accuracies",
     "expected_accept_length",
+    "fit_engine_tree",
     "fit_nodes_by_batch",
     "fit_tree",
     "interpolate_cost",
     "is_chain",
     "monotone_curve",
     "prefix_cost",
+    "prefix_value",
+    "read_per_rank_accuracy",
+    "step_cost",
     "tree_from_accuracies",
 ]
 
@@ -140,7 +161,7 @@ def interpolate_cost(curve: dict[int, float]) -> Callable[[int], float]:
         raise ValueError("cost curve: need at least one measured tree size")
 
     def cost(n: int) -> float:
-        for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        for (x0, y0), (x1, y1) in itertools.pairwise(pts):
             if n <= x1:
                 return y0 + (y1 - y0) * (n - x0) / (x1 - x0)
         (x0, y0), (x1, y1) = pts[-2], pts[-1]
@@ -212,3 +233,195 @@ def fit_nodes_by_batch(tree: MedusaTree, per_rank: Accuracies,
                 best, best_speed = n, speed
         out[int(bs)] = best
     return out
+
+
+# ------------------------------------------------------ fit in the running engine
+# A prompt-lookup branch node at depth d is priced as accepted with probability
+# q**d: the heads' statistics say nothing about n-gram matches, so the branch gets
+# an assumed per-token acceptance (about what vLLM's n-gram speculator accepts on
+# chat answers that quote their prompt; wrong for text that never repeats, where the
+# branch then costs its nodes and returns little).
+DEFAULT_NGRAM_ACCEPTANCE = 0.3
+
+
+def read_per_rank_accuracy(heads_dir: str | FsPath) -> tuple[list[list[float]], str] | None:
+    """The heads' own acceptance statistics shipped beside them: ``(per_rank, source)``.
+
+    ``per_rank[k][r]`` is the held-out probability that head k's rank-r candidate is
+    the next-but-k token. Read from the first of ``medusa_tree.json``
+    (``per_rank_accuracy``, written by ``medusa-vllm calibrate`` and the default
+    heads' recipe), ``eval.json`` (``per_rank``) and ``accuracies.json`` (cumulative
+    top-k accuracies per head, differenced). ``None`` when none of them has it; a
+    file that has it in a bad shape raises ``ValueError`` naming the file.
+    """
+    folder = FsPath(heads_dir)
+    for name, key in (("medusa_tree.json", "per_rank_accuracy"), ("eval.json", "per_rank"),
+                      ("accuracies.json", None)):
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{path}: not readable JSON ({exc})") from None
+        if key is not None:
+            table = data.get(key) if isinstance(data, dict) else None
+            if table is None:
+                continue
+        else:
+            table = data
+        try:
+            a = check_accuracies(table)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{path}: {key or 'the table'} is not a [num_heads, topk] "
+                             f"table of probabilities ({exc})") from None
+        if key is None:  # cumulative top-k -> per rank
+            a = torch.cat([a[:, :1], (a[:, 1:] - a[:, :-1]).clamp(min=0.0)], dim=1)
+        return a.tolist(), f"{path}" + (f" ({key})" if key else " (cumulative, differenced)")
+    return None
+
+
+@dataclass
+class EngineTreeFit:
+    """What :func:`fit_engine_tree` picked.
+
+    ``heads_tree``: the heads' nodes; ``tree``: the tree the engine drafts (the heads'
+    nodes plus the prompt-lookup branch, if any); ``nodes_by_batch``: BFS-first nodes
+    of ``tree`` drafted per batch size (0 = plain decoding); per batch size, the
+    expected accepted length and speedup over vanilla of that prefix.
+    """
+
+    heads_tree: MedusaTree
+    tree: MedusaTree
+    nodes_by_batch: dict[int, int]
+    expected_accept_length: dict[int, float] = field(default_factory=dict)
+    expected_speedup: dict[int, float] = field(default_factory=dict)
+    ngram_nodes: int = 0
+
+    def describe(self) -> str:
+        b1 = min(self.nodes_by_batch)
+        branch = f" + {self.ngram_nodes}-node n-gram branch" if self.ngram_nodes else ""
+        per_batch = ", ".join(
+            f"{b}: {n} nodes (E[accept] {self.expected_accept_length[b]:.2f}, "
+            f"x{self.expected_speedup[b]:.2f})" for b, n in self.nodes_by_batch.items())
+        return (f"tree of {self.heads_tree.num_nodes} heads nodes{branch}, depth "
+                f"{self.tree.max_depth}, at batch {b1}: E[accept] "
+                f"{self.expected_accept_length[b1]:.2f}, expected x{self.expected_speedup[b1]:.2f}"
+                f" vs vanilla; nodes_by_batch {{{per_batch}}}")
+
+
+def _branch_node(path: Path, branch_rank: int | None) -> bool:
+    return branch_rank is not None and all(r == branch_rank for r in path)
+
+
+def prefix_value(a: torch.Tensor, paths: Sequence[Path], branch_rank: int | None = None,
+                 ngram_acceptance: float = DEFAULT_NGRAM_ACCEPTANCE) -> float:
+    """Expected tokens per step of a tree's nodes ``paths``: 1 + each heads node's path
+    probability + ``ngram_acceptance ** depth`` for each node of the prompt-lookup
+    branch (the paths whose every rank is ``branch_rank``)."""
+    total = 1.0
+    for p in paths:
+        total += ngram_acceptance ** len(p) if _branch_node(p, branch_rank) else _path_prob(a, p)
+    return total
+
+
+def step_cost(curves: Any, batch_size: int, paths: Sequence[Path]) -> float:
+    """Relative step time (vanilla = 1) at ``batch_size`` of drafting and verifying the
+    tree made of ``paths`` (BFS order), under measured ``curves``
+    (:class:`medusa_vllm.core.cost_curve.CostCurves`): the chain point when the
+    nodes are a measured top-1-style chain (vLLM's causal kernel), else the tree curve
+    (interpolated, last slope extrapolated), plus the heads' drafting to that depth."""
+    n = len(paths)
+    if n == 0:
+        return 1.0
+    depth = max(len(p) for p in paths)
+    chains = monotone_curve(curves.chain.get(batch_size, {}))
+    trees = curves.tree.get(batch_size, {})
+    if depth == n and n in chains:
+        verify = chains[n]
+    elif trees:
+        verify = interpolate_cost(trees)(n)
+    elif chains:  # no tree point fitted under the token budget: price it as a longer chain
+        verify = interpolate_cost(chains)(n)
+    else:
+        raise ValueError(f"cost curves: nothing measured at batch size {batch_size}")
+    drafts = curves.draft.get(batch_size, {})
+    if drafts:
+        draft = drafts.get(depth, drafts[max(d for d in drafts if d <= depth)]
+                           if any(d <= depth for d in drafts) else min(drafts.values()))
+    else:
+        draft = 0.0
+    return float(verify) + float(draft)
+
+
+def fit_engine_tree(per_rank: Accuracies, curves: Any, max_nodes: int, *, num_heads: int | None = None,
+                    ngram_nodes: int = 0, ngram_acceptance: float = DEFAULT_NGRAM_ACCEPTANCE
+                    ) -> EngineTreeFit:
+    """The tree and its size per batch size for this machine (``tree: "auto"``).
+
+    ``curves``: :class:`medusa_vllm.core.cost_curve.CostCurves` measured by the running
+    engine; ``per_rank``: the heads' per-rank accuracies; ``max_nodes``: the engine's
+    node budget (its ``num_speculative_tokens``), the prompt-lookup branch included.
+
+    1. At the smallest measured batch size, every greedy tree of 1..``max_nodes -
+       ngram_nodes`` heads nodes (:func:`tree_from_accuracies`) and every top-1 chain
+       is priced *with* the ``ngram_nodes``-node branch beside it
+       (:func:`~medusa_vllm.core.tree.with_chain_branch`): E[tokens per step]
+       (:func:`prefix_value`, the branch at the assumed ``ngram_acceptance``) over
+       :func:`step_cost`; the best one is the engine's tree.
+    2. Per measured batch size, the BFS prefix of that tree with the best ratio,
+       or 0 (plain decoding) when none beats vanilla. With a branch, only prefixes
+       holding the whole branch compete: the branch is the user's choice, never cut.
+    """
+    a = check_accuracies(per_rank)
+    if num_heads is not None:
+        a = a[:num_heads]
+    heads = a.shape[0]
+    if ngram_nodes < 0 or ngram_nodes > heads:
+        raise ValueError(f"ngram_nodes must be in [0, {heads}] (the heads' depth), found {ngram_nodes}")
+    budget = max_nodes - ngram_nodes
+    if budget < 1:
+        raise ValueError(f"max_nodes={max_nodes} leaves no heads node beside the "
+                         f"{ngram_nodes}-node n-gram branch; raise max_nodes")
+    sizes = curves.batch_sizes
+    if not sizes:
+        raise ValueError("cost curves: no batch size was measured")
+    b1 = sizes[0]
+
+    def engine(tree: MedusaTree) -> MedusaTree:
+        return with_chain_branch(tree, ngram_nodes, heads) if ngram_nodes else tree
+
+    def branch_rank(tree: MedusaTree) -> int | None:
+        return tree.topk if ngram_nodes else None
+
+    order = greedy_paths(a, budget)
+    candidates = [MedusaTree(order[:n]) for n in range(1, len(order) + 1)]
+    candidates += [MedusaTree.chain(d) for d in range(1, min(heads, budget) + 1)]
+    best, best_speed = None, -math.inf
+    for cand in candidates:
+        full = engine(cand)
+        speed = prefix_value(a, full.medusa_choices, branch_rank(cand), ngram_acceptance) / \
+            step_cost(curves, b1, full.medusa_choices)
+        if speed > best_speed + 1e-12:
+            best, best_speed = cand, speed
+    assert best is not None
+    tree = engine(best)
+    rank = branch_rank(best)
+    paths = tree.medusa_choices
+    first = 1
+    if ngram_nodes:
+        first = 1 + max(i for i, p in enumerate(paths) if _branch_node(p, rank))
+    table: dict[int, int] = {}
+    lengths: dict[int, float] = {}
+    speeds: dict[int, float] = {}
+    for b in sizes:
+        pick, pick_len, pick_speed = 0, 1.0, 1.0
+        for n in range(first, len(paths) + 1):
+            length = prefix_value(a, paths[:n], rank, ngram_acceptance)
+            speed = length / step_cost(curves, b, paths[:n])
+            if speed > pick_speed + 1e-9:
+                pick, pick_len, pick_speed = n, length, speed
+        table[b], lengths[b], speeds[b] = pick, pick_len, pick_speed
+    return EngineTreeFit(heads_tree=best, tree=tree, nodes_by_batch=table,
+                         expected_accept_length=lengths, expected_speedup=speeds,
+                         ngram_nodes=ngram_nodes)

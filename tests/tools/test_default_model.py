@@ -130,7 +130,23 @@ def test_default_model_main_prints_json(cache, fake_gguf, monkeypatch, capsys):
     monkeypatch.setattr(DM, "convert_gguf", _fake_convert([]))
     assert DM.default_model_main([]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info == {"model": str(DM.model_cache_dir()), "heads": str(DM.default_heads_dir())}
+    dtype, why = DM.runtime_dtype()
+    assert info == {"model": str(DM.model_cache_dir()), "heads": str(DM.default_heads_dir()),
+                    "dtype": dtype, "dtype_reason": why}
+    assert DM.default_model_main(["--dtype", "bfloat16"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["dtype"] == "bfloat16" and "--dtype" in info["dtype_reason"]
+
+
+def test_runtime_dtype_follows_the_cpu(monkeypatch):
+    from medusa_vllm.engine.cpu import machine
+
+    for flags, want in (("fpu avx2 avx512f", "float32"), ("avx2 avx512f avx512_bf16", "bfloat16"),
+                        ("avx2 amx_bf16 amx_tile", "bfloat16"), ("avx2", "float32")):
+        monkeypatch.setattr(machine, "cpu_flags", lambda f=flags: frozenset(f.split()))
+        dtype, why = DM.runtime_dtype()
+        assert dtype == want, (flags, dtype, why)
+        assert ("natively" in why) == (want == "bfloat16"), why
 
 
 def test_default_model_main_error(monkeypatch, capsys):
