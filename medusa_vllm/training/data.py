@@ -11,6 +11,8 @@ Files are read with HF ``datasets`` packaged builders (never from a hub):
     - ``text`` (string).
 * ``.txt`` / ``.md`` / ``.rst``: plain text, one row per paragraph (or line or
   whole file, ``text_sample_by``).
+* any of those compressed (``.xz``, ``.gz``, ``.bz2``): the committed distillation
+  store's files (``medusa_vllm/assets/distill/*.jsonl.xz``) are training data as they are.
 
 Chat rows are rendered with the tokenizer's chat template when it has one (else
 ``"role: content"`` lines / ``prompt + "\\n" + response``). With
@@ -53,6 +55,8 @@ __all__ = [
 
 JSON_SUFFIXES = (".jsonl", ".json")
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
+# any of those, compressed (the committed store, medusa_vllm.training.store, is .jsonl.xz)
+COMPRESSED_SUFFIXES = (".xz", ".gz", ".bz2")
 FORMATS = ("ids", "conversations", "messages", "prompt_response", "text")
 
 _SHAREGPT_ROLES = {
@@ -79,6 +83,8 @@ def read_file(path: str | Path, text_sample_by: str = "paragraph"):
     if p.stat().st_size == 0:
         raise TrainingError(f"data file {p} is empty; it has no rows to train on")
     suffix = p.suffix.lower()
+    if suffix in COMPRESSED_SUFFIXES:  # datasets decompresses them itself
+        suffix = Path(p.stem).suffix.lower()
     if suffix in JSON_SUFFIXES:
         builder, kwargs = "json", {}
     elif suffix in TEXT_SUFFIXES:
@@ -86,7 +92,8 @@ def read_file(path: str | Path, text_sample_by: str = "paragraph"):
     else:
         raise TrainingError(
             f"data file {p}: unknown extension {suffix!r}; expected one of "
-            f"{list(JSON_SUFFIXES + TEXT_SUFFIXES)} (JSON lines or plain text)"
+            f"{list(JSON_SUFFIXES + TEXT_SUFFIXES)} (JSON lines or plain text), optionally "
+            f"compressed ({', '.join(COMPRESSED_SUFFIXES)})"
         )
     datasets.disable_progress_bars()
     try:

@@ -52,20 +52,31 @@ def stage_prompts(r: Recipe, w: Work, model: Path, force: bool) -> None:
         f"the others cached and checked) in {time.perf_counter() - t0:.0f} s")
 
 
-def _generate(r: Recipe, model: Path, prompts: Path, out: Path, temperature: float, seed: int,
-              force: bool, timings: dict) -> None:
+def _generate(r: Recipe, w: Work, model: Path, prompts: Path, out: Path, temperature: float,
+              seed: int, force: bool, timings: dict) -> None:
     from medusa_vllm.training.distill import generate_distill_data
+    from medusa_vllm.training.store import STORE_DIR, DistillStore
 
     if out.is_file() and not force:
         say(f"distill: {out.name} cached")
         return
     rows = read_jsonl(prompts)
     messages = [[{"role": "user", "content": row["text"]}] for row in rows]
+    metas = [{k: v for k, v in row.items() if k != "text"} for row in rows]
     say(f"distill: {len(messages)} prompts -> {out.name} (temperature {temperature})")
     t0 = time.perf_counter()
+    # committed answers first (medusa_vllm/assets/distill, docs/default-heads.md 'Committed
+    # data'); only the missing ones are generated, and appended there as a new file
+    store = DistillStore(r.store_dir or STORE_DIR) if r.use_store else None
+    set_name = ("corpus-heldout" if out == w.distill_heldout
+                else "corpus-sampled" if temperature > 0 else "corpus-train")
     generate_distill_data(
         model, messages, out, temperature=temperature, max_tokens=r.max_tokens,
         max_model_len=r.max_model_len, seed=seed, dtype="float32", overwrite=True,
+        store=store, store_set=set_name if r.store_append else None, metas=metas,
+        prompt_source="corpus prompts: Debian texts (scripts/train_default_heads.py)",
+        recipe={"builder": "medusa_vllm.training.default_heads stage 'distill'",
+                "prompts_file": prompts.name, "prompt_seed": r.prompt_seed},
     )
     dt = time.perf_counter() - t0
     gen = read_jsonl(out)
@@ -88,7 +99,7 @@ def stage_distill(r: Recipe, w: Work, model: Path, force: bool) -> None:
         runs.append((w.prompts_sampled, w.distill_sampled, r.sampled_temperature, r.seed + 1))
     runs += [(w.prompts_extra(i), w.distill_extra(i), 0.0, r.seed) for i in range(len(extra_chunks(r)))]
     for prompts, out, temperature, seed in runs:
-        _generate(r, model, prompts, out, temperature, seed, force, timings)
+        _generate(r, w, model, prompts, out, temperature, seed, force, timings)
         write_json(tfile, timings)
 
 

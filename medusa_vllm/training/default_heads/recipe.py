@@ -36,6 +36,11 @@ class Recipe:
     prompt_seed: int = 0
     max_tokens: int = 256
     max_model_len: int = 768
+    # committed answers (medusa_vllm.training.store): read them first, generate only the
+    # missing ones and (store_append) commit those as new files; "" = the package's store
+    use_store: bool = True
+    store_append: bool = True
+    store_dir: str = ""
     # heads
     num_heads: int = 4
     num_layers: int = 2  # 1 ResBlock: head-0 top-1 0.412; 2: 0.421 (docs/default-heads.md)
