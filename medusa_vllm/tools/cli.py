@@ -30,6 +30,10 @@ SUBCOMMANDS: dict[str, tuple[str, str, str, str]] = {
         "medusa_vllm.tools.bench", "add_bench_args", "bench_main",
         "benchmark vanilla vLLM vs built-in Medusa vs medusa_tree (tokens/s, acceptance, step cost)",
     ),
+    "eval": (
+        "medusa_vllm.tools.eval.translation", "add_eval_args", "eval_main",
+        "evaluate decoding strategies on a task: `eval translation` (BLEU, ROUGE, real-time factor)",
+    ),
     "default-model": (
         "medusa_vllm.tools.default_model", "add_default_model_args", "default_model_main",
         'print {"model": DIR, "heads": DIR} of the embedded default model (builds it if missing)',
