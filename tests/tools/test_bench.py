@@ -170,8 +170,8 @@ def fake_run(calls: list):
                 levels.append({"concurrency": c, "mode": mode, "wall_s": n * TOKENS / tps, "requests": reqs,
                                "spec": spec, "num_preemptions": 0,
                                "timers": {"proposer_share": 0.25, "step_ms": 20.0}})
-        return {"levels": levels, "timers_installed": True, "peak_rss_mb": {"engine_core": 900.0 + rnd,
-                                                                              "frontend": 300.0}}
+        return {"levels": levels, "timers_installed": True, "peak_rss_mb": {"worker": 900.0 + rnd,
+                                                                              "all_processes": 1500.0}}
     return run
 
 
@@ -210,7 +210,7 @@ def test_one_record_per_config_variant_transport_concurrency_mode_repeat(fake_be
     # per-request percentiles of 1..8 requests' figures (linear interpolation)
     assert r["ttft_ms"]["median"] == pytest.approx(45.0) and r["ttft_ms"]["p90"] == pytest.approx(73.0)
     assert r["mean_accepted_length"] == 1.5 and r["acceptance_per_depth"] == [0.4, 0.1]
-    assert r["proposer_share"] == 0.25 and r["peak_rss_mb"] == {"engine_core": 901.0, "frontend": 300.0}
+    assert r["proposer_share"] == 0.25 and r["peak_rss_mb"] == {"worker": 901.0, "all_processes": 1500.0}
     assert _rec(ok, config="vanilla", mode="greedy", concurrency=1, repeat=0)["mean_accepted_length"] is None
     assert "_outputs" not in r
     (u,) = [r for r in records if r["status"] != "ok"]

@@ -43,6 +43,6 @@ def test_bench_runs_end_to_end_on_a_tiny_model(tmp_path):
     assert ours["spec"]["num_drafts"] > 0 and ours["mean_accepted_length"] >= 1.0
     assert ours["tpot_ms"]["median"] > 0 and ours["ttft_ms"]["median"] > 0
     assert 0.0 < ours["proposer_share"] < 1.0 and recs["vanilla"]["proposer_share"] == 0.0
-    assert ours["peak_rss_mb"]["engine_core"] > 100
+    assert 100 < ours["peak_rss_mb"]["worker"] < ours["peak_rss_mb"]["all_processes"]
     assert ours["speedup_vs_vanilla"] > 0
     assert (out / "bench.md").read_text().startswith("# medusa-vllm bench")

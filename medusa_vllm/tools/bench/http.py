@@ -7,8 +7,8 @@ Per request the client records the time to the first streamed content chunk
 reports (``stream_options.include_usage``); time per output token is (last -
 first) / (tokens - 1). Spec-decode counters come from the server's Prometheus
 ``/metrics`` (vLLM's own ``vllm:spec_decode_*`` families) before and after
-each measurement; peak RSS is ``VmHWM`` of the server and its engine-core
-process (``/proc``). The proposer's share of step time is not measured over
+each measurement; peak RSS is ``VmHWM`` of the server's worker process and
+the sum over all its processes (``/proc``). The proposer's share of step time is not measured over
 HTTP (the offline runs measure it).
 """
 
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from medusa_vllm.engine.metrics import SpecDecodeSummary
-from medusa_vllm.tools.bench.offline import peak_rss_mb
+from medusa_vllm.tools.bench.offline import peak_rss_mb, tree_peak_rss_mb
 from medusa_vllm.tools.engine_proc import EngineRunError, engine_env
 
 __all__ = ["VllmServer", "parse_spec_metrics", "run_http"]
@@ -124,15 +124,16 @@ class VllmServer:
         return parse_spec_metrics(httpx.get(self.base_url + "/metrics", timeout=30.0).text)
 
     def peak_rss_mb(self) -> dict[str, float | None]:
-        """VmHWM of the API server and of its largest descendant (the engine core)."""
+        """VmHWM of the largest process under the server (its worker: model and KV
+        cache) and the sum over the server and all its processes."""
         import psutil
 
         try:
             kids = psutil.Process(self.proc.pid).children(recursive=True)
         except psutil.Error:
             kids = []
-        core = [v for v in (peak_rss_mb(k.pid) for k in kids) if v is not None]
-        return {"engine_core": max(core) if core else None, "frontend": peak_rss_mb(self.proc.pid)}
+        each = [v for v in (peak_rss_mb(k.pid) for k in kids) if v is not None]
+        return {"worker": max(each) if each else None, "all_processes": tree_peak_rss_mb(self.proc.pid)}
 
     def stop(self) -> None:
         try:

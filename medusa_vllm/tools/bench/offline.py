@@ -9,16 +9,18 @@ are done (``max_num_seqs`` is the largest level, so the scheduler never holds
 any back). Per request, vLLM's own request stats give the time to first token
 and the time per output token (first to last token over ``n - 1`` tokens).
 
-In the engine-core process the driver wraps the model runner's
+In the worker process (where the model runs) the driver wraps the model runner's
 ``execute_model``, ``sample_tokens`` and ``propose_draft_token_ids`` with
 timers (``collective_rpc``; needs ``VLLM_ALLOW_INSECURE_SERIALIZATION=1``,
 set by :func:`run_offline`): the proposer's share of step time is the time in
 ``propose_draft_token_ids`` over the time in the other two (it runs inside
-them). The same call reads the engine core's peak RSS (``VmHWM``).
+them). The same call reads the worker's peak RSS (``VmHWM``: the model, the
+KV cache, the drafter); the sum over the engine's processes is kept beside it.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -45,7 +47,20 @@ def peak_rss_mb(pid: int | str = "self") -> float | None:
     return None
 
 
-# --------------------------------------------------------------- engine-core side
+def tree_peak_rss_mb(pid: int) -> float | None:
+    """Sum of the peak RSS of a process and all its descendants (the frontend, vLLM's
+    engine core and its worker): an upper bound of the engine's peak footprint."""
+    import psutil
+
+    try:
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return None
+    vals = [v for v in (peak_rss_mb(p.pid) for p in procs) if v is not None]
+    return sum(vals) if vals else None
+
+
+# ------------------------------------------------------------------- worker side
 _TIMED = (("execute_model", "execute_s"), ("sample_tokens", "sample_s"),
           ("propose_draft_token_ids", "propose_s"))
 
@@ -127,7 +142,9 @@ def _run_level(llm: Any, prompts: Sequence[str], concurrency: int, num_requests:
         while todo and len(index_of) - len(done) < concurrency:
             i = todo.popleft()
             (rid,) = llm.enqueue([prompts[i % len(prompts)]], SamplingParams(**sampling), use_tqdm=False)
-            index_of[rid] = i
+            # enqueue returns vLLM's internal id ("<external>-<8 random chars>"); outputs carry
+            # the external one
+            index_of[rid.rsplit("-", 1)[0]] = i
         for out in engine.step():
             if out.finished:
                 done[index_of[out.request_id]] = out
@@ -170,10 +187,10 @@ def drive(llm: Any, args: Mapping[str, Any]) -> dict[str, Any]:
                 "temperature"))
             lv["mode"] = mode["name"]
             levels.append(lv)
-    core = _rpc(llm, _read_timers)
+    worker = _rpc(llm, _read_timers)
     return {"levels": levels, "timers_installed": timers_ok is True,
-            "peak_rss_mb": {"engine_core": core.get("peak_rss_mb") if isinstance(core, dict) else None,
-                            "frontend": peak_rss_mb()}}
+            "peak_rss_mb": {"worker": worker.get("peak_rss_mb") if isinstance(worker, dict) else None,
+                            "all_processes": tree_peak_rss_mb(os.getpid())}}
 
 
 # -------------------------------------------------------------------- parent side

@@ -163,8 +163,7 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         depth_n = max((len(r["acceptance_per_depth"]) for r in rs), default=0)
         depth = [statistics.median([r["acceptance_per_depth"][d] if d < len(r["acceptance_per_depth"])
                                     else 0.0 for r in rs]) for d in range(depth_n)]
-        rss = [max((v for v in (r["peak_rss_mb"] or {}).values() if v is not None), default=None)
-               for r in rs]
+        rss = [(r["peak_rss_mb"] or {}).get("worker") for r in rs]
         same = [r.get("same_output_as_vanilla") for r in rs if r.get("same_output_as_vanilla") is not None]
         rows.append({
             **dict(zip(KEY, k)), "family": rs[0]["family"], "repeats": len(rs),
@@ -223,7 +222,7 @@ def header_lines(header: Mapping[str, Any]) -> list[str]:
 
 
 COLUMNS = ("c", "configuration", "mode", "setting", "tok/s", "× vanilla", "× best vLLM", "TPOT ms med/p90",
-           "TTFT ms med/p90", "acc. len", "acceptance per depth", "proposer share", "peak RSS MiB",
+           "TTFT ms med/p90", "acc. len", "step cost", "acceptance per depth", "proposer share", "worker peak RSS MiB",
            "same as vanilla")
 
 
@@ -236,7 +235,7 @@ def _row(s: Mapping[str, Any]) -> str:
         _sp(s["speedup_vs_best_vllm"]),
         f"{_f(s['tpot_ms_median'], '.1f')} / {_f(s['tpot_ms_p90'], '.1f')}",
         f"{_f(s['ttft_ms_median'], '.0f')} / {_f(s['ttft_ms_p90'], '.0f')}",
-        _f(s["mean_accepted_length"]), depth,
+        _f(s["mean_accepted_length"]), _f(s["step_cost_vs_vanilla"]), depth,
         "not measured" if s["proposer_share"] is None else f"{100 * s['proposer_share']:.1f}%",
         _f(s["peak_rss_mb"], ".0f"), same,
     ]
@@ -252,8 +251,9 @@ def markdown(header: Mapping[str, Any], summary: Sequence[Mapping[str, Any]],
            ("Ratios: median (min–max) over the rounds, each round against vanilla of the same round "
            "(sampling modes against vanilla sampling at the same temperature); × best vLLM: against "
            "the best of vLLM's own speculators (its best setting) in the same round and mode. "
-           "TPOT: time per output token per request; TTFT: time to first token. Proposer share: "
-           "time in the drafter over engine step time (offline only)."), ""]
+           "TPOT: time per output token per request; TTFT: time to first token. Step cost: TPOT "
+           "x accepted length over vanilla's TPOT (one engine step in vanilla decode steps). "
+           "Proposer share: time in the drafter over engine step time (offline only)."), ""]
     main = [s for s in summary if s["best"] and s["family"] != "cost"]
     for transport in sorted({s["transport"] for s in main}):
         out += [f"## {transport}", "", "| " + " | ".join(COLUMNS) + " |",
