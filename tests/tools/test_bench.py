@@ -25,7 +25,9 @@ def parse(*argv: str) -> argparse.Namespace:
 
 # ------------------------------------------------------------------ prompts
 @pytest.fixture
-def no_corpus(monkeypatch):
+def no_corpus(monkeypatch, tmp_path):
+    monkeypatch.setenv("MEDUSA_VLLM_CACHE", str(tmp_path / "cache"))  # no cached draw either
+
     def missing(*args, **kwargs):
         raise missing_corpus("fortune files", "/usr/share/games/fortunes", "fortunes")
 
@@ -59,6 +61,17 @@ def test_corpus_prompts_come_from_the_heldout_split(monkeypatch):
     assert calls == [(3, 1234, "heldout"), (2, 1234, "heldout")]
     mix = load_prompts("mix", 5)
     assert mix == ["p0", EVERYDAY_PROMPTS[0], "p1", EVERYDAY_PROMPTS[1], "p2"]
+
+
+def test_corpus_draws_are_cached(monkeypatch, tmp_path):
+    monkeypatch.setenv("MEDUSA_VLLM_CACHE", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(prompts_mod, "build_prompts", lambda n, seed, split: calls.append(n)
+                        or [f"p{i}" for i in range(n)])
+    assert load_prompts("corpus", 3, cache=True) == ["p0", "p1", "p2"]
+    assert load_prompts("corpus", 3, cache=True) == ["p0", "p1", "p2"] and calls == [3]
+    assert load_prompts("corpus", 2, cache=True) == ["p0", "p1"] and calls == [3, 2]  # other size
+    assert len(list((tmp_path / "bench").glob("corpus-prompts-*.json"))) == 2
 
 
 def test_everyday_and_file_prompts(tmp_path):

@@ -250,7 +250,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if "vanilla" not in [c.name for c in configs]:  # every ratio needs it
         configs.insert(0, CONFIGS["vanilla"])
     max_tokens, num_prompts = int(args.max_tokens), int(args.num_prompts)
-    prompts = load_prompts(args.prompts, max(num_prompts, 2 * max(concurrency)))
+    prompts = load_prompts(args.prompts, max(num_prompts, 2 * max(concurrency)), cache=True)
 
     if args.model is None or args.heads is None:
         from medusa_vllm.tools.default_model import default_model_info

@@ -61,16 +61,47 @@ EVERYDAY_PROMPTS: tuple[str, ...] = (
 )
 
 
-def bench_prompts(n: int, seed: int = CORPUS_SEED) -> list[str]:
+def _corpus_key(n: int, seed: int) -> str:
+    """Cache key of a corpus draw: its size and seed, and the source of the code
+    that builds it (prompt templates, corpus readers)."""
+    import hashlib
+
+    import medusa_vllm.training.prompts as prompts_mod
+    from medusa_vllm.training import corpora
+
+    h = hashlib.sha256(f"{n}:{seed}".encode())
+    files = [Path(prompts_mod.__file__), *sorted(Path(corpora.__file__).parent.glob("*.py"))]
+    for f in files:
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def bench_prompts(n: int, seed: int = CORPUS_SEED, cache: bool = False) -> list[str]:
     """``n`` held-out prompts from the offline Debian corpora. A missing corpus
-    is an error naming the package(s) and the apt-get command."""
+    is an error naming the package(s) and the apt-get command. Parsing the
+    corpora takes a while; with ``cache`` the draw is kept under
+    :func:`medusa_vllm.core.paths.cache_root` ``/bench``, keyed by ``n``,
+    ``seed`` and the source of the prompt and corpus code."""
     from medusa_vllm.training.corpora.common import MissingCorpus
     from medusa_vllm.training.prompts import build_prompts
 
+    path = None
+    if cache:
+        from medusa_vllm.core.paths import cache_root
+
+        path = cache_root() / "bench" / f"corpus-prompts-{_corpus_key(n, seed)}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
     try:
-        return build_prompts(n, seed=seed, split="heldout")
+        out = build_prompts(n, seed=seed, split="heldout")
     except MissingCorpus as exc:
         raise MissingCorpus(f"bench draws its prompts from the offline Debian corpora: {exc}") from exc
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(out))
+        tmp.replace(path)
+    return out
 
 
 def _read_jsonl(path: Path) -> list[str]:
@@ -93,17 +124,18 @@ def _read_jsonl(path: Path) -> list[str]:
     return out
 
 
-def load_prompts(which: str, n: int) -> list[str]:
+def load_prompts(which: str, n: int, cache: bool = False) -> list[str]:
     """``n`` prompts of set ``which`` (``corpus``, ``everyday``, ``mix`` or a
-    ``.jsonl`` path); sets smaller than ``n`` repeat in order."""
+    ``.jsonl`` path); sets smaller than ``n`` repeat in order. ``cache``: see
+    :func:`bench_prompts`."""
     if n < 1:
         raise ValueError(f"bench: need at least one prompt, asked for {n}")
     if which == "corpus":
-        base = bench_prompts(n)
+        base = bench_prompts(n, cache=cache)
     elif which == "everyday":
         base = list(EVERYDAY_PROMPTS)
     elif which == "mix":
-        corpus = bench_prompts((n + 1) // 2)
+        corpus = bench_prompts((n + 1) // 2, cache=cache)
         every = list(EVERYDAY_PROMPTS)
         base = [p for pair in zip(corpus, every * (len(corpus) // len(every) + 1)) for p in pair]
     else:
