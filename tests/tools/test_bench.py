@@ -147,6 +147,12 @@ def test_rounds_alternate_the_slot_order(tmp_path, heads):
     with pytest.raises(ValueError, match="repeats"):
         cli.schedule(plan.slots, 0)
     assert cli.requests_per_level(1, 4) == 4 and cli.requests_per_level(16, 4) == 32
+    # asking for one sampling mode still measures vanilla sampling, its reference
+    plan = cli.make_plan(parse("--model", "m", "--heads", heads, "--prompts", "everyday", "--quick",
+                               "--configs", "vanilla,medusa_tree", "--modes", "typical",
+                               "--out", str(tmp_path)))
+    assert [(s.config.name, s.modes) for s in plan.slots] == [("vanilla", ["sample"]),
+                                                              ("medusa_tree", ["typical"])]
 
 
 # --------------------------------------------------------- fake engine runs

@@ -39,6 +39,7 @@ from medusa_vllm.tools.bench.configs import (
     Variant,
     config_from_json,
     cost_curve_config,
+    reference_mode,
 )
 from medusa_vllm.tools.bench.prompts import PROMPT_SETS
 from medusa_vllm.tools.bench.report import (
@@ -283,7 +284,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
         if reason:
             unavailable.append(unavailable_record(config=cfg.name, family=cfg.family, reason=reason))
             continue
-        cmodes = [m for m in cfg.modes if m in modes]
+        # vanilla also runs the reference mode of every mode asked for (ratios need it)
+        wanted = set(modes) | ({reference_mode(m) for m in modes} if cfg.family == "vanilla" else set())
+        cmodes = [m for m in cfg.modes if m in wanted]
         if not cmodes:
             continue
         if cfg.needs_vllm_heads and not ctx.vllm_heads:
