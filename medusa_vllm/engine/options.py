@@ -46,6 +46,16 @@ Options (defaults in brackets):
   branch repeats the heads' top-1 path. At most the number of heads; 0 = off.
 - ``ngram_min`` [2] / ``ngram_max`` [5]: the n-gram lengths matched (as vLLM's
   ``prompt_lookup_min`` / ``prompt_lookup_max``).
+- ``tree="beam:W"`` / ``"beam:W:K"``: beam drafts (:mod:`medusa_vllm.core.beam`):
+  each step the W best paths of a width-W beam search over the first K heads'
+  log-probabilities (K = all heads by default), verified as W disjoint chains
+  of depth K in one static tree (``W*K`` nodes, BFS order).
+- ``adaptive`` [False]: adaptive head selection (:mod:`medusa_vllm.engine.adaptive`):
+  per request, draft only as deep as its recent per-depth acceptance pays for.
+- ``adaptive_node_cost`` [None]: the relative step time of one drafted node the
+  adaptive policy assumes (``1 + cost * nodes``); None = the cost curve
+  ``medusa-vllm calibrate`` saved beside the heads, else
+  :data:`~medusa_vllm.engine.adaptive.DEFAULT_NODE_COST`.
 
 Per request, ``SamplingParams.extra_args`` may override the acceptance options
 (:mod:`medusa_vllm.engine.request`).
@@ -78,6 +88,7 @@ from medusa_vllm.core.acceptance import (
     DEFAULT_POSTERIOR_THRESHOLD,
     AcceptanceRule,
 )
+from medusa_vllm.core.beam import beam_choices, parse_beam_spec
 from medusa_vllm.core.tree import (
     PRESETS,
     MedusaTree,
@@ -108,7 +119,7 @@ _EXPECTED = {
     "heads": "the path of a Medusa heads folder",
     "tree": (
         f'"auto", a preset ({", ".join(sorted(PRESETS))}), a medusa_choices list such '
-        "as [[0], [1], [0, 0]], or the path of a JSON file"
+        'as [[0], [1], [0, 0]], the path of a JSON file, or beam drafts "beam:W" / "beam:W:K"'
     ),
     "medusa_choices": "a list of paths such as [[0], [1], [0, 0]]",
     "acceptance": " or ".join(repr(m) for m in ACCEPTANCE_MODES),
@@ -118,6 +129,8 @@ _EXPECTED = {
     "ngram_nodes": "an integer >= 0 (0: no prompt-lookup branch), at most the number of heads",
     "ngram_min": "an integer >= 1",
     "ngram_max": "an integer >= 1, at least ngram_min",
+    "adaptive": "true or false",
+    "adaptive_node_cost": "a number >= 0 (relative step time per drafted node), or null",
     "nodes_by_batch": (
         '"auto", "off", or a {batch_size: tree_nodes} table such as {"1": 32, "8": 4} '
         "(batch sizes >= 1, tree sizes >= 0)"
@@ -153,6 +166,7 @@ PosteriorAlpha = Annotated[float, BeforeValidator(_finite), Field(ge=0.0)]
 MaxNodes = Annotated[int, BeforeValidator(_no_bool), Field(ge=1)]
 NgramNodes = Annotated[int, BeforeValidator(_no_bool), Field(ge=0)]
 NgramLength = Annotated[int, BeforeValidator(_no_bool), Field(ge=1)]
+NodeCost = Annotated[float, BeforeValidator(_finite), Field(ge=0.0)]
 
 
 def _nodes_by_batch(value: Any) -> Any:
@@ -245,6 +259,8 @@ class MedusaTreeConfig(BaseModel):
     ngram_nodes: NgramNodes = 0
     ngram_min: NgramLength = 2
     ngram_max: NgramLength = 5
+    adaptive: Annotated[bool, Field(strict=True)] = False
+    adaptive_node_cost: NodeCost | None = None
 
     @field_validator("ngram_max")
     @classmethod
@@ -275,6 +291,9 @@ class MedusaTreeConfig(BaseModel):
             value = str(value)
         if isinstance(value, str):
             text = value.strip()
+            beam = parse_beam_spec(text) if text.lower().split(":")[0] == "beam" else None
+            if beam is not None:  # "beam:W" / "beam:W:K" (malformed: parse_beam_spec says so)
+                return ":".join(["beam", *(str(x) for x in beam if x is not None)])
             if text.startswith("["):
                 try:
                     value = json.loads(text)
@@ -368,6 +387,14 @@ class MedusaTreeConfig(BaseModel):
             num_heads = self.heads_info().num_heads
         spec: Any = self.tree
         origin = repr(spec) if not isinstance(spec, list) else "the medusa_choices list"
+        if self.beam is not None:  # W disjoint chains of depth K
+            width, depth = self.beam
+            if depth is not None and depth > num_heads:
+                raise MedusaConfigError(
+                    f"tree: {origin} uses {depth} heads but {self.heads} has {num_heads}; "
+                    f'use "beam:{width}:K" with K <= {num_heads}, or "beam:{width}" (all heads)'
+                )
+            spec = [list(p) for p in beam_choices(width, depth or num_heads)]
         if spec == "auto":
             saved = Path(self.heads) / TREE_FILE
             if saved.is_file():
@@ -437,6 +464,11 @@ class MedusaTreeConfig(BaseModel):
                 )
             tree = tree.truncate(cap)
         pinned = self.model_copy(update={"tree": tree.to_list()})
+        if self.beam is not None:  # beam drafts stay beam drafts: "beam:W:K", cut by max_nodes
+            width, depth = self.beam
+            depth = depth or num_heads or self.heads_info().num_heads
+            cut = tree.num_nodes if tree.num_nodes < width * depth else self.max_nodes
+            pinned = self.model_copy(update={"tree": f"beam:{width}:{depth}", "max_nodes": cut})
         table = self.load_nodes_by_batch(pinned.engine_tree(num_heads))
         return pinned.model_copy(update={"nodes_by_batch": table or "off"})
 
@@ -457,6 +489,13 @@ class MedusaTreeConfig(BaseModel):
                 f"{num_heads}"
             )
         return with_chain_branch(tree, self.ngram_nodes, num_heads)
+
+    @property
+    def beam(self) -> tuple[int, int | None] | None:
+        """``(W, K)`` for ``tree="beam:W:K"`` (``K`` None: all heads), else None."""
+        if isinstance(self.tree, str) and self.tree.split(":")[0] == "beam":
+            return parse_beam_spec(self.tree)
+        return None
 
     @property
     def num_speculative_tokens(self) -> int:

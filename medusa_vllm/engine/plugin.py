@@ -78,7 +78,8 @@ PROPOSER_CLASS = "medusa_vllm.engine.proposer.MedusaTreeProposer"
 WORKER_CLASSES: dict[str, str] = {"cpu": "medusa_vllm.engine.cpu.worker.MedusaTreeCPUWorker"}
 # speculative_config keys that are Medusa options (besides "model" = heads).
 _OPTION_KEYS = ("heads", "tree", "acceptance", "posterior_threshold", "posterior_alpha", "max_nodes",
-                "nodes_by_batch", "ngram_nodes", "ngram_min", "ngram_max")
+                "nodes_by_batch", "ngram_nodes", "ngram_min", "ngram_max",
+                "adaptive", "adaptive_node_cost")
 _SOURCE = f"speculative_config (method {METHOD!r})"
 # vLLM logprobs_mode values the tree verifier honours: it returns, for each
 # emitted token, log_softmax of the raw target logits row that scored it.

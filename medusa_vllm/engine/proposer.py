@@ -13,19 +13,39 @@ only a BFS prefix of it, which is still a valid tree. The tree also shrinks
 with the batch (``nodes_by_batch``): each step drafts the first
 ``nodes_for_batch(table, batch size)`` BFS nodes, since verification turns
 compute-bound as the batch grows.
+
+Two per-request drafting policies ride on the same static tree:
+
+- ``tree="beam:W[:K]"`` (:mod:`medusa_vllm.core.beam`): the tree is W disjoint
+  chains of depth K; chain ``w`` holds the ``w``-th best path of a width-W beam
+  search over the heads' log-probabilities instead of per-head top-k ranks.
+- ``adaptive`` (:mod:`medusa_vllm.engine.adaptive`): each request drafts only
+  the BFS levels its recent acceptance pays for (at most what the batch size
+  allows); the runner reports each verified step (:meth:`MedusaTreeProposer.observe`)
+  and each finished request (:meth:`MedusaTreeProposer.forget`).
 """
 
 from __future__ import annotations
 
 import functools
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from medusa_vllm.core.beam import beam_node_tokens, beam_search
 from medusa_vllm.core.hydra import HydraHeads
 from medusa_vllm.core.tree import MedusaTree, nodes_for_batch
-from medusa_vllm.engine.options import MedusaTreeConfig
+from medusa_vllm.engine.adaptive import (
+    DEFAULT_NODE_COST,
+    AdaptiveDepth,
+    linear_cost,
+    nodes_at_depth,
+)
+from medusa_vllm.engine.options import MedusaConfigError, MedusaTreeConfig
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -74,6 +94,14 @@ class MedusaTreeProposer:
         self.heads = None
         self.dtype = vllm_config.model_config.dtype
         self._prefix_trees: dict[int, MedusaTree] = {}
+        # beam drafts: node i holds chain path[0]'s token at depth len(path)
+        self.beam_width: int | None = self.config.beam[0] if self.config.beam else None
+        self._chain = torch.tensor([p[0] for p in self.tree.medusa_choices], dtype=torch.long)
+        self._depth = self.tree.position_offsets[1:] - 1
+        self.adaptive: AdaptiveDepth | None = None
+        if self.config.adaptive:
+            self.adaptive = AdaptiveDepth(nodes_at_depth(self.tree.position_offsets.tolist()),
+                                          adaptive_step_cost(self.config, self.tree))
 
     # vLLM's CPUModelRunner.load_model calls this with the loaded backbone.
     def load_model(self, target_model: torch.nn.Module) -> None:
@@ -88,6 +116,11 @@ class MedusaTreeProposer:
         param = next(target_model.parameters())
         self.heads = heads.to(device=param.device, dtype=self.dtype).eval()
         use_engine_gemm(self.heads)
+        if self.beam_width is not None and isinstance(self.heads, HydraHeads):
+            raise MedusaConfigError(
+                f"tree: {self.config.tree!r} (beam drafts) needs Medusa heads, whose depths are "
+                f"independent; {self.config.heads} holds Hydra heads: use a static tree"
+            )
 
     @torch.inference_mode()
     def propose_tree(
@@ -96,15 +129,18 @@ class MedusaTreeProposer:
         eligible: list[bool],
         ngram_drafts: np.ndarray | None = None,
         root_tokens: list[int] | None = None,
+        req_ids: Sequence[str] | None = None,
     ) -> list[list[int]]:
         """``hidden_states [B, H]`` at each request's last accepted position ->
         one BFS list of tree tokens per eligible request: the first
-        ``nodes_for_batch(nodes_by_batch, len(eligible))`` nodes.
+        ``nodes_for_batch(nodes_by_batch, len(eligible))`` nodes (with
+        ``adaptive``, at most that many: as many as the request's policy says).
 
         ``ngram_drafts [B, ngram_nodes]`` (``-1`` = none) fill the prompt-lookup
         branch; where a request has none, the branch repeats the heads' top-1.
         ``root_tokens [B]``: the token each request just sampled (the tree's root),
         which Hydra heads read (:mod:`medusa_vllm.engine.hydra_draft`).
+        ``req_ids [B]``: the requests' ids (the adaptive policy's state is per request).
         """
         assert self.heads is not None, "load_model() was not called"
         out: list[list[int]] = [[] for _ in eligible]
@@ -112,6 +148,13 @@ class MedusaTreeProposer:
         n = nodes_for_batch(self.nodes_by_batch, len(eligible), self.tree.num_nodes)
         if not rows or n == 0:
             return out
+        sizes = [n] * len(rows)
+        if self.adaptive is not None and req_ids is not None:  # per request, at most n nodes
+            sizes = [min(n, self.adaptive.nodes(req_ids[i])) for i in rows]
+            rows, sizes = [i for i, m in zip(rows, sizes) if m], [m for m in sizes if m]
+            if not rows:
+                return out
+            n = max(sizes)
         tree = self._prefix_tree(n)
         h = hidden_states[rows].to(self.dtype)
         branch = self.ngram_rank is not None and tree.topk > self.ngram_rank
@@ -121,22 +164,65 @@ class MedusaTreeProposer:
 
             nodes = hydra_nodes(self.heads, h, root_tokens, rows, tree, k,
                                 self.ngram_rank if branch else None, ngram_drafts)
-            for i, toks in zip(rows, nodes.tolist()):
-                out[i] = toks
-            return out
-        # only the heads the (truncated) tree reaches: a depth-2 tree runs 2 of K heads
-        topk = self.heads.topk(h, k, tree.max_depth)  # [b, depth, k] full-vocab ids
-        if branch:  # the branch's rank is column k: prompt lookup, else the heads' top-1
-            fill = topk[:, :, 0].clone()
-            if ngram_drafts is not None:
-                found = torch.from_numpy(ngram_drafts[rows, : tree.max_depth]).to(fill.device)
-                d = found.shape[1]
-                fill[:, :d] = torch.where(found >= 0, found.to(fill.dtype), fill[:, :d])
-            topk = torch.cat([topk, fill.unsqueeze(-1)], dim=-1)
-        nodes = tree.node_tokens(topk, torch.zeros(len(rows), dtype=torch.long))[:, 1:]
-        for i, toks in zip(rows, nodes.tolist()):
-            out[i] = toks
+        elif self.beam_width is not None:  # chains of the beam's best paths
+            nodes = self._beam_nodes(h, tree, rows, branch, ngram_drafts)
+        else:
+            # only the heads the (truncated) tree reaches: a depth-2 tree runs 2 of K heads
+            topk = self.heads.topk(h, k, tree.max_depth)  # [b, depth, k] full-vocab ids
+            if branch:  # the branch's rank is column k: prompt lookup, else the heads' top-1
+                topk = torch.cat([topk, self._ngram_fill(topk[:, :, 0], rows, ngram_drafts)
+                                  .unsqueeze(-1)], dim=-1)
+            nodes = tree.node_tokens(topk, torch.zeros(len(rows), dtype=torch.long))[:, 1:]
+        for i, m, toks in zip(rows, sizes, nodes.tolist()):
+            out[i] = toks[:m]
         return out
+
+    @staticmethod
+    def _ngram_fill(top1: torch.Tensor, rows: list[int],
+                    ngram_drafts: np.ndarray | None) -> torch.Tensor:
+        """``[b, depth]`` prompt-lookup tokens where found, else ``top1`` (the heads' best)."""
+        fill = top1.clone()
+        if ngram_drafts is not None:
+            found = torch.from_numpy(ngram_drafts[rows, : fill.shape[1]]).to(fill.device)
+            d = found.shape[1]
+            fill[:, :d] = torch.where(found >= 0, found.to(fill.dtype), fill[:, :d])
+        return fill
+
+    def _beam_nodes(self, h: torch.Tensor, tree: MedusaTree, rows: list[int], branch: bool,
+                    ngram_drafts: np.ndarray | None) -> torch.Tensor:
+        """``[b, n]`` node tokens of the beam tree's BFS prefix ``tree``: chain ``w`` =
+        the ``w``-th best path of a width-W beam over the heads ``tree`` reaches
+        (each head's top-W tokens suffice: heads are independent of the path)."""
+        assert self.heads is not None and self.beam_width is not None
+        width = self.beam_width
+        logp = torch.log_softmax(self.heads(h, tree.max_depth).float(), dim=-1)  # [D, b, dv]
+        top = torch.topk(logp, min(width, logp.shape[-1]), dim=-1)
+        ids = self.heads.map_to_full(top.indices).movedim(0, 1)  # [b, D, W]
+        paths = beam_search(top.values.movedim(0, 1), width, token_ids=ids).tokens  # [b, W', D]
+        if paths.shape[1] < width:  # fewer distinct paths than chains: repeat the best
+            pad = paths[:, :1].expand(-1, width - paths.shape[1], -1)
+            paths = torch.cat([paths, pad], dim=1)
+        if branch:  # chain W: prompt lookup, else the best path
+            paths = torch.cat([paths, self._ngram_fill(paths[:, 0], rows, ngram_drafts)
+                               .unsqueeze(1)], dim=1)
+        n = tree.num_nodes
+        return beam_node_tokens(paths, self._chain[:n], self._depth[:n])
+
+    # ------------------------------------------------------------ adaptive
+    def observe(self, req_ids: Sequence[str], num_draft_tokens: Sequence[int],
+                num_accepted: Sequence[int]) -> None:
+        """A verified step (adaptive policy): per request, the nodes it drafted and
+        the draft tokens its accepted path holds."""
+        if self.adaptive is None:
+            return
+        for req_id, n, a in zip(req_ids, num_draft_tokens, num_accepted):
+            if n:
+                self.adaptive.observe(req_id, self.adaptive.depth_of(int(n)), int(a))
+
+    def forget(self, req_id: str) -> None:
+        """``req_id`` left the engine: drop its adaptive state."""
+        if self.adaptive is not None:
+            self.adaptive.drop(req_id)
 
     def _prefix_tree(self, n: int) -> MedusaTree:
         """The tree's first ``n`` BFS nodes (cached per size)."""
@@ -147,3 +233,27 @@ class MedusaTreeProposer:
     # The custom_class interface vLLM checks for; the tree runner never calls it.
     def propose(self, sampled_token_ids, *args, **kwargs) -> list[list[int]]:
         return [[] for _ in sampled_token_ids]
+
+
+def adaptive_step_cost(config: MedusaTreeConfig, tree: MedusaTree) -> Callable[[int], float]:
+    """The adaptive policy's ``step_cost(nodes)`` (relative step time, plain step = 1):
+    ``1 + adaptive_node_cost * nodes`` when set; else the batch-1 cost curve
+    ``medusa-vllm calibrate`` saved beside the heads (``cost_curves_relative``,
+    chains priced on ``chain_cost_curves_relative``); else
+    :data:`~medusa_vllm.engine.adaptive.DEFAULT_NODE_COST` per node."""
+    if config.adaptive_node_cost is not None:
+        return linear_cost(config.adaptive_node_cost)
+    from medusa_vllm.checkpoints import TREE_FILE
+    from medusa_vllm.core.tree_fit import prefix_cost
+
+    saved = Path(config.heads) / TREE_FILE
+    try:
+        data = json.loads(saved.read_text()) if saved.is_file() else {}
+        curve = {int(k): float(v) for k, v in data.get("cost_curves_relative", {})["1"].items()}
+        chains = {int(k): float(v)
+                  for k, v in data.get("chain_cost_curves_relative", {}).get("1", {}).items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return linear_cost(DEFAULT_NODE_COST)
+    if not curve:
+        return linear_cost(DEFAULT_NODE_COST)
+    return lambda n: prefix_cost(tree, n, curve, chains) if n else 1.0

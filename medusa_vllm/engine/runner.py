@@ -18,7 +18,10 @@ tokens in BFS order. The mixin changes exactly four things:
 4. ``propose_draft_token_ids``: the heads read the hidden state of each
    request's last accepted node (:class:`medusa_vllm.engine.proposer.MedusaTreeProposer`);
    with ``ngram_nodes``, prompt lookup over the request's own tokens fills the
-   tree's n-gram branch (:mod:`medusa_vllm.engine.ngram`).
+   tree's n-gram branch (:mod:`medusa_vllm.engine.ngram`). With ``adaptive``, each
+   verified step's accepted lengths go back to the proposer's per-request policy
+   (:meth:`MedusaTreeProposer.observe`), and a request's state is dropped when vLLM
+   removes the request (:meth:`MedusaTreeRunnerMixin._on_request_state_removed`).
 
 Device-agnostic: positions and the slot mapping are read and written on the
 runner's device tensors (``self.positions``, the block table's
@@ -198,10 +201,19 @@ class MedusaTreeRunnerMixin(_RunnerBase):
         )
         self._last_node = res.last_node
         self._compact_kv(spec_decode_metadata.num_draft_tokens, res.accepted_nodes)
+        proposer = cast(MedusaTreeProposer, self.drafter)
+        if proposer.adaptive is not None:  # per-request acceptance -> next drafting depth
+            nd = spec_decode_metadata.num_draft_tokens
+            proposer.observe(self.input_batch.req_ids[: len(nd)], nd, res.num_accepted.tolist())
         return SamplerOutput(
             sampled_token_ids=res.sampled_token_ids,
             logprobs_tensors=res.logprobs_tensors,
         )
+
+    def _on_request_state_removed(self, req_id: str, req_state: Any) -> None:
+        # vLLM's hook when a finished request leaves the runner: no state outlives it
+        super()._on_request_state_removed(req_id, req_state)
+        cast(MedusaTreeProposer, self.drafter).forget(req_id)
 
     def _compact_kv(self, num_draft_tokens: list[int], accepted_nodes: torch.Tensor) -> None:
         """Move accepted nodes' KV from slot(root + node) to slot(root + depth)."""
@@ -260,4 +272,5 @@ class MedusaTreeRunnerMixin(_RunnerBase):
             )
         # the tree's root: the token each request just sampled (Hydra heads read it)
         roots = [t[-1] if t else -1 for t in sampled_token_ids]
-        return proposer.propose_tree(sample_hidden_states[rows], eligible, ngram, roots)
+        return proposer.propose_tree(sample_hidden_states[rows], eligible, ngram, roots,
+                                     req_ids=self.input_batch.req_ids[:b])

@@ -192,3 +192,111 @@ def test_ngram_branch_carries_prompt_lookup_tokens_else_the_heads_top1(setup):
     for b in range(4):
         by_path = dict(zip(map(tuple, p.tree.to_list()), plain[b]))
         assert [by_path[(r,) * d] for d in (1, 2, 3)] == top1[b]
+
+
+# ------------------------------------------------------------------ policies
+def _policy_proposer(heads_dir, lm, **options):
+    opts = {"heads": str(heads_dir), "nodes_by_batch": "off", **options}
+    vcfg = types.SimpleNamespace(additional_config={"medusa": MedusaTreeConfig.from_dict(opts)
+                                                    .resolved().to_dict()},
+                                 model_config=types.SimpleNamespace(dtype=torch.float32))
+    p = MedusaTreeProposer(vcfg)
+    p.load_model(lm)
+    return p
+
+
+def _brute_force_beam(ref: MedusaHeads, hidden: torch.Tensor, width: int, depth: int):
+    """Per row, the ``width`` best of all draft_vocab**depth paths by summed log-prob
+    (full-vocabulary ids), from the plain torch heads."""
+    import itertools
+
+    with torch.no_grad():
+        logp = torch.log_softmax(ref(hidden, depth).double(), dim=-1)  # [K, B, dv]
+    out = []
+    for b in range(hidden.shape[0]):
+        scored = sorted(((sum(float(logp[d, b, t]) for d, t in enumerate(path)), path)
+                         for path in itertools.product(range(logp.shape[-1]), repeat=depth)),
+                        key=lambda x: -x[0])[:width]
+        paths = [list(p) for _, p in scored]
+        if ref.token_map is not None:
+            paths = [[int(ref.token_map[t]) for t in p] for p in paths]
+        out.append(paths)
+    return out
+
+
+@pytest.mark.parametrize("spec,width,depth", [("beam:3", 3, 3), ("beam:5:2", 5, 2)])
+def test_beam_tree_holds_the_w_best_joint_paths(setup, spec, width, depth):
+    ref, heads_dir, lm = setup
+    p = _policy_proposer(heads_dir, lm, tree=spec)
+    assert p.tree.num_nodes == width * depth and p.beam_width == width
+    torch.manual_seed(7)
+    hidden = torch.randn(3, H)
+    got = p.propose_tree(hidden, [True, False, True])
+    assert got[1] == []
+    want = _brute_force_beam(ref, hidden, width, depth)
+    for b in (0, 2):
+        # BFS layout: node 1 + d*W + w = path w's token at depth d+1
+        chains = [[got[b][d * width + w] for d in range(depth)] for w in range(width)]
+        assert chains == want[b]
+
+
+def test_beam_tree_truncated_by_the_batch_uses_a_shallower_beam(setup):
+    ref, heads_dir, lm = setup
+    p = _policy_proposer(heads_dir, lm, tree="beam:2", nodes_by_batch={"1": 6, "2": 3})
+    hidden = torch.randn(2, H)
+    got = p.propose_tree(hidden, [True, True])  # 3 BFS nodes: depth 1 of both chains, 1 of depth 2
+    want = _brute_force_beam(ref, hidden, 2, 2)
+    for b in range(2):
+        assert got[b] == [want[b][0][0], want[b][1][0], want[b][0][1]]
+
+
+def test_beam_with_the_ngram_branch(setup):
+    ref, heads_dir, lm = setup
+    p = _policy_proposer(heads_dir, lm, tree="beam:2:2", ngram_nodes=2)
+    # chains 0, 1 (beam) and 2 (prompt lookup) of depth 2, BFS order
+    assert p.tree.to_list() == [[0], [1], [2], [0, 0], [1, 0], [2, 2]]
+    hidden = torch.randn(2, H)
+    got = p.propose_tree(hidden, [True, True], np.array([[7, -1], [-1, -1]]))
+    want = _brute_force_beam(ref, hidden, 2, 2)
+    assert got[0] == [want[0][0][0], want[0][1][0], 7, want[0][0][1], want[0][1][1], want[0][0][1]]
+    assert got[1][2::3] == want[1][0]  # no lookup: the branch repeats the best path
+
+
+def test_adaptive_drafts_per_request_and_forgets_finished_requests(setup):
+    ref, heads_dir, lm = setup
+    tree = MedusaTree.load("sparse-16", 3)
+    p = _policy_proposer(heads_dir, lm, tree="sparse-16", adaptive=True, adaptive_node_cost=0.05)
+    assert p.adaptive is not None and p.adaptive.nodes_at_depth == [0, 6, 12, 16]
+    hidden = torch.randn(2, H)
+    full = p.propose_tree(hidden, [True, True])  # no request ids: the whole tree
+    assert full == _expected_drafts(ref, hidden, tree.to_list())
+    sizes = []
+    for _ in range(24):  # "miss" never accepts; "hit" accepts whatever it drafts
+        out = p.propose_tree(hidden, [True, True], req_ids=["miss", "hit"])
+        n = [len(x) for x in out]
+        sizes.append(n)
+        assert out[0] == full[0][: n[0]] and out[1] == full[1]  # BFS prefixes, same tokens
+        p.observe(["miss", "hit"], n, [0, p.adaptive.depth_of(n[1])])
+    misses = [n[0] for n in sizes[8:]]
+    assert misses.count(0) >= 12 and set(misses) <= {0, 6}, misses  # nothing, but probes
+    p.forget("miss")
+    assert p.propose_tree(hidden, [True, True], req_ids=["miss", "hit"])[0] == full[0]
+
+
+def test_adaptive_cost_defaults(setup, tmp_path):
+    from medusa_vllm.engine.adaptive import DEFAULT_NODE_COST
+    from medusa_vllm.engine.proposer import adaptive_step_cost
+
+    _, heads_dir, _ = setup
+    tree = MedusaTree.chain(3)
+    cfg = MedusaTreeConfig.from_dict({"heads": str(heads_dir), "tree": "chain-3"})
+    assert adaptive_step_cost(cfg, tree)(4) == pytest.approx(1 + 4 * DEFAULT_NODE_COST)
+    cfg2 = cfg.model_copy(update={"adaptive_node_cost": 0.5})
+    assert adaptive_step_cost(cfg2, tree)(2) == pytest.approx(2.0)
+    # a calibrated cost curve beside the heads: chains priced on the chain curve
+    (heads_dir / "medusa_tree.json").write_text(
+        '{"medusa_choices": [[0]], "cost_curves_relative": {"1": {"4": 1.4}},'
+        ' "chain_cost_curves_relative": {"1": {"1": 1.1, "2": 1.2, "3": 1.3}}}')
+    cost = adaptive_step_cost(cfg, tree)
+    assert [cost(n) for n in (0, 1, 3)] == pytest.approx([1.0, 1.1, 1.3])
+    assert adaptive_step_cost(cfg, MedusaTree.load("sparse-4", 3))(4) == pytest.approx(1.4)
