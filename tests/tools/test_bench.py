@@ -134,6 +134,16 @@ def test_suffix_is_recorded_unavailable_with_its_reason(monkeypatch, tmp_path, h
 
 
 # ------------------------------------------------------------------ schedule
+def test_quick_is_small(tmp_path, heads):
+    plan = cli.make_plan(parse("--model", "m", "--heads", heads, "--prompts", "everyday", "--quick",
+                               "--out", str(tmp_path)))
+    assert [(s.config.name, s.variant.label, s.modes) for s in plan.slots] == [
+        ("vanilla", "", ["greedy", "sample"]), ("vllm_medusa", "k=1", ["greedy"]),
+        ("vllm_ngram", "k=4,max=5", ["greedy"]), ("medusa_tree", "", ["greedy", "typical", "rejection"])]
+    assert {s.transport for s in plan.slots} == {"offline"} and plan.args.repeats == 2
+    assert plan.requests == {1: 2, 4: 8} and plan.header["dtype_reason"] == "this CPU's best: preferred_dtype()"
+
+
 def test_rounds_alternate_the_slot_order(tmp_path, heads):
     plan = cli.make_plan(parse("--model", "m", "--heads", heads, "--prompts", "everyday", "--quick",
                                "--configs", "vanilla,vllm_ngram,medusa_tree", "--repeats", "3",
@@ -197,6 +207,7 @@ def fake_run(calls: list):
 @pytest.fixture
 def fake_bench(tmp_path, heads):
     args = parse("--model", "m", "--heads", heads, "--prompts", "everyday", "--quick", "--repeats", "3",
+                 "--num-prompts", "4", "--vllm-modes", "greedy,sample",
                  "--configs", "vanilla,vllm_medusa,vllm_ngram,vllm_suffix,medusa_tree", "--medusa-ks", "1,2",
                  "--out", str(tmp_path / "out"))
     plan = cli.make_plan(args)
@@ -349,6 +360,7 @@ vllm:spec_decode_num_drafts_created{engine="0"} 99.0
 
 def test_http_runs_each_swept_mode_at_its_best_offline_setting(tmp_path, heads):
     args = parse("--model", "m", "--heads", heads, "--prompts", "everyday", "--quick", "--repeats", "2",
+                 "--num-prompts", "4", "--vllm-modes", "greedy,sample",
                  "--transports", "offline,http", "--configs", "vanilla,vllm_medusa,medusa_tree",
                  "--medusa-ks", "1,2", "--out", str(tmp_path))
     plan = cli.make_plan(args)

@@ -52,10 +52,12 @@ from medusa_vllm.tools.bench.report import (
 
 __all__ = ["EngineSlot", "add_bench_args", "bench_main", "requests_per_level", "run_bench", "schedule"]
 
-QUICK = {"num_prompts": 4, "max_tokens": 48, "concurrency": "1,4", "transports": "offline", "repeats": 2,
-             "medusa_ks": "1", "ngram_settings": "4:5", "kv_cache_gib": 1.0}
-FULL = {"num_prompts": 8, "max_tokens": 128, "concurrency": "1,4,16,64", "transports": "offline,http", "repeats": 3,
-            "medusa_ks": "", "ngram_settings": "2:3,2:5,4:3,4:5", "kv_cache_gib": 4.0}
+QUICK = {"num_prompts": 2, "max_tokens": 32, "concurrency": "1,4", "transports": "offline", "repeats": 2,
+         "medusa_ks": "1", "ngram_settings": "4:5", "kv_cache_gib": 1.0, "vllm_modes": "greedy",
+         "configs": "vanilla,vllm_medusa,vllm_ngram,vllm_suffix,medusa_tree"}
+FULL = {"num_prompts": 8, "max_tokens": 128, "concurrency": "1,4,16,64", "transports": "offline,http",
+        "repeats": 3, "medusa_ks": "", "ngram_settings": "2:3,2:5,4:3,4:5", "kv_cache_gib": 4.0,
+        "vllm_modes": "", "configs": ",".join(DEFAULT_CONFIGS)}
 CONCURRENCY_NOTE = ("exactly c requests in flight, a new one submitted as soon as one finishes (offline: "
                     "LLM engine steps with max_num_seqs = the largest c; HTTP: c concurrent streaming "
                     "chat requests to vllm serve); max(num_prompts, 2c) requests per level")
@@ -128,12 +130,14 @@ def add_bench_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--temperature", type=float, default=0.7, help="of the sampling modes")
     ap.add_argument("--concurrency", default=None, help="requests in flight (full 1,4,16,64; quick 1,4)")
     ap.add_argument("--transports", default=None, help="offline,http (quick: offline)")
-    ap.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
-                    help=f"comma-separated, from: {', '.join(CONFIGS)}")
+    ap.add_argument("--configs", default=None, help=f"comma-separated, from: {', '.join(CONFIGS)} "
+                    f"(default {','.join(DEFAULT_CONFIGS)}; quick: without medusa_tree_ngram)")
     ap.add_argument("--add-config", action="append", default=[], metavar="NAME=JSON",
                     help="an extra configuration: NAME={speculative_config JSON}, optional "
                          "\"bench_modes\": [...] in it (repeatable)")
     ap.add_argument("--modes", default=",".join(MODES), help=f"modes to measure, from: {', '.join(MODES)}")
+    ap.add_argument("--vllm-modes", default=None, help="modes of vLLM's own speculators (default: "
+                    "every mode asked for; quick: greedy)")
     ap.add_argument("--repeats", type=int, default=None, help="interleaved rounds (full 3, quick 2)")
     ap.add_argument("--medusa-ks", default=None, help="vLLM Medusa num_speculative_tokens sweep "
                     "(default 1..K heads; quick 1)")
@@ -286,6 +290,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
             continue
         # vanilla also runs the reference mode of every mode asked for (ratios need it)
         wanted = set(modes) | ({reference_mode(m) for m in modes} if cfg.family == "vanilla" else set())
+        if cfg.family == "vllm" and args.vllm_modes:
+            wanted &= set(args.vllm_modes.split(","))
         cmodes = [m for m in cfg.modes if m in wanted]
         if not cmodes:
             continue
