@@ -73,7 +73,10 @@ def write_plots(header: Mapping[str, Any], summary: Sequence[Mapping[str, Any]],
         for ax, c in zip(axes[0], levels):
             for s in (s for s in acc if s["concurrency"] == c):
                 d = s["acceptance_per_depth"]
-                ax.plot(range(1, len(d) + 1), d, marker="o", label=f"{s['config']} {s['variant']} ({s['mode']})")
+                name = f"{s['config']} {s['variant']}".strip()
+                ax.plot(range(1, len(d) + 1), d, marker="o", label=f"{name} ({s['mode']})")
+            depth = max(len(s["acceptance_per_depth"]) for s in acc)
+            ax.set_xticks(range(1, depth + 1))
             ax.set_xlabel("depth")
             ax.set_title(f"{transport}, {c} in flight")
             ax.set_ylim(0, 1)
