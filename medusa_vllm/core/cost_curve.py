@@ -102,7 +102,7 @@ class CostCurves:
     path); ``chain[b][d]``: a top-1 chain of depth ``d`` (vLLM's causal kernel);
     ``draft[b][d]``: the heads' drafting for a tree of depth ``d`` (added to either).
     ``context``: prefix tokens per request while timing; ``seconds``: how long the
-    measurement took.
+    measurement took; ``complete``: every planned point was timed.
     """
 
     vanilla_s: dict[int, float] = field(default_factory=dict)
@@ -111,6 +111,7 @@ class CostCurves:
     draft: dict[int, dict[int, float]] = field(default_factory=dict)
     context: int = 0
     seconds: float = 0.0
+    complete: bool = True  # False: the time bound stopped the measurement early
 
     def __post_init__(self) -> None:
         self.vanilla_s = {b: float(s) for b, s in _int_keys(self.vanilla_s).items()}
@@ -127,7 +128,7 @@ class CostCurves:
 
         return {"vanilla_s": {str(b): v for b, v in self.vanilla_s.items()},
                 "tree": s(self.tree), "chain": s(self.chain), "draft": s(self.draft),
-                "context": self.context, "seconds": self.seconds}
+                "context": self.context, "seconds": self.seconds, "complete": self.complete}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> CostCurves:

@@ -12,11 +12,19 @@ Options (defaults in brackets):
 
 - ``heads``: path of the Medusa heads folder (must exist and hold a
   ``config.json`` naming the number of heads).
-- ``tree`` [``"auto"``]: ``"auto"`` = ``medusa_tree.json`` saved beside the
-  heads if present, else a preset sized to the number of heads
-  (:func:`default_tree_spec`); a preset name (``"sparse-16"``, ``"chain-3"``,
-  ...); an explicit ``medusa_choices`` list (or its JSON string); or the path
-  of a JSON file.
+- ``tree`` [``"auto"``]: ``"auto"`` = the engine fits the tree when it starts
+  (:mod:`medusa_vllm.engine.cost_curve`): it times its own verification steps on
+  this machine, dtype and thread count (a few seconds, or the curve cached for
+  that key by an earlier start) and combines them with the heads' acceptance
+  statistics shipped beside them (``per_rank_accuracy`` in ``medusa_tree.json``,
+  else ``eval.json`` / ``accuracies.json``); the tree has at most ``max_nodes``
+  (else :data:`DEFAULT_FIT_MAX_NODES`) heads nodes. Without statistics, or with
+  ``cost_curve="off"``, ``"auto"`` falls back (with a warning: it was fitted on
+  another machine) to ``medusa_tree.json`` saved beside the heads if present,
+  else a preset sized to the number of heads (:func:`default_tree_spec`). Else
+  a preset name (``"sparse-16"``, ``"chain-3"``, ...); an explicit
+  ``medusa_choices`` list (or its JSON string); or the path of a JSON file:
+  explicit trees are never refitted.
 - ``acceptance`` [``"rejection"``]: ``"rejection"`` (lossless tree rejection
   sampling), ``"typical"`` (the paper's typical acceptance) or ``"greedy"``.
   Requests with temperature 0 are always verified with exact greedy matching.
@@ -35,10 +43,12 @@ Options (defaults in brackets):
   table (each step drafts the first ``nodes`` BFS nodes; a batch size between
   entries uses the entry below it, capped at the tokens per step of the entry
   above; 0 = no speculation at that batch size);
-  ``"auto"`` = the table ``medusa-vllm calibrate`` saved in
-  ``medusa_tree.json`` when ``tree="auto"`` uses it, else the whole tree at
-  batch 1 and about :data:`DEFAULT_VERIFY_TOKEN_BUDGET` verified tokens per
-  step above it; ``"off"`` = always the whole tree.
+  ``"auto"`` = with ``tree="auto"`` fitted by the engine at start-up from the
+  same measured cost curve (batch sizes 1, 4, 16, 64), else (the fallback) the
+  table ``medusa-vllm calibrate`` saved in ``medusa_tree.json`` when
+  ``tree="auto"`` uses it, else the whole tree at batch 1 and about
+  :data:`DEFAULT_VERIFY_TOKEN_BUDGET` verified tokens per step above it;
+  ``"off"`` = always the whole tree. An explicit table is never refitted.
 - ``ngram_nodes`` [0]: length of a prompt-lookup branch added to the tree: a
   chain under the root holding the continuation of the longest n-gram match in
   the request's own prompt and output (vLLM's ``ngram`` method's matcher),
@@ -46,6 +56,14 @@ Options (defaults in brackets):
   branch repeats the heads' top-1 path. At most the number of heads; 0 = off.
 - ``ngram_min`` [2] / ``ngram_max`` [5]: the n-gram lengths matched (as vLLM's
   ``prompt_lookup_min`` / ``prompt_lookup_max``).
+- ``cost_curve`` [``$MEDUSA_VLLM_COST_CURVE``, else ``"auto"``]: how ``tree="auto"``
+  gets its cost curve: ``"auto"`` (the cached curve for this machine key, else
+  measure and cache it), ``"remeasure"`` (measure, overwrite the cache) or
+  ``"off"`` (no measurement: the fallback tree above, with a warning).
+- ``fit_max_nodes`` [None]: set by :meth:`MedusaTreeConfig.resolved`, not by
+  users: the node budget (n-gram branch included, = vLLM's
+  ``num_speculative_tokens``) of the tree the engine fits at start-up; ``None``
+  = no start-up fit (the ``tree`` list is final).
 - ``tree="beam:W"`` / ``"beam:W:K"``: beam drafts (:mod:`medusa_vllm.core.beam`):
   each step the W best paths of a width-W beam search over the first K heads'
   log-probabilities (K = all heads by default), verified as W disjoint chains
@@ -67,7 +85,9 @@ field, what was expected and what was found.
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -96,13 +116,17 @@ from medusa_vllm.core.tree import (
     normalize_choices,
     with_chain_branch,
 )
+from medusa_vllm.core.tree_fit import read_per_rank_accuracy
 
 __all__ = [
     "ACCEPTANCE_MODES",
     "ADDITIONAL_CONFIG_KEY",
+    "COST_CURVE_ENV",
+    "COST_CURVE_MODES",
     "DEFAULT_ACCEPTANCE",
-    "MedusaConfigError",
+    "DEFAULT_FIT_MAX_NODES",
     "DEFAULT_VERIFY_TOKEN_BUDGET",
+    "MedusaConfigError",
     "MedusaTreeConfig",
     "default_tree_spec",
 ]
@@ -113,6 +137,12 @@ ADDITIONAL_CONFIG_KEY = "medusa"  # vllm_config.additional_config[...] holds to_
 # Uncalibrated trees at batch > 1: about this many verified tokens per step
 # (a 2-core CPU turns compute-bound around 16-32 tokens per forward pass).
 DEFAULT_VERIFY_TOKEN_BUDGET = 32
+# tree="auto": the engine fits a tree of at most this many heads nodes at start-up
+# (vLLM's num_speculative_tokens reserves them; each step drafts only what the fit picked)
+DEFAULT_FIT_MAX_NODES = 64
+COST_CURVE_MODES = ("auto", "remeasure", "off")
+COST_CURVE_ENV = "MEDUSA_VLLM_COST_CURVE"  # default of the cost_curve option
+logger = logging.getLogger("vllm.plugins.medusa_vllm")
 
 # What each field expects, for error messages.
 _EXPECTED = {
@@ -131,6 +161,8 @@ _EXPECTED = {
     "ngram_max": "an integer >= 1, at least ngram_min",
     "adaptive": "true or false",
     "adaptive_node_cost": "a number >= 0 (relative step time per drafted node), or null",
+    "cost_curve": " or ".join(repr(m) for m in COST_CURVE_MODES),
+    "fit_max_nodes": "an integer >= 1 (set by the plugin), or null",
     "nodes_by_batch": (
         '"auto", "off", or a {batch_size: tree_nodes} table such as {"1": 32, "8": 4} '
         "(batch sizes >= 1, tree sizes >= 0)"
@@ -166,6 +198,7 @@ PosteriorAlpha = Annotated[float, BeforeValidator(_finite), Field(ge=0.0)]
 MaxNodes = Annotated[int, BeforeValidator(_no_bool), Field(ge=1)]
 NgramNodes = Annotated[int, BeforeValidator(_no_bool), Field(ge=0)]
 NgramLength = Annotated[int, BeforeValidator(_no_bool), Field(ge=1)]
+CostCurveMode = Annotated[Literal[COST_CURVE_MODES], BeforeValidator(_lower)]  # type: ignore[valid-type]
 NodeCost = Annotated[float, BeforeValidator(_finite), Field(ge=0.0)]
 
 
@@ -259,6 +292,8 @@ class MedusaTreeConfig(BaseModel):
     ngram_nodes: NgramNodes = 0
     ngram_min: NgramLength = 2
     ngram_max: NgramLength = 5
+    cost_curve: CostCurveMode = "auto"
+    fit_max_nodes: MaxNodes | None = None
     adaptive: Annotated[bool, Field(strict=True)] = False
     adaptive_node_cost: NodeCost | None = None
 
@@ -469,8 +504,53 @@ class MedusaTreeConfig(BaseModel):
             depth = depth or num_heads or self.heads_info().num_heads
             cut = tree.num_nodes if tree.num_nodes < width * depth else self.max_nodes
             pinned = self.model_copy(update={"tree": f"beam:{width}:{depth}", "max_nodes": cut})
+        budget = self._startup_fit_budget(tree, cap)
+        if budget is not None:  # the engine fits tree and table when it starts
+            return pinned.model_copy(update={"fit_max_nodes": budget,
+                                             "cost_curve": self.cost_curve_mode()})
         table = self.load_nodes_by_batch(pinned.engine_tree(num_heads))
         return pinned.model_copy(update={"nodes_by_batch": table or "off"})
+
+    def cost_curve_mode(self) -> str:
+        """``cost_curve`` as given, else ``$MEDUSA_VLLM_COST_CURVE``, else ``"auto"``."""
+        if "cost_curve" in self.model_fields_set:
+            return self.cost_curve
+        env = os.environ.get(COST_CURVE_ENV, "").strip().lower()
+        if env and env not in COST_CURVE_MODES:
+            raise MedusaConfigError(
+                f"{COST_CURVE_ENV}={os.environ[COST_CURVE_ENV]!r}: expected "
+                f"{_EXPECTED['cost_curve']}; unset it or fix its value"
+            )
+        return env or "auto"
+
+    def _startup_fit_budget(self, fallback: MedusaTree, cap: int | None) -> int | None:
+        """With ``tree="auto"``: the node budget of the tree the engine fits at start-up
+        (heads nodes + n-gram branch), or ``None`` with a warning that the fallback
+        tree ``fallback`` was fitted elsewhere (fit off, or no statistics)."""
+        if self.tree != "auto" or self.fit_max_nodes is not None:
+            return self.fit_max_nodes
+        why = None
+        if self.cost_curve_mode() == "off":
+            why = f"cost_curve='off' ({COST_CURVE_ENV} or the option)"
+        else:
+            try:
+                if read_per_rank_accuracy(self.heads) is None:
+                    why = (f"{self.heads} holds no acceptance statistics (per_rank_accuracy in "
+                           f"{TREE_FILE}, eval.json or accuracies.json: `medusa-vllm calibrate "
+                           "--data HELD_OUT` writes them)")
+            except ValueError as exc:
+                why = f"its acceptance statistics are unreadable: {exc}"
+        if why is not None:
+            saved = Path(self.heads) / TREE_FILE
+            origin = f"the tree saved in {saved}" if saved.is_file() else "a generic preset"
+            logger.warning(
+                "medusa_tree: tree='auto' is not fitted to this machine because %s; using %s "
+                "(%d nodes), fitted elsewhere, so its speed here is unknown", why, origin,
+                fallback.num_nodes)
+            return None
+        limits = [x for x in (self.max_nodes, cap) if x is not None]
+        heads_nodes = max(min(limits) if limits else DEFAULT_FIT_MAX_NODES, fallback.num_nodes)
+        return heads_nodes + self.ngram_nodes
 
     def engine_tree(self, num_heads: int | None = None) -> MedusaTree:
         """The tree the engine drafts and verifies: :meth:`load_tree` (the heads'
@@ -501,6 +581,8 @@ class MedusaTreeConfig(BaseModel):
     def num_speculative_tokens(self) -> int:
         """vLLM's ``num_speculative_tokens``: the number of tree nodes (the
         prompt-lookup branch included)."""
+        if self.fit_max_nodes is not None:  # tree="auto": the budget the start-up fit fills
+            return self.fit_max_nodes
         heads_nodes = len(self.tree) if isinstance(self.tree, list) else self.load_tree().num_nodes
         return heads_nodes + self.ngram_nodes
 

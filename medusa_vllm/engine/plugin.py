@@ -78,7 +78,7 @@ PROPOSER_CLASS = "medusa_vllm.engine.proposer.MedusaTreeProposer"
 WORKER_CLASSES: dict[str, str] = {"cpu": "medusa_vllm.engine.cpu.worker.MedusaTreeCPUWorker"}
 # speculative_config keys that are Medusa options (besides "model" = heads).
 _OPTION_KEYS = ("heads", "tree", "acceptance", "posterior_threshold", "posterior_alpha", "max_nodes",
-                "nodes_by_batch", "ngram_nodes", "ngram_min", "ngram_max",
+                "nodes_by_batch", "ngram_nodes", "ngram_min", "ngram_max", "cost_curve",
                 "adaptive", "adaptive_node_cost")
 _SOURCE = f"speculative_config (method {METHOD!r})"
 # vLLM logprobs_mode values the tree verifier honours: it returns, for each
@@ -234,6 +234,12 @@ def translate(
         "model": PROPOSER_CLASS,
         "num_speculative_tokens": medusa.num_speculative_tokens,
     }
+    if medusa.fit_max_nodes is not None:
+        # tree="auto": the engine fits a tree of at most num_speculative_tokens nodes when
+        # it starts. A (no-op) per-batch schedule stops vLLM's scheduler from padding
+        # resumed decodes to num_speculative_tokens placeholder drafts, more than that tree.
+        spec_out.setdefault("num_speculative_tokens_per_batch_size",
+                            [[1, 1, medusa.num_speculative_tokens]])
     extra[ADDITIONAL_CONFIG_KEY] = medusa.to_dict()
     return Translation(
         speculative_config=spec_out,
@@ -323,9 +329,11 @@ def translate_engine_args(args: Any) -> bool:
     args.speculative_config = result.speculative_config
     args.additional_config = result.additional_config
     args.worker_cls = result.worker_cls
+    fit = result.medusa.fit_max_nodes
     logger.info(
-        "medusa_tree: %d-node tree, acceptance=%s, heads=%s, worker=%s",
-        len(result.medusa.tree),
+        "medusa_tree: %s, acceptance=%s, heads=%s, worker=%s",
+        f"tree fitted by the engine at start-up (at most {fit} nodes)" if fit is not None
+        else f"{len(result.medusa.tree)}-node tree",
         result.medusa.acceptance,
         result.medusa.heads,
         result.worker_cls,

@@ -103,6 +103,14 @@ class MedusaTreeProposer:
             self.adaptive = AdaptiveDepth(nodes_at_depth(self.tree.position_offsets.tolist()),
                                           adaptive_step_cost(self.config, self.tree))
 
+    def reload_config(self) -> None:
+        """Rebuild everything derived from the options, keeping the loaded heads: the
+        start-up tree fit (:mod:`medusa_vllm.engine.cost_curve`) replaced them in
+        ``vllm_config.additional_config``. Before the first draft only."""
+        heads = self.heads
+        self.__init__(self.vllm_config)  # type: ignore[misc]
+        self.heads = heads
+
     # vLLM's CPUModelRunner.load_model calls this with the loaded backbone.
     def load_model(self, target_model: torch.nn.Module) -> None:
         from medusa_vllm.checkpoints import load_heads

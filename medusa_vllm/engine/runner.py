@@ -89,27 +89,46 @@ class MedusaTreeRunnerMixin(_RunnerBase):
                 f"{type(drafter).__name__}); enable Medusa with "
                 f"speculative_config={{'method': 'medusa_tree', 'model': HEADS_DIR}}"
             )
-        self.medusa_config: MedusaTreeConfig = drafter.config
-        self.medusa_tree: MedusaTree = drafter.tree
-        if self.num_spec_tokens != self.medusa_tree.num_nodes:
-            raise ValueError(
-                f"medusa_tree: num_speculative_tokens={self.num_spec_tokens} but the tree has "
-                f"{self.medusa_tree.num_nodes} nodes; let the plugin set it (method='medusa_tree')"
-            )
-        self.medusa_verifier = MedusaTreeVerifier(self.sampler, self.medusa_tree)
+        self._adopt_drafter_tree()
         cfg = self.medusa_config
         self._ngram = (
             NgramLookup(cfg.ngram_min, cfg.ngram_max, cfg.ngram_nodes, self.max_model_len,
                         self.scheduler_config.max_num_seqs)
             if cfg.ngram_nodes else None
         )
+        self._last_node: torch.Tensor | None = None
+        self._tree_batch: TreeBatch | None = None
+        self._greedy_params: dict[int, AcceptanceParams] = {}
+
+    def _adopt_drafter_tree(self) -> None:
+        """Take the drafter's options and tree, and build what depends on the tree."""
+        drafter = cast(MedusaTreeProposer, self.drafter)
+        self.medusa_config: MedusaTreeConfig = drafter.config
+        self.medusa_tree: MedusaTree = drafter.tree
+        # tree="auto": vLLM reserved num_speculative_tokens for the tree the engine fits
+        # at start-up (medusa_vllm.engine.cost_curve), which may be smaller
+        fit = self.medusa_config.fit_max_nodes is not None or self._fitted_at_startup
+        nodes = self.medusa_tree.num_nodes
+        if self.num_spec_tokens < nodes or (not fit and self.num_spec_tokens != nodes):
+            raise ValueError(
+                f"medusa_tree: num_speculative_tokens={self.num_spec_tokens} but the tree has "
+                f"{self.medusa_tree.num_nodes} nodes; let the plugin set it (method='medusa_tree')"
+            )
+        self.medusa_verifier = MedusaTreeVerifier(self.sampler, self.medusa_tree)
         # node i of a request sits at batch row root + i with vLLM's linear
         # position root_pos + i; it needs root_pos + depth(i)
         depth = self.medusa_tree.position_offsets.numpy()
         self._position_shift = depth - np.arange(depth.size)
-        self._last_node: torch.Tensor | None = None
-        self._tree_batch: TreeBatch | None = None
-        self._greedy_params: dict[int, AcceptanceParams] = {}
+
+    _fitted_at_startup = False
+
+    def reload_medusa_config(self) -> None:
+        """Switch drafter and runner to the options now in ``vllm_config.additional_config``
+        (the start-up tree fit, :mod:`medusa_vllm.engine.cost_curve`, wrote them): a tree
+        of at most ``num_speculative_tokens`` nodes. Before the first step only."""
+        cast(MedusaTreeProposer, self.drafter).reload_config()
+        self._fitted_at_startup = True
+        self._adopt_drafter_tree()
 
     # ------------------------------------------------------------ 1. inputs
     def _prepare_inputs(

@@ -1,8 +1,17 @@
 """``medusa-vllm calibrate``: the paper's optimized sparse tree, sized to this machine.
 
 1. Accuracy: per-head top-k accuracies of the heads on held-out data
-   (teacher-forced; :func:`medusa_vllm.training.evaluate.evaluate_heads`).
-2. Cost: the verification cost curve *through vLLM* on this machine — engine
+   (teacher-forced; :func:`medusa_vllm.training.evaluate.evaluate_heads`), saved
+   as ``per_rank_accuracy`` in ``medusa_tree.json``: the statistics with which
+   every engine started with ``tree: "auto"`` fits its own tree to its own machine
+   (:mod:`medusa_vllm.engine.cost_curve`).
+2. Cost (``--cost engine``, the default): one engine start with ``tree: "auto"``
+   and ``MEDUSA_VLLM_COST_CURVE=remeasure`` times its own steps (seconds, see
+   :mod:`medusa_vllm.engine.cost_curve`) and fits the tree
+   (:func:`~medusa_vllm.core.tree_fit.fit_engine_tree`); calibrate saves that tree as
+   the fallback for engines that cannot fit (``cost_curve="off"``). ``--cost e2e``:
+   the older, slower end-to-end measurement below.
+2'. Cost (``--cost e2e``): the verification cost curve *through vLLM* on this machine — engine
    step time with a tree of n nodes relative to a vanilla decode step, at the
    batch sizes that matter (:mod:`medusa_vllm.tools.bench` runs each size in a fresh
    engine).
@@ -18,9 +27,10 @@
    nodes to draft (0 = plain decoding), which the engine follows step by step
    (``nodes_by_batch`` in ``medusa_tree.json``).
 
-Writes into the heads folder: ``medusa_tree.json`` (picked up by
-``tree: "auto"``), ``calibration.json`` (accuracies, curves, the chosen tree's
-expected accepted length and speedup per batch size) and PNG plots.
+Writes into the heads folder: ``medusa_tree.json`` (``per_rank_accuracy`` for
+``tree: "auto"``, and the tree and table fitted here as its fallback),
+``calibration.json`` (accuracies, curves, the chosen tree's expected accepted length
+and speedup per batch size) and PNG plots.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ import argparse
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -42,7 +53,9 @@ __all__ = [
     "measure_accuracies",
     "measure_cost_curve",
     "measure_cost_curves",
+    "measure_startup_fit",
     "measure_target_ranks",
+    "startup_fit_probe",
 ]
 
 
@@ -182,11 +195,92 @@ def measure_cost_curves(model: str, heads_dir: str, sizes: Sequence[int],
     return curves["tree"], curves["chain"]
 
 
+def _read_startup_fit(worker: Any) -> Any:
+    return getattr(worker.model_runner, "medusa_startup_fit", None)
+
+
+def startup_fit_probe(llm: Any, args: dict) -> Any:
+    """Engine-job probe: what rank 0's start-up fit measured and picked."""
+    del args
+    return llm.collective_rpc(_read_startup_fit)[0]
+
+
+def measure_startup_fit(model: str, heads_dir: str, *, dtype: str = "float32",
+                        max_model_len: int = 1024, max_num_seqs: int = 64,
+                        run: Callable[..., Any] | None = None) -> dict:
+    """One engine start with ``tree: "auto"`` and a fresh measurement
+    (``MEDUSA_VLLM_COST_CURVE=remeasure``): the curve it timed on this machine and the
+    tree it fitted from it and the heads' ``per_rank_accuracy``
+    (:mod:`medusa_vllm.engine.cost_curve`). ``run`` (default: an engine subprocess,
+    :func:`medusa_vllm.tools.engine_proc.run_engine`) is injectable for tests."""
+    from medusa_vllm.tools.engine_proc import EngineJob, engine_kwargs, run_engine
+
+    spec = {"method": "medusa_tree", "model": heads_dir, "tree": "auto"}
+    job = EngineJob(llm=engine_kwargs(model, dtype=dtype, max_model_len=max_model_len,
+                                      speculative_config=spec, max_num_seqs=max_num_seqs),
+                    prompts=[], metrics=False, probe=f"{__name__}:startup_fit_probe")
+    env = {"MEDUSA_VLLM_COST_CURVE": "remeasure", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
+    result = (run or run_engine)(job, env=env)
+    fit = result.probe
+    if not fit or "tree" not in fit:
+        raise RuntimeError(f"the engine fitted no tree at start-up (probe returned {fit!r}); "
+                           f"does {heads_dir}/{TREE_FILE} hold per_rank_accuracy?")
+    return fit
+
+
+def _save_per_rank(heads_dir: Path, per_rank: list[list[float]]) -> None:
+    """Write ``per_rank_accuracy`` into ``medusa_tree.json`` (kept fields otherwise)."""
+    path = heads_dir / TREE_FILE
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    if not isinstance(data, dict):
+        data = {"medusa_choices": data}
+    data.setdefault("medusa_choices", MedusaTree.chain(1).to_list())
+    data["per_rank_accuracy"] = per_rank
+    path.write_text(json.dumps(data, indent=1))
+
+
+def _calibrate_engine(args: argparse.Namespace, heads_dir: Path, per_rank: list[list[float]],
+                      acc_info: dict, ranks: list[torch.Tensor] | None) -> int:
+    """``--cost engine``: the engine's start-up fit, saved as the fallback tree."""
+    from medusa_vllm.core.cost_curve import CostCurveKey, CostCurves
+
+    _save_per_rank(heads_dir, per_rank)  # what the engine's fit reads
+    fit = measure_startup_fit(args.model, str(heads_dir), dtype=args.dtype)
+    curves = CostCurves.from_dict(fit["curves"])
+    key = CostCurveKey(**fit["key"])
+    tree = MedusaTree(fit["tree"])
+    nodes_by_batch = {str(b): int(n) for b, n in fit["nodes_by_batch"].items()}
+    print(f"{key.describe()}: {curves.describe()}")
+    print(f"fitted: {fit['describe']}")
+    result: dict = {"accuracies": acc_info, "machine": key.to_dict(), "curves": curves.to_dict(),
+                    "fit": fit["describe"], "medusa_choices": tree.to_list(),
+                    "nodes_by_batch": nodes_by_batch,
+                    "cost_curves": {str(b): c for b, c in curves.tree.items()},
+                    "chain_cost_curves": {str(b): c for b, c in curves.chain.items()}}
+    if ranks:
+        from medusa_vllm.core.tree_stats import simulate_acceptance
+
+        result["replayed_accept_length"] = simulate_acceptance(tree, ranks).mean_accepted_length
+        print(f"replayed on the data: accepted length {result['replayed_accept_length']:.2f}")
+    tree.save(heads_dir / TREE_FILE, source=f"medusa-vllm calibrate --cost engine on "
+              f"{key.describe()}", per_rank_accuracy=per_rank, nodes_by_batch=nodes_by_batch,
+              machine=key.to_dict(), cost_curves=curves.to_dict())
+    (heads_dir / "calibration.json").write_text(json.dumps(result, indent=1))
+    _plot(per_rank, result, heads_dir)
+    print(f"wrote {heads_dir / TREE_FILE} (per_rank_accuracy; fallback tree of "
+          f"{tree.num_nodes} nodes) and calibration.json")
+    return 0
+
+
 def add_calibrate_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="backbone folder")
     p.add_argument("--heads", required=True, help="heads folder (results are written into it)")
     p.add_argument("--data", nargs="*", default=[], help="held-out data files for the accuracies "
                    "(default: reuse accuracies.json/eval.json in the heads folder)")
+    p.add_argument("--cost", choices=("engine", "e2e"), default="engine",
+                   help="engine: the engine's own start-up measurement and fit (seconds; what "
+                   "tree='auto' does in every engine); e2e: time whole generate() runs per tree "
+                   "size (minutes; --sizes, --chain-sizes, --batch-sizes, --repeats)")
     p.add_argument("--sizes", default="2,4,8,16,32,64", help="tree sizes to time through vLLM")
     p.add_argument("--chain-sizes", default="1,2,3,4", help="top-1 chain depths to time (they "
                    "verify through vLLM's causal kernel, cheaper than a tree of as many nodes); "
@@ -228,6 +322,8 @@ def _per_rank(heads_dir: Path, data: Sequence[str], args
 def calibrate_main(args: argparse.Namespace) -> int:
     heads_dir = Path(args.heads)
     per_rank, acc_info, ranks = _per_rank(heads_dir, args.data, args)
+    if getattr(args, "cost", "e2e") == "engine":
+        return _calibrate_engine(args, heads_dir, per_rank, acc_info, ranks)
     sizes = [int(x) for x in args.sizes.split(",") if x]
     chain_sizes = [int(x) for x in (args.chain_sizes or "").split(",") if x]
     chain_sizes = [d for d in chain_sizes if d <= len(per_rank)]
@@ -262,8 +358,9 @@ def calibrate_main(args: argparse.Namespace) -> int:
     result["nodes_by_batch"] = nodes_by_batch
     print(f"tree size per batch size (BFS prefix of the {tree.num_nodes}-node tree): {nodes_by_batch}")
     tree.save(heads_dir / TREE_FILE, batch_size=bs, expected_accept_length=exp_len,
-              expected_speedup=speed, source="medusa-vllm calibrate",
-              nodes_by_batch={str(b): n for b, n in nodes_by_batch.items()})
+              expected_speedup=speed, source="medusa-vllm calibrate --cost e2e",
+              nodes_by_batch={str(b): n for b, n in nodes_by_batch.items()},
+              per_rank_accuracy=per_rank)
     (heads_dir / "calibration.json").write_text(json.dumps(result, indent=1))
     _plot(per_rank, result, heads_dir)
     print(f"wrote {heads_dir / TREE_FILE} ({tree.num_nodes} nodes) and calibration.json")

@@ -218,8 +218,37 @@ def test_calibrate_cli_fits_a_tree_and_replays_it_on_the_data(tmp_path, monkeypa
     monkeypatch.setattr(C, "measure_cost_curves", fake_curves)
     p = C.add_calibrate_args(argparse.ArgumentParser())
     args = p.parse_args(["--model", str(model), "--heads", str(heads), "--data", str(data),
-                         "--sizes", "2,4,8", "--max-nodes", "8"])
+                         "--sizes", "2,4,8", "--max-nodes", "8", "--cost", "e2e"])
     assert C.calibrate_main(args) == 0 and timed == [1]
+    tree = MedusaTree.load(heads / "medusa_tree.json")
+    saved = json.loads((heads / "medusa_tree.json").read_text())
+    acc_rows = json.loads((heads / "eval.json").read_text())["per_rank"]
+    assert saved["per_rank_accuracy"] == acc_rows  # what tree="auto" fits from in engines
+
+    # --cost engine: the engine's own start-up fit (faked here), saved as the fallback
+    seen = {}
+
+    def fake_startup(model_, heads_, **kw):
+        seen["stats"] = json.loads((heads / "medusa_tree.json").read_text())["per_rank_accuracy"]
+        return {"key": {"cpu_model": "cpu", "isa": "avx2", "dtype": "float32", "threads": 2,
+                        "tensor_parallel": 1, "model": model_, "heads": "3x1", "vllm": "0.32.0",
+                        "kernel": "fused"},
+                "curves": {"vanilla_s": {"1": 0.01}, "tree": {"1": {"2": 1.1}},
+                           "chain": {"1": {"1": 1.02}}, "draft": {}, "context": 256, "seconds": 2.0},
+                "tree": [[0], [1]], "nodes_by_batch": {"1": 2, "4": 0}, "describe": "tree of 2",
+                "origin": "measured now", "source": "medusa_tree.json"}
+
+    monkeypatch.setattr(C, "measure_startup_fit", fake_startup)
+    args = p.parse_args(["--model", str(model), "--heads", str(heads)])
+    assert C.calibrate_main(args) == 0
+    assert seen["stats"] == acc_rows  # written before the engine started
+    saved = json.loads((heads / "medusa_tree.json").read_text())
+    assert saved["medusa_choices"] == [[0], [1]] and saved["nodes_by_batch"] == {"1": 2, "4": 0}
+    assert saved["per_rank_accuracy"] == acc_rows and saved["machine"]["isa"] == "avx2"
+    # back to the e2e tree for the checks below
+    args = p.parse_args(["--model", str(model), "--heads", str(heads), "--data", str(data),
+                         "--sizes", "2,4,8", "--max-nodes", "8", "--cost", "e2e"])
+    assert C.calibrate_main(args) == 0
     tree = MedusaTree.load(heads / "medusa_tree.json")
     res = json.loads((heads / "calibration.json").read_text())
     fitted = res["trees"]["1"]

@@ -4,14 +4,18 @@ The plugin sets ``parallel_config.worker_cls`` to :class:`MedusaTreeCPUWorker`
 for ``method: "medusa_tree"`` runs only; every other run keeps vLLM's worker.
 The worker registers the CPU tree-attention backend and builds
 :class:`medusa_vllm.engine.cpu.runner.MedusaTreeCPUModelRunner` in place of
-vLLM's ``CPUModelRunner``. A GPU worker would do the same over vLLM's GPU
-worker (``docs/gpu-backend.md``).
+vLLM's ``CPUModelRunner``. Once the model is loaded and the KV cache allocated
+(``compile_or_warm_up_model``), ``tree: "auto"`` is fitted to this machine
+(:func:`medusa_vllm.engine.cost_curve.fit_tree_at_startup`). A GPU worker would do
+the same over vLLM's GPU worker (``docs/gpu-backend.md``).
 """
 
 from __future__ import annotations
 
 import vllm.v1.worker.cpu_worker as _cpu_worker
+from vllm.utils.torch_utils import set_random_seed
 from vllm.v1.worker.cpu_worker import CPUWorker
+from vllm.v1.worker.worker_base import CompilationTimes
 
 __all__ = ["MedusaTreeCPUWorker"]
 
@@ -44,3 +48,14 @@ class MedusaTreeCPUWorker(CPUWorker):
             super().init_device()
         finally:
             _cpu_worker.CPUModelRunner = original
+
+    def compile_or_warm_up_model(self) -> CompilationTimes:
+        from medusa_vllm.engine.cost_curve import fit_tree_at_startup
+
+        times = super().compile_or_warm_up_model()
+        # tree="auto": time this engine's own steps (or read their cached curve) and
+        # switch to the tree fitted from them, before the first request
+        fit_tree_at_startup(self.model_runner)
+        # as vLLM does after its warm-up: generation's random state starts fresh
+        set_random_seed(self.model_config.seed, self.parallel_config.data_parallel_index)
+        return times

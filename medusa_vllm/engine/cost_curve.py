@@ -1,0 +1,321 @@
+"""``tree: "auto"`` fitted where it runs: the cost curve timed inside the engine at start-up.
+
+After the worker has loaded the model and allocated the KV cache
+(``compile_or_warm_up_model``), :func:`fit_tree_at_startup`
+
+1. looks the curve up in the cache (:func:`medusa_vllm.core.cost_curve.read_cached`,
+   keyed by CPU model, ISA, dtype, threads, TP size, backbone, heads shape, vLLM
+   version and tree-attention kernel; ``cost_curve="remeasure"`` skips the lookup);
+2. else times real engine steps (:func:`measure_cost_curves`): vLLM's own
+   ``_dummy_run`` with ``b`` requests of ``1 + n`` query tokens each over a
+   ``context``-token prefix, the tree published to the attention backend exactly as
+   a verification step publishes it (tree rows through the tree kernel, chains
+   through vLLM's causal kernel), then the logits of every row and their argmax, as
+   the verifier reads them; and the heads drafting to each depth. Batch sizes 1, 4,
+   16, 64 (up to ``max_num_seqs``), at most :data:`TOKEN_BUDGET` query tokens per
+   forward pass, the minimum of :data:`REPEATS` rounds (small passes run once untimed
+   first), within :data:`MAX_SECONDS`; then caches it;
+3. fits the tree and its size per batch size
+   (:func:`medusa_vllm.core.tree_fit.fit_engine_tree`) from that curve and the
+   heads' shipped acceptance statistics, logs one INFO line saying what it picked
+   and why, and switches the proposer and the runner to it before the first step.
+
+Tensor parallelism: every rank runs the same forward passes (they hold collectives);
+rank 0 alone reads the cache, times, writes the cache and fits, and broadcasts each
+decision (cache hit or not, the curve, the fit) to the other ranks, so all ranks
+adopt the same tree.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from medusa_vllm.core.cost_curve import (
+    CostCurveKey,
+    CostCurves,
+    MeasurementPoint,
+    cache_path,
+    measurement_points,
+    read_cached,
+    write_cached,
+)
+from medusa_vllm.core.tree import MedusaTree
+from medusa_vllm.core.tree_fit import EngineTreeFit, fit_engine_tree, read_per_rank_accuracy
+from medusa_vllm.engine.options import ADDITIONAL_CONFIG_KEY, MedusaConfigError, MedusaTreeConfig
+from medusa_vllm.engine.tree_plan import TreeBatch
+
+if TYPE_CHECKING:
+    from medusa_vllm.engine.runner import MedusaTreeRunnerMixin
+
+__all__ = [
+    "CONTEXT_TOKENS",
+    "MAX_SECONDS",
+    "REPEATS",
+    "TOKEN_BUDGET",
+    "WARMUP_TOKENS",
+    "curve_key",
+    "fit_tree_at_startup",
+    "measure_cost_curves",
+]
+
+logger = logging.getLogger("vllm.plugins.medusa_vllm")
+
+TOKEN_BUDGET = 128  # query tokens per timed forward pass; beyond, the fit extrapolates
+WARMUP_TOKENS = 64  # passes up to this size get one untimed run first (oneDNN primitives)
+CONTEXT_TOKENS = 256  # prefix tokens per request while timing (a chat turn's worth)
+REPEATS = 2  # timed rounds after the untimed one; each point keeps its minimum
+MAX_SECONDS = 20.0  # measurement wall-clock bound (a busy machine gets a coarser curve)
+
+
+def _tp_group() -> Any:
+    """vLLM's tensor-parallel group, or ``None`` outside a multi-rank group."""
+    try:
+        from vllm.distributed import get_tp_group
+
+        group = get_tp_group()
+    except (AssertionError, ImportError, RuntimeError):
+        return None
+    return group if getattr(group, "world_size", 1) > 1 else None
+
+
+def _broadcast(group: Any, obj: Any) -> Any:
+    """``obj`` from rank 0 on every rank (the identity without a TP group)."""
+    return obj if group is None else group.broadcast_object(obj, src=0)
+
+
+def curve_key(runner: MedusaTreeRunnerMixin) -> CostCurveKey:
+    """What the curve measured in ``runner``'s engine is valid for."""
+    import vllm
+
+    from medusa_vllm.engine.cpu.machine import machine_info
+    from medusa_vllm.engine.cpu.tree_kernel import kernel_enabled
+
+    vc = runner.vllm_config
+    info = machine_info()
+    heads = runner.drafter.heads
+    hc = getattr(heads, "config", None)
+    shape = "unknown"
+    if hc is not None:
+        vocab = getattr(hc, "truncated_vocab_size", None) or getattr(hc, "vocab_size", "?")
+        shape = (f"{hc.num_heads}x{getattr(hc, 'num_layers', '?')} hidden {hc.hidden_size} "
+                 f"vocab {vocab} {type(heads).__name__}")
+    return CostCurveKey(
+        cpu_model=info.cpu_model,
+        isa=info.isa,
+        dtype=str(vc.model_config.dtype).removeprefix("torch."),
+        threads=torch.get_num_threads(),
+        tensor_parallel=vc.parallel_config.tensor_parallel_size,
+        model=str(vc.model_config.model),
+        heads=shape,
+        vllm=getattr(vllm, "__version__", "unknown"),
+        kernel="fused" if kernel_enabled() else "torch",
+    )
+
+
+def _wide_tree(num_nodes: int) -> MedusaTree:
+    """A tree of ``num_nodes`` nodes that is no chain past its first node (the BFS
+    prefix of ``sparse-64``): its rows take the tree-attention path, whose cost depends
+    on the node count, not on the shape."""
+    return MedusaTree.load("sparse-64", 5).truncate(num_nodes)
+
+
+class _StepTimer:
+    """Times engine steps of given shapes on ``runner`` (its ``_dummy_run``)."""
+
+    def __init__(self, runner: MedusaTreeRunnerMixin, context: int) -> None:
+        self.runner = runner
+        self.context = context
+        self.heads = runner.drafter.heads
+        hidden = runner.model_config.get_hidden_size()
+        self.hidden = torch.randn(64, hidden, generator=torch.Generator().manual_seed(0)).to(
+            device=runner.device, dtype=runner.model_config.dtype)
+
+    def forward(self, b: int, tree: MedusaTree | None) -> float:
+        """Seconds of one step: ``b`` requests of ``1 + nodes`` query tokens, then the
+        logits of every row and their argmax."""
+        from vllm.config import CUDAGraphMode
+
+        r = self.runner
+        t = 1 + (tree.num_nodes if tree is not None else 0)
+        saved = r.uniform_decode_query_len
+        r.uniform_decode_query_len = t  # _dummy_run's uniform batch: b requests of t tokens
+        if tree is not None:
+            r._tree_batch = TreeBatch(
+                query_start=torch.arange(b, dtype=torch.long) * t,
+                num_tokens=torch.full((b,), t, dtype=torch.long),
+                prefix_lens=torch.full((b,), self.context, dtype=torch.long),
+                tree_mask=tree.tree_mask,
+                req_indices=torch.arange(b, dtype=torch.long),
+            )
+        try:
+            start = time.perf_counter()
+            hidden, _ = r._dummy_run(b * t, cudagraph_runtime_mode=CUDAGraphMode.NONE,
+                                     force_attention=True, uniform_decode=True,
+                                     profile_seq_lens=self.context + t)
+            logits = r.model.compute_logits(hidden[: b * t])
+            if logits is not None:
+                logits.argmax(dim=-1)
+            return time.perf_counter() - start
+        finally:
+            r.uniform_decode_query_len = saved
+            r._tree_batch = None
+
+    def draft(self, b: int, depth: int) -> float:
+        """Seconds of the heads drafting ``depth`` levels for ``b`` requests."""
+        h = self.hidden[:b] if b <= self.hidden.shape[0] else self.hidden[:1].expand(b, -1)
+        start = time.perf_counter()
+        self.heads.topk(h, 1, depth)
+        return time.perf_counter() - start
+
+
+@torch.inference_mode()
+def measure_cost_curves(runner: MedusaTreeRunnerMixin, points: list[MeasurementPoint], *,
+                        context: int = CONTEXT_TOKENS, repeats: int = REPEATS,
+                        max_seconds: float = MAX_SECONDS, group: Any = None) -> CostCurves:
+    """Time ``points`` on ``runner`` (see module doc): the minimum of ``repeats`` rounds
+    per point (small passes run once untimed first), each relative to its
+    batch size's vanilla step. Points run smallest pass first; once ``max_seconds``
+    have gone, a point already timed is not timed again and one never timed is
+    dropped (the fit extrapolates the curve there). On every TP rank alike (the
+    passes hold collectives): rank 0 decides, for each point, whether it runs."""
+    start = time.perf_counter()
+    timer = _StepTimer(runner, context)
+    trees: dict[tuple[str, int], MedusaTree] = {}
+    for p in points:
+        if p.kind == "chain":
+            trees[p.kind, p.size] = MedusaTree.chain(p.size)
+        elif p.kind == "tree":
+            trees[p.kind, p.size] = _wide_tree(p.size)
+    # batch size by batch size (a late stop drops the largest ones), vanilla first, then
+    # the heads and the passes by size
+    rank = {"vanilla": 0, "draft": 1}
+    order = sorted(points, key=lambda p: (p.batch_size, rank.get(p.kind, 2), p.tokens))
+    best: dict[MeasurementPoint, float] = {}
+
+    def run(p: MeasurementPoint) -> float:
+        if p.kind == "draft":
+            return timer.draft(p.batch_size, p.size)
+        return timer.forward(p.batch_size, trees.get((p.kind, p.size)))
+
+    for rnd in range(repeats):
+        for p in order:
+            late = time.perf_counter() - start > max_seconds
+            # late: nothing more is timed, except what the batch size of a point timed
+            # already needs for a ratio (its vanilla step)
+            if _broadcast(group, late and (p in best or p.kind != "vanilla"
+                                           or p.batch_size not in {q.batch_size for q in best})):
+                continue
+            if rnd == 0 and p.tokens <= WARMUP_TOKENS:
+                run(p)  # untimed: first-use costs (oneDNN primitives); large passes need none
+            best[p] = min(best.get(p, float("inf")), run(p))
+    curves = CostCurves(context=context)
+    for p, s in best.items():
+        if p.kind == "vanilla":
+            curves.vanilla_s[p.batch_size] = s
+    for p, s in best.items():
+        if p.kind == "vanilla" or p.batch_size not in curves.vanilla_s:
+            continue
+        table = getattr(curves, p.kind)
+        table.setdefault(p.batch_size, {})[p.size] = s / curves.vanilla_s[p.batch_size]
+    curves.seconds = time.perf_counter() - start
+    curves.complete = len(best) == len(points)
+    return curves
+
+
+def _fit(cfg: MedusaTreeConfig, curves: CostCurves, num_heads: int) -> tuple[EngineTreeFit, str]:
+    stats = read_per_rank_accuracy(cfg.heads)
+    if stats is None:
+        raise MedusaConfigError(f"heads: {cfg.heads} lost its acceptance statistics "
+                                "(per_rank_accuracy) after the engine was configured")
+    per_rank, source = stats
+    assert cfg.fit_max_nodes is not None
+    fit = fit_engine_tree(per_rank, curves, cfg.fit_max_nodes, num_heads=num_heads,
+                          ngram_nodes=cfg.ngram_nodes)
+    return fit, source
+
+
+def fit_tree_at_startup(runner: MedusaTreeRunnerMixin) -> EngineTreeFit | None:
+    """Fit ``tree: "auto"`` to this engine (module doc) and switch to it; ``None``
+    (nothing fitted) unless the plugin asked for a start-up fit (``fit_max_nodes``).
+    What was fitted, and from which curve, is left in ``runner.medusa_startup_fit``."""
+    cfg: MedusaTreeConfig = runner.medusa_config
+    if cfg.fit_max_nodes is None:
+        return None
+    group = _tp_group()
+    rank0 = group is None or group.rank_in_group == 0
+    start = time.perf_counter()
+    key = curve_key(runner)
+    cached = None
+    if rank0 and cfg.cost_curve != "remeasure":
+        hit = read_cached(key)
+        cached = hit.to_dict() if hit is not None else None
+    cached = _broadcast(group, cached)
+    if cached is not None:
+        curves = CostCurves.from_dict(cached)
+        origin = f"cached in {cache_path(key)}"
+    else:
+        num_heads = runner.drafter.heads.config.num_heads
+        sched = runner.scheduler_config
+        points = measurement_points(num_heads, cfg.fit_max_nodes, token_budget=TOKEN_BUDGET,
+                                    max_num_seqs=sched.max_num_seqs,
+                                    max_num_tokens=runner.max_num_tokens)
+        if rank0:
+            logger.info("medusa_tree: tree='auto': timing %d engine step shapes on %s for the "
+                        "cost curve (at most %.0f s; cached afterwards)", len(points),
+                        key.describe(), MAX_SECONDS)
+        measured = measure_cost_curves(runner, points, group=group)
+        curves = CostCurves.from_dict(_broadcast(group, measured.to_dict() if rank0 else None))
+        origin = f"measured now in {curves.seconds:.1f} s"
+        if not curves.complete:
+            origin += (f"; only {len(curves.batch_sizes)} batch size(s) timed within "
+                       f"{MAX_SECONDS:.0f} s, the machine is busy: not cached")
+        elif rank0:
+            try:
+                origin += f", cached in {write_cached(key, curves)}"
+            except OSError as exc:
+                origin += f" (not cached: {exc})"
+    result: Any = None
+    if rank0:
+        try:
+            fit, source = _fit(cfg, curves, runner.drafter.heads.config.num_heads)
+            result = {"tree": fit.heads_tree.to_list(), "nodes_by_batch": fit.nodes_by_batch,
+                      "describe": fit.describe(), "source": source}
+        except (ValueError, MedusaConfigError) as exc:
+            result = {"error": f"{type(exc).__name__}: {exc}"}
+    result = _broadcast(group, result)
+    if "error" in result:  # e.g. a machine so busy that nothing but vanilla got timed
+        if rank0:
+            logger.warning(
+                "medusa_tree: tree='auto' could not be fitted on %s (%s; curve %s); using "
+                "the fallback tree %s, fitted elsewhere: its speed here is unknown. Restart "
+                "with MEDUSA_VLLM_COST_CURVE=remeasure on a quieter machine",
+                key.describe(), result["error"], origin, cfg.tree)
+        update = {"fit_max_nodes": None}
+        runner.vllm_config.additional_config[ADDITIONAL_CONFIG_KEY] = cfg.model_copy(
+            update=update).to_dict()
+        runner.reload_medusa_config()
+        return None
+    update: dict[str, Any] = {"tree": result["tree"], "fit_max_nodes": None}
+    if cfg.nodes_by_batch == "auto":  # an explicit table (or "off") is the user's: kept
+        update["nodes_by_batch"] = {int(b): int(n) for b, n in result["nodes_by_batch"].items()}
+    # what was fitted and from what, for probes (`medusa-vllm calibrate` reads it back)
+    runner.medusa_startup_fit = {"key": key.to_dict(), "curves": curves.to_dict(),
+                                 "origin": origin, **result}
+    fitted = cfg.model_copy(update=update)
+    extra = runner.vllm_config.additional_config
+    extra[ADDITIONAL_CONFIG_KEY] = fitted.to_dict()
+    runner.reload_medusa_config()
+    if rank0:
+        logger.info(
+            "medusa_tree: tree='auto' fitted on %s (curve %s; vanilla step and relative costs "
+            "per batch size: %s; heads' acceptance from %s): %s; start-up fit took %.1f s",
+            key.describe(), origin, curves.describe(), result["source"], result["describe"],
+            time.perf_counter() - start)
+    return EngineTreeFit(
+        heads_tree=MedusaTree(result["tree"]), tree=runner.drafter.tree,
+        nodes_by_batch={int(b): int(n) for b, n in result["nodes_by_batch"].items()},
+        ngram_nodes=cfg.ngram_nodes)

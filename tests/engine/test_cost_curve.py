@@ -1,0 +1,173 @@
+"""engine/cost_curve without an engine: a fake runner records the shapes it is asked to run.
+
+Checks the shapes timed (b requests of 1 + n tokens, the tree published to the attention
+backend), the wall-clock bound, the cache (first start measures and writes, the next one
+reads and runs nothing), that the fit is applied through the runner hook, and that
+explicit nodes_by_batch tables survive.
+"""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from medusa_vllm.core.cost_curve import CURVE_DIR, MeasurementPoint, measurement_points
+from medusa_vllm.core.heads import MedusaHeads, MedusaHeadsConfig
+from medusa_vllm.engine import cost_curve as cc
+from medusa_vllm.engine.options import ADDITIONAL_CONFIG_KEY, MedusaTreeConfig
+
+PER_RANK = [[0.80, 0.10, 0.04], [0.70, 0.12, 0.05], [0.60, 0.12, 0.05]]
+
+
+class FakeRunner:
+    """What measure_cost_curves and fit_tree_at_startup use of a model runner. A step of
+    T tokens "costs" (in the fake clock) 10 ms + 0.1 ms per token, + 5 ms with a tree."""
+
+    def __init__(self, config: MedusaTreeConfig, clock: list[float]) -> None:
+        self.clock = clock
+        self.calls: list[tuple[int, int, object]] = []
+        self.uniform_decode_query_len = 1 + config.num_speculative_tokens
+        self._tree_batch = None
+        self.device = torch.device("cpu")
+        self.model_config = SimpleNamespace(get_hidden_size=lambda: 16, dtype=torch.float32,
+                                            model="/models/fake")
+        self.vllm_config = SimpleNamespace(
+            model_config=self.model_config,
+            parallel_config=SimpleNamespace(tensor_parallel_size=1),
+            additional_config={ADDITIONAL_CONFIG_KEY: config.to_dict()})
+        self.scheduler_config = SimpleNamespace(max_num_seqs=16)
+        self.max_num_tokens = 256
+        heads = MedusaHeads(MedusaHeadsConfig(hidden_size=16, vocab_size=32, num_heads=3))
+        self.drafter = SimpleNamespace(heads=heads, tree=None, nodes_by_batch=None)
+        self.medusa_config = config
+        self.model = SimpleNamespace(compute_logits=lambda h: h @ torch.ones(16, 32))
+        self.reloads = 0
+
+    def _dummy_run(self, num_tokens, **kw):
+        t = self.uniform_decode_query_len
+        assert kw["uniform_decode"] and kw["force_attention"]
+        assert num_tokens % t == 0
+        self.calls.append((num_tokens // t, t, self._tree_batch))
+        self.clock[0] += 0.010 + 0.0001 * num_tokens + (0.005 if self._tree_batch else 0.0)
+        return torch.zeros(num_tokens, 16), None
+
+    def reload_medusa_config(self):
+        self.reloads += 1
+        self.medusa_config = MedusaTreeConfig.from_vllm_config(self.vllm_config)
+        self.drafter.tree = self.medusa_config.engine_tree()
+        self.drafter.nodes_by_batch = self.medusa_config.load_nodes_by_batch(self.drafter.tree)
+
+
+@pytest.fixture
+def fake_clock(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(cc.time, "perf_counter", lambda: clock[0])
+    return clock
+
+
+@pytest.fixture
+def stats_heads(heads_dir):
+    (heads_dir / "medusa_tree.json").write_text(json.dumps(
+        {"medusa_choices": [[0]], "per_rank_accuracy": PER_RANK}))
+    return heads_dir
+
+
+def _config(heads, **options):
+    return MedusaTreeConfig.from_dict({"heads": str(heads), **options}).resolved()
+
+
+def test_shapes_timed_are_b_requests_of_one_plus_n_tokens_with_the_tree_published(
+        stats_heads, fake_clock):
+    runner = FakeRunner(_config(stats_heads), fake_clock)
+    points = [MeasurementPoint(4, "vanilla", 0), MeasurementPoint(4, "chain", 2),
+              MeasurementPoint(4, "tree", 8), MeasurementPoint(4, "draft", 3)]
+    curves = cc.measure_cost_curves(runner, points, context=100, repeats=2)
+    shapes = {(b, t, tb is not None) for b, t, tb in runner.calls}
+    assert shapes == {(4, 1, False), (4, 3, True), (4, 9, True)}
+    chain_tb = next(tb for b, t, tb in runner.calls if t == 3)
+    assert chain_tb.tree_mask.tolist() == [[1, 0, 0], [1, 1, 0], [1, 1, 1]]  # a causal chain
+    assert chain_tb.prefix_lens.tolist() == [100] * 4
+    assert chain_tb.query_start.tolist() == [0, 3, 6, 9]
+    tree_tb = next(tb for b, t, tb in runner.calls if t == 9)
+    assert not bool(tree_tb.tree_mask[2, 1])  # node 2 is not a child of node 1: a real tree
+    # fake clock: vanilla 10.4 ms; chain 10 + 1.2 + 5 ms; tree 10 + 3.6 + 5 ms
+    assert curves.vanilla_s[4] == pytest.approx(0.0104)
+    assert curves.chain[4][2] == pytest.approx(16.2 / 10.4)
+    assert curves.tree[4][8] == pytest.approx(18.6 / 10.4)
+    assert curves.draft[4][3] == 0.0  # the heads are timed with the same (frozen) clock
+    assert runner._tree_batch is None and runner.uniform_decode_query_len == 65  # restored
+
+
+def test_time_bound_drops_the_largest_batch_sizes_first(stats_heads, fake_clock):
+    runner = FakeRunner(_config(stats_heads), fake_clock)
+    points = measurement_points(3, 64, batch_sizes=(1, 4, 16), max_num_seqs=16)
+    full = cc.measure_cost_curves(runner, points, max_seconds=1e9)
+    assert full.complete and full.batch_sizes == [1, 4, 16]
+    runner.calls.clear()
+    short = cc.measure_cost_curves(runner, points, max_seconds=0.15)
+    assert len(runner.calls) < len(points)
+    assert not short.complete and short.batch_sizes == [1]  # batch 1 whole, the rest dropped
+    assert short.tree[1] and short.chain[1] and set(short.vanilla_s) == {1}
+
+
+def test_first_start_measures_and_caches_the_next_reads_explicit_tables_survive(
+        stats_heads, fake_clock, tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDUSA_VLLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("MEDUSA_VLLM_COST_CURVE", raising=False)
+    first = FakeRunner(_config(stats_heads), fake_clock)
+    fit = cc.fit_tree_at_startup(first)
+    assert fit is not None and first.reloads == 1 and first.calls
+    files = list((tmp_path / "cache" / CURVE_DIR).glob("*.json"))
+    assert len(files) == 1
+    stored = MedusaTreeConfig.from_vllm_config(first.vllm_config)
+    assert stored.fit_max_nodes is None and stored.tree == fit.heads_tree.to_list()
+    assert first.drafter.nodes_by_batch == fit.nodes_by_batch
+    assert first.drafter.tree.num_nodes <= 64
+
+    second = FakeRunner(_config(stats_heads), fake_clock)
+    again = cc.fit_tree_at_startup(second)
+    assert second.calls == [] and again.tree == fit.tree  # read from the cache: nothing ran
+
+    explicit = FakeRunner(_config(stats_heads, nodes_by_batch={"1": 3, "8": 0}), fake_clock)
+    cc.fit_tree_at_startup(explicit)
+    assert explicit.calls == []
+    assert explicit.medusa_config.nodes_by_batch == {1: 3, 8: 0}  # the user's, kept
+
+    monkeypatch.setenv("MEDUSA_VLLM_COST_CURVE", "remeasure")
+    forced = FakeRunner(_config(stats_heads), fake_clock)
+    cc.fit_tree_at_startup(forced)
+    assert forced.calls  # measured again despite the cache
+
+
+def test_explicit_trees_and_cost_curve_off_are_not_fitted(stats_heads, fake_clock, caplog):
+    for config in (_config(stats_heads, tree="sparse-8"), _config(stats_heads, tree=[[0], [1]])):
+        assert config.fit_max_nodes is None
+        assert cc.fit_tree_at_startup(FakeRunner(config, fake_clock)) is None
+    with caplog.at_level("WARNING", logger="vllm.plugins.medusa_vllm"):
+        off = _config(stats_heads, cost_curve="off")
+    assert off.fit_max_nodes is None and off.tree == [[0]]
+    assert "fitted elsewhere" in caplog.text and "cost_curve='off'" in caplog.text
+
+
+def test_heads_without_statistics_fall_back_with_a_warning(heads_dir, caplog):
+    with caplog.at_level("WARNING", logger="vllm.plugins.medusa_vllm"):
+        config = _config(heads_dir)
+    assert config.fit_max_nodes is None
+    assert "no acceptance statistics" in caplog.text and "fitted elsewhere" in caplog.text
+
+
+def test_reserve_and_the_ngram_branch_budget(stats_heads):
+    assert _config(stats_heads).num_speculative_tokens == 64
+    assert _config(stats_heads, max_nodes=8).num_speculative_tokens == 8
+    assert _config(stats_heads, max_nodes=8, ngram_nodes=2).num_speculative_tokens == 10
+    with pytest.raises(ValueError, match="MEDUSA_VLLM_COST_CURVE"):
+        import os
+
+        os.environ["MEDUSA_VLLM_COST_CURVE"] = "sometimes"
+        try:
+            _config(stats_heads)
+        finally:
+            del os.environ["MEDUSA_VLLM_COST_CURVE"]

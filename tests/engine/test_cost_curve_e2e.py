@@ -1,0 +1,110 @@
+"""tree="auto" fitted where it runs, in real engines (tiny random Llama).
+
+The first start times the engine's own steps, logs the pick, caches the curve and
+drafts the fitted tree (greedy output still vanilla's); the second start reads the
+cache instead of measuring; at TP=2 both ranks adopt the same tree.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import pytest
+
+from medusa_vllm.core.cost_curve import CURVE_DIR, CostCurves
+from medusa_vllm.core.tree_fit import fit_engine_tree
+from medusa_vllm.engine.options import DEFAULT_FIT_MAX_NODES
+from medusa_vllm.tools import engine_proc
+from medusa_vllm.tools.engine_proc import EngineJob
+from medusa_vllm.tools.tiny_models import build_tiny_llama
+from tests.engine.test_engine_e2e import _compare, _greedy, _llm, _prompts, _random_heads
+
+pytestmark = pytest.mark.slow
+
+run_engine = functools.partial(engine_proc.run_engine, env_defaults={"VLLM_CPU_KVCACHE_SPACE": "1"})
+
+# heads statistics under which a real (branching) tree pays where steps are cheap
+PER_RANK = [[0.80, 0.10, 0.04, 0.02], [0.70, 0.12, 0.05, 0.02], [0.60, 0.12, 0.05, 0.03]]
+FITTED = "tree='auto' fitted on"
+
+
+def probe_trees(llm, args):
+    """Per TP rank: the drafter's and the runner's tree and table (in the child)."""
+    def read(worker):
+        runner = worker.model_runner
+        return {"tree": runner.drafter.tree.to_list(),
+                "runner_tree": runner.medusa_tree.to_list(),
+                "nodes_by_batch": {str(b): n for b, n in (runner.drafter.nodes_by_batch or {}).items()},
+                "num_spec_tokens": runner.num_spec_tokens}
+    return llm.collective_rpc(read)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("autofit")
+    model = build_tiny_llama(root / "model", vocab=512, hidden=64, layers=2, seed=0)
+    heads = _random_heads(root, model)
+    # the statistics shipped beside the heads, and a fallback tree fitted "elsewhere"
+    (heads / "medusa_tree.json").write_text(json.dumps(
+        {"medusa_choices": [[0]], "per_rank_accuracy": PER_RANK}))
+    cache = root / "cache"
+    cache.mkdir()
+    from medusa_vllm.core.paths import cache_root
+
+    kernels = cache_root() / "kernels"  # reuse the built tree-attention kernel
+    if kernels.is_dir():
+        (cache / "kernels").symlink_to(kernels)
+    prompts = _prompts(n=12, seed=5)
+    sampling = _greedy(len(prompts), seed=5)
+    vanilla = run_engine(EngineJob(llm=_llm(model), prompts=prompts, sampling=sampling))
+    return root, model, heads, cache, prompts, sampling, vanilla
+
+
+def _auto(setup, name, **llm):
+    root, model, heads, cache, prompts, sampling, _ = setup
+    log = root / f"{name}.log"
+    spec = {"method": "medusa_tree", "model": str(heads), "tree": "auto"}
+    env = {"MEDUSA_VLLM_CACHE": str(cache), "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
+           **llm.pop("env", {})}
+    result = run_engine(EngineJob(llm=_llm(model, spec, **llm), prompts=prompts, sampling=sampling,
+                                  probe=f"{__name__}:probe_trees"), env=env, log=log)
+    lines = [line for line in log.read_text().splitlines() if FITTED in line]
+    return result, lines
+
+
+def test_first_start_measures_and_caches_second_start_reads_the_cache(setup):
+    _, _, _, cache, _, _, vanilla = setup
+    ours, lines = _auto(setup, "first")
+    _compare(vanilla, ours)
+    assert len(lines) == 1, lines  # one INFO line, rank 0
+    assert "measured now" in lines[0] and "nodes_by_batch" in lines[0], lines[0]
+    files = list((cache / CURVE_DIR).glob("*.json"))
+    assert len(files) == 1, files
+    stamp = os.stat(files[0]).st_mtime_ns
+    (rank0,) = ours.probe
+    # the engine drafts and verifies what the fit picks from the curve it cached
+    curves = CostCurves.from_dict(json.loads(files[0].read_text())["curves"])
+    assert curves.batch_sizes == [1, 4], curves  # max_num_seqs=8 in these engines
+    fit = fit_engine_tree(PER_RANK, curves, DEFAULT_FIT_MAX_NODES, num_heads=3)
+    assert rank0["tree"] == rank0["runner_tree"] == fit.tree.to_list()
+    assert rank0["nodes_by_batch"] == {str(b): n for b, n in fit.nodes_by_batch.items()}
+    assert rank0["num_spec_tokens"] == DEFAULT_FIT_MAX_NODES  # reserved, the tree fits in it
+    assert ours.metrics["num_drafts"] > 0 or max(fit.nodes_by_batch.values()) == 0
+
+    again, lines = _auto(setup, "second")
+    _compare(vanilla, again)
+    assert len(lines) == 1 and "cached in" in lines[0] and "measured now" not in lines[0], lines
+    assert os.stat(files[0]).st_mtime_ns == stamp  # read, not rewritten
+    assert again.probe == ours.probe
+
+
+def test_tensor_parallel_ranks_adopt_the_same_tree(setup):
+    _, _, _, _, _, _, vanilla = setup
+    ours, lines = _auto(setup, "tp2", tensor_parallel_size=2, distributed_executor_backend="mp",
+                        env={"VLLM_CPU_OMP_THREADS_BIND": "0|1", "MEDUSA_VLLM_COST_CURVE": "remeasure"})
+    _compare(vanilla, ours)
+    assert len(lines) == 1 and "TP=2" in lines[0] and "measured now" in lines[0], lines
+    assert len(ours.probe) == 2
+    assert ours.probe[0] == ours.probe[1], ours.probe
