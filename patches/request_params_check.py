@@ -9,6 +9,13 @@
 # flight. This patch wraps `_validate_params` to run
 # `medusa_vllm.engine.request.request_overrides` at admission when the engine verifies
 # Medusa trees; other engines and requests without `medusa_*` keys are untouched.
+# In the OpenAI server that check runs only once a stream has started (vLLM
+# admits a streamed request inside the response's generator), so a bad value
+# would come back as an error event under HTTP 200. The patch therefore also
+# wraps the OpenAI protocol's `to_sampling_params` (completions and chat), which
+# the server calls before it answers, to run the same check there (HTTP 400
+# for streamed and plain requests alike), once `InputProcessor.__init__` has
+# seen that this process's engine verifies Medusa trees.
 """Refuse bad per-request Medusa overrides at admission, not mid-step."""
 
 from __future__ import annotations
@@ -61,25 +68,80 @@ def check_request(vllm_config: Any, params: Any) -> None:
             raise request_error_class()(str(err), parameter="extra_args") from None
 
 
+# Set by the wrapped InputProcessor.__init__: the engine config of this
+# process's engine when it verifies Medusa trees (the OpenAI server has one).
+_FRONT_END: dict[str, Any] = {}
+
+_REQUEST_CLASSES = (
+    ("vllm.entrypoints.openai.completion.protocol", "CompletionRequest"),
+    ("vllm.entrypoints.openai.chat_completion.protocol", "ChatCompletionRequest"),
+)
+
+
+def _request_classes() -> list[type]:
+    import importlib
+
+    out = []
+    for module, name in _REQUEST_CLASSES:
+        try:
+            out.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):  # a vLLM without this endpoint
+            continue
+    return out
+
+
 def is_applied() -> bool:
     from vllm.v1.engine.input_processor import InputProcessor
 
-    return getattr(InputProcessor._validate_params, _MARK, False)
+    return getattr(InputProcessor._validate_params, _MARK, False) and all(
+        getattr(cls.to_sampling_params, _MARK, False) for cls in _request_classes())
+
+
+def _wrap_to_sampling_params(cls: type) -> None:
+    to_params = cls.to_sampling_params
+    if getattr(to_params, _MARK, False):
+        return
+
+    @functools.wraps(to_params)
+    def wrapped_to_sampling_params(self: Any, *args: Any, **kwargs: Any):
+        params = to_params(self, *args, **kwargs)
+        config = _FRONT_END.get("vllm_config")
+        if config is not None:
+            check_request(config, params)
+        return params
+
+    setattr(wrapped_to_sampling_params, _MARK, True)
+    cls.to_sampling_params = wrapped_to_sampling_params
 
 
 def apply() -> None:
-    """Wrap ``InputProcessor._validate_params`` (no-op if already wrapped)."""
+    """Wrap ``InputProcessor._validate_params`` and ``__init__`` and the OpenAI
+    requests' ``to_sampling_params`` (each a no-op if already wrapped)."""
     from vllm.v1.engine.input_processor import InputProcessor
 
     validate = InputProcessor._validate_params
-    if getattr(validate, _MARK, False):
-        return
+    if not getattr(validate, _MARK, False):
 
-    @functools.wraps(validate)
-    def wrapped_validate_params(self: Any, params: Any, *args: Any, **kwargs: Any):
-        result = validate(self, params, *args, **kwargs)
-        check_request(getattr(self, "vllm_config", None), params)
-        return result
+        @functools.wraps(validate)
+        def wrapped_validate_params(self: Any, params: Any, *args: Any, **kwargs: Any):
+            result = validate(self, params, *args, **kwargs)
+            check_request(getattr(self, "vllm_config", None), params)
+            return result
 
-    setattr(wrapped_validate_params, _MARK, True)
-    InputProcessor._validate_params = wrapped_validate_params  # type: ignore[method-assign]
+        setattr(wrapped_validate_params, _MARK, True)
+        InputProcessor._validate_params = wrapped_validate_params  # type: ignore[method-assign]
+
+    init = InputProcessor.__init__
+    if not getattr(init, _MARK, False):
+
+        @functools.wraps(init)
+        def wrapped_init(self: Any, vllm_config: Any, *args: Any, **kwargs: Any) -> None:
+            init(self, vllm_config, *args, **kwargs)
+            if medusa_engine(vllm_config):
+                _FRONT_END["vllm_config"] = vllm_config
+
+        setattr(wrapped_init, _MARK, True)
+        InputProcessor.__init__ = wrapped_init  # type: ignore[method-assign]
+
+    for cls in _request_classes():
+        _wrap_to_sampling_params(cls)
