@@ -28,7 +28,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str, str]] = {
     ),
     "bench": (
         "medusa_vllm.tools.bench", "add_bench_args", "bench_main",
-        "benchmark vanilla vLLM vs built-in Medusa vs medusa_tree (tokens/s, acceptance, step cost)",
+        "vanilla vLLM vs vLLM's speculators vs medusa_tree: concurrency 1-64, offline and HTTP, spread",
     ),
     "eval": (
         "medusa_vllm.tools.eval.translation", "add_eval_args", "eval_main",
