@@ -21,7 +21,7 @@ from medusa_vllm.tools.calibrate import measure_target_ranks
 from medusa_vllm.tools.engine_proc import EngineJob
 from medusa_vllm.tools.tiny_models import build_tiny_llama, distill_tiny_heads
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
 run_engine = functools.partial(engine_proc.run_engine, env_defaults={"VLLM_CPU_KVCACHE_SPACE": "1"})
 
@@ -32,7 +32,8 @@ VOCAB, HIDDEN = 512, 64
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("hydra_e2e")
     model = build_tiny_llama(root / "model", vocab=VOCAB, hidden=HIDDEN, layers=2, seed=0)
-    heads = distill_tiny_heads(model, root / "hydra", num_heads=3, head_type="hydra")
+    heads = distill_tiny_heads(model, root / "hydra", num_heads=3, steps=300, num_sequences=256,
+                               head_type="hydra")
     rng = random.Random(0)
     prompts = [[rng.randrange(3, VOCAB) for _ in range(rng.randint(2, 40))] for _ in range(24)]
     sampling = [dict(temperature=0.0, max_tokens=rng.choice([5, 17, 32, 48]), ignore_eos=True)
