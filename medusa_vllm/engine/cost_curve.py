@@ -245,6 +245,15 @@ def fit_tree_at_startup(runner: MedusaTreeRunnerMixin) -> EngineTreeFit | None:
     cfg: MedusaTreeConfig = runner.medusa_config
     if cfg.fit_max_nodes is None:
         return None
+    spec = getattr(runner, "speculative_config", None)
+    if spec is not None and getattr(spec, "num_speculative_tokens_per_batch_size", 0) is None:
+        # vLLM dropped the plugin's no-op schedule (it does under data parallelism): its
+        # scheduler may then pad decodes to num_speculative_tokens drafts, more than a
+        # fitted tree has, and the verifier would refuse that step mid-serving
+        raise MedusaConfigError(
+            "medusa_tree: tree='auto' needs vLLM's num_speculative_tokens_per_batch_size, "
+            "which this engine disabled (data parallelism?); pass an explicit tree (e.g. "
+            "tree='sparse-16' or the medusa_choices the log of a single-replica run shows)")
     group = _tp_group()
     rank0 = group is None or group.rank_in_group == 0
     start = time.perf_counter()
