@@ -103,6 +103,9 @@ def test_config_table_builds_every_engine(tmp_path):
     ours = configs.CONFIGS["medusa_tree_ngram"].variants(ctx)[0].speculative_config
     assert ours["method"] == "medusa_tree" and ours["ngram_nodes"] == 3 and ours["nodes_by_batch"] == "off"
     assert configs.CONFIGS["medusa_tree"].modes == ("greedy", "typical", "rejection")
+    assert configs.CONFIGS["medusa_tree_adaptive"].variants(ctx)[0].speculative_config["adaptive"] is True
+    assert [v.speculative_config["tree"] for v in configs.CONFIGS["medusa_tree_beam"].variants(ctx)] == [
+        "beam:2", "beam:5"]
     with pytest.raises(ValueError, match=r"outside 1\.\.3"):
         configs.CONFIGS["vllm_medusa"].variants(configs.BenchContext("m", "h", 3, medusa_ks=[4]))
     extra = configs.config_from_json('beam4={"method": "medusa_tree", "tree": "beam:4", '

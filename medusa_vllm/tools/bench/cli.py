@@ -131,7 +131,7 @@ def add_bench_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--concurrency", default=None, help="requests in flight (full 1,4,16,64; quick 1,4)")
     ap.add_argument("--transports", default=None, help="offline,http (quick: offline)")
     ap.add_argument("--configs", default=None, help=f"comma-separated, from: {', '.join(CONFIGS)} "
-                    f"(default {','.join(DEFAULT_CONFIGS)}; quick: without medusa_tree_ngram)")
+                    f"(default {','.join(DEFAULT_CONFIGS)}; quick: vanilla, vllm_medusa, vllm_ngram, vllm_suffix, medusa_tree)")
     ap.add_argument("--add-config", action="append", default=[], metavar="NAME=JSON",
                     help="an extra configuration: NAME={speculative_config JSON}, optional "
                          "\"bench_modes\": [...] in it (repeatable)")

@@ -90,6 +90,7 @@ class BenchContext:
     ngram_min: int = 2
     ngram_nodes: int = 3  # our tree's prompt-lookup branch
     cost_sizes: Sequence[int] = ()
+    beam_widths: Sequence[int] = (2, 5)  # medusa_tree_beam's sweep
 
 
 @dataclass(frozen=True)
@@ -177,6 +178,14 @@ def _ours_ngram(ctx: BenchContext) -> list[Variant]:
                          nodes_by_batch="off"))]
 
 
+def _ours_adaptive(ctx: BenchContext) -> list[Variant]:
+    return [Variant("", ours(ctx, adaptive=True))]
+
+
+def _ours_beam(ctx: BenchContext) -> list[Variant]:
+    return [Variant(f"W={w}", ours(ctx, tree=f"beam:{w}")) for w in ctx.beam_widths]
+
+
 def cost_curve_config(n: int) -> BenchConfig:
     """``tree-N``: the first ``n`` BFS nodes of ``sparse-64`` (``chain-1`` for 1),
     the whole tree every step, greedy, offline at concurrency 1: its step cost
@@ -202,10 +211,14 @@ CONFIGS: dict[str, BenchConfig] = {c.name: c for c in [
                 "per request (extra_args medusa_acceptance)"),
     BenchConfig("medusa_tree_ngram", "ours", ("greedy",), _ours_ngram,
                 "ours with the prompt-lookup branch in the tree"),
+    BenchConfig("medusa_tree_adaptive", "ours", ("greedy",), _ours_adaptive,
+                "ours with adaptive head selection (per-request drafting depth)"),
+    BenchConfig("medusa_tree_beam", "ours", ("greedy",), _ours_beam,
+                "ours with beam drafts (tree beam:W: the W best paths of a beam search over the heads)"),
 ]}
 
 DEFAULT_CONFIGS = ("vanilla", "vllm_medusa", "vllm_ngram", "vllm_suffix", "medusa_tree",
-                   "medusa_tree_ngram")
+                   "medusa_tree_ngram", "medusa_tree_adaptive")
 
 
 def config_from_json(spec: str) -> BenchConfig:
