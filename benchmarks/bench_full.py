@@ -9,9 +9,10 @@ verification cost curve), each into its own folder under ``--out``.
 Full settings (the bench's defaults): configurations vanilla, vLLM's chain Medusa
 swept over num_speculative_tokens 1..K, vLLM's ngram (4 settings), vLLM's suffix
 (recorded unavailable without arctic_inference), ours (greedy, typical,
-rejection) and ours with the n-gram branch; concurrency 1, 4, 16, 64; offline
-and over HTTP (swept configurations over HTTP at their best offline setting);
-8 prompts (max(8, 2c) requests per level), 128 tokens, 3 interleaved rounds; the dtype this CPU does best.
+rejection), ours with the n-gram branch and ours with adaptive head selection;
+concurrency 1, 4, 16, 64; offline and over HTTP (swept configurations over HTTP
+at their best offline setting); 8 prompts (max(8, 2c) requests per level), 128
+tokens, 3 interleaved rounds; the dtype this CPU does best.
 Run it on a quiet machine: on 2 cores one prompt set takes hours (about 20
 engine starts per round, each timing every level and mode); ``--quick`` is
 the few-minute check.
