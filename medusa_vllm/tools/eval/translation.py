@@ -48,6 +48,7 @@ __all__ = [
 
 QUICK_VERSES = 24
 QUICK_MAX_TOKENS = 96
+QUICK_BATCH_SIZE = 8
 MAX_TOKENS = 128
 CHILD_PROBE = "medusa_vllm.tools.eval.child:run_rows"
 RTF_DEFINITION = ("real-time factor = the row's decoding wall time / vanilla greedy's decoding wall time "
@@ -80,11 +81,13 @@ def add_translation_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser
     ap.add_argument("--heads", help="Medusa heads folder (default: the shipped default heads)")
     ap.add_argument("--dtype", help="engine dtype (default: this CPU's preferred dtype)")
     ap.add_argument("--quick", action="store_true",
-                    help=f"{QUICK_VERSES} verses, max {QUICK_MAX_TOKENS} tokens; Medusa greedy with 1 and all "
-                         "heads, one typical setting, Beam 2 x all heads, vLLM beam width 2")
+                    help=f"{QUICK_VERSES} verses, max {QUICK_MAX_TOKENS} tokens, {QUICK_BATCH_SIZE} in flight; "
+                         "vanilla, single Medusa head, fitted tree, one typical setting, Beam 2 x all heads, "
+                         "vLLM beam width 2")
     ap.add_argument("--num-verses", type=int, help="first N verses of the test order (default: all)")
-    ap.add_argument("--batch-size", type=int, default=1,
-                    help="requests in flight (max_num_seqs); 1 = one verse at a time, as a live translator")
+    ap.add_argument("--batch-size", type=int,
+                    help="requests in flight (max_num_seqs); default 1 = one verse at a time, as a live "
+                         f"translator (--quick: {QUICK_BATCH_SIZE})")
     ap.add_argument("--max-tokens", type=int, help=f"per verse (default {MAX_TOKENS}; --quick {QUICK_MAX_TOKENS})")
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--medusa-heads", type=_ints, help="k of the 'Medusa greedy, k heads' rows (default 1..K)")
@@ -96,7 +99,7 @@ def add_translation_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser
     ap.add_argument("--no-sampling-rows", action="store_true",
                     help="leave out vanilla sampling and Medusa rejection sampling")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed of the first verse (then +1 per verse)")
-    ap.add_argument("--kv-cache-gib", default="2", help="VLLM_CPU_KVCACHE_SPACE of each engine")
+    ap.add_argument("--kv-cache-gib", default="1", help="VLLM_CPU_KVCACHE_SPACE of each engine (GiB)")
     ap.add_argument("--timeout", type=float, default=4 * 3600.0, help="seconds per engine")
     ap.add_argument("--out", default="runs/eval_translation")
     return ap
@@ -191,7 +194,7 @@ def run_translation_eval(verses: Sequence[EvalVerse], engines: Sequence[EngineSp
                 try:
                     res = run(_engine_job(engine, mine, prompts, cfg), timeout=cfg.get("timeout"),
                               env={"VLLM_CONFIGURE_LOGGING": "0"},
-                              env_defaults={"VLLM_CPU_KVCACHE_SPACE": str(cfg.get("kv_cache_gib", "2"))},
+                              env_defaults={"VLLM_CPU_KVCACHE_SPACE": str(cfg.get("kv_cache_gib", "1"))},
                               log=(log_dir / f"engine-{engine.key}.log") if log_dir else None)
                     results = list(res.probe)
                 except EngineRunError as exc:
@@ -231,7 +234,7 @@ def _plan_options(args: argparse.Namespace, heads: str, num_heads: int) -> PlanO
     quick = bool(args.quick)
     return PlanOptions(
         heads=heads, num_heads=num_heads, batch_size=args.batch_size,
-        medusa_heads=args.medusa_heads or ((1, num_heads) if quick and num_heads > 1 else None),
+        medusa_heads=args.medusa_heads or ((1,) if quick else None),
         typical_settings=args.typical or ((R.TYPICAL_SETTINGS[1],) if quick else R.TYPICAL_SETTINGS),
         temperature=R.SAMPLING_TEMPERATURE if args.temperature is None else args.temperature,
         beam_widths=args.beam_widths or ((2,) if quick else R.BEAM_WIDTHS),
@@ -262,6 +265,8 @@ def translation_main(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')}: expected an integer >= 1, found {value}")
     n = args.num_verses or (QUICK_VERSES if args.quick else None)
+    if args.batch_size is None:
+        args.batch_size = QUICK_BATCH_SIZE if args.quick else 1
     max_tokens = args.max_tokens or (QUICK_MAX_TOKENS if args.quick else MAX_TOKENS)
     try:
         verses = load_test_split(n)
