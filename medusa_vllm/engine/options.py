@@ -482,7 +482,9 @@ class MedusaTreeConfig(BaseModel):
 
         ``num_speculative_tokens`` (vLLM's setting, if the user gave one) caps
         the tree like ``max_nodes``: the tree keeps its first that many BFS
-        nodes; more than the tree has is an error.
+        nodes; more than the tree has is an error. With ``tree="auto"`` fitted by
+        the engine (``fit_max_nodes`` set, ``nodes_by_batch`` left as given), it is
+        the fit's budget of heads nodes.
         """
         cap = num_speculative_tokens
         if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
@@ -491,13 +493,14 @@ class MedusaTreeConfig(BaseModel):
                 f"nodes) or nothing, found {cap!r}"
             )
         tree = self.load_tree(num_heads)
+        fits = self.tree == "auto" and self._no_fit_reason() is None
         if cap is not None:
-            if cap > tree.num_nodes:
+            if cap > tree.num_nodes and not fits:  # (a start-up fit takes cap as its budget)
                 raise MedusaConfigError(
                     f"num_speculative_tokens={cap} exceeds the tree's {tree.num_nodes} nodes; "
                     "omit it (the tree sets it) or pick a larger tree"
                 )
-            tree = tree.truncate(cap)
+            tree = tree.truncate(min(cap, tree.num_nodes))
         pinned = self.model_copy(update={"tree": tree.to_list()})
         if self.beam is not None:  # beam drafts stay beam drafts: "beam:W:K", cut by max_nodes
             width, depth = self.beam
@@ -523,23 +526,26 @@ class MedusaTreeConfig(BaseModel):
             )
         return env or "auto"
 
+    def _no_fit_reason(self) -> str | None:
+        """Why the engine cannot fit ``tree="auto"`` at start-up, or ``None``."""
+        if self.cost_curve_mode() == "off":
+            return f"cost_curve='off' ({COST_CURVE_ENV} or the option)"
+        try:
+            if read_per_rank_accuracy(self.heads) is None:
+                return (f"{self.heads} holds no acceptance statistics (per_rank_accuracy in "
+                        f"{TREE_FILE}, eval.json or accuracies.json: `medusa-vllm calibrate "
+                        "--data HELD_OUT` writes them)")
+        except ValueError as exc:
+            return f"its acceptance statistics are unreadable: {exc}"
+        return None
+
     def _startup_fit_budget(self, fallback: MedusaTree, cap: int | None) -> int | None:
         """With ``tree="auto"``: the node budget of the tree the engine fits at start-up
         (heads nodes + n-gram branch), or ``None`` with a warning that the fallback
         tree ``fallback`` was fitted elsewhere (fit off, or no statistics)."""
         if self.tree != "auto" or self.fit_max_nodes is not None:
             return self.fit_max_nodes
-        why = None
-        if self.cost_curve_mode() == "off":
-            why = f"cost_curve='off' ({COST_CURVE_ENV} or the option)"
-        else:
-            try:
-                if read_per_rank_accuracy(self.heads) is None:
-                    why = (f"{self.heads} holds no acceptance statistics (per_rank_accuracy in "
-                           f"{TREE_FILE}, eval.json or accuracies.json: `medusa-vllm calibrate "
-                           "--data HELD_OUT` writes them)")
-            except ValueError as exc:
-                why = f"its acceptance statistics are unreadable: {exc}"
+        why = self._no_fit_reason()
         if why is not None:
             saved = Path(self.heads) / TREE_FILE
             origin = f"the tree saved in {saved}" if saved.is_file() else "a generic preset"

@@ -163,6 +163,10 @@ def test_reserve_and_the_ngram_branch_budget(stats_heads):
     assert _config(stats_heads).num_speculative_tokens == 64
     assert _config(stats_heads, max_nodes=8).num_speculative_tokens == 8
     assert _config(stats_heads, max_nodes=8, ngram_nodes=2).num_speculative_tokens == 10
+    # vLLM's num_speculative_tokens is the fit's budget, even above the fallback's 1 node
+    budget = MedusaTreeConfig.from_dict({"heads": str(stats_heads)}).resolved(
+        num_speculative_tokens=16)
+    assert budget.fit_max_nodes == 16 and budget.tree == [[0]]
     with pytest.raises(ValueError, match="MEDUSA_VLLM_COST_CURVE"):
         import os
 
