@@ -165,7 +165,12 @@ def local_ray(num_cpus: int, metrics_port: int, env: Mapping[str, str],
            f"--ray-client-server-port={free_port()}"]
     if temp_dir:
         cmd.append(f"--temp-dir={temp_dir}")
-    head_env = {**os.environ, "RAY_raylet_start_wait_time_s": "180", **env}
+    # Token authentication off: `ray start` turns it on and this driver, started apart,
+    # would need the token file; the node serves this machine's own processes only.
+    head_env = {**os.environ, "RAY_raylet_start_wait_time_s": "180", "RAY_AUTH_MODE": "disabled",
+                # the raylet gives the runtime-env agent this long to answer (default 30 s)
+                "RAY_agent_register_timeout_ms": "600000",
+                **env}
     head = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=head_env,
                             start_new_session=True)
@@ -175,6 +180,7 @@ def local_ray(num_cpus: int, metrics_port: int, env: Mapping[str, str],
                          args=(head.pid, listen_port, runtime_env_port, start_timeout)).start()
         _wait_started(head, start_timeout)
         _normal_priority(head.pid)
+        os.environ["RAY_AUTH_MODE"] = "disabled"
         ray.init(address=f"127.0.0.1:{gcs_port}", runtime_env={"env_vars": dict(env)},
                  log_to_driver=False)
         try:

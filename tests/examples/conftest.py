@@ -27,13 +27,24 @@ EXAMPLES = ROOT / "examples"
 
 
 @pytest.fixture(scope="session")
-def tiny_medusa(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
-    """``(model, heads)``: a 2-layer random Llama (vocabulary 512, hidden 64) and 3 Medusa
-    heads self-distilled on it (accepted length well above 1 on its own greedy text)."""
-    root = tmp_path_factory.mktemp("tiny_medusa")
-    model = build_tiny_llama(root / "model", vocab=512, hidden=64, layers=2, seed=0)
-    heads = distill_tiny_heads(model, root / "heads", steps=300)
-    return str(model), str(heads)
+def tiny_medusa() -> tuple[str, str]:
+    """``(model, heads)``: a 2-layer random Llama (vocabulary 512, hidden 64, seed 0) and 3
+    Medusa heads self-distilled on it (400 steps, seed 0; accepted length well above 1 on
+    its own greedy text). Both are deterministic for these arguments, so they are built
+    once per machine in a cache folder under the temp dir (distillation takes minutes on
+    a busy machine) and reused by later sessions."""
+    root = Path(tempfile.gettempdir()) / "medusa-vllm-test-cache" / "tiny-medusa-examples-v1"
+    if not (root / "done").is_file():
+        work = root.with_name(f"{root.name}.{os.getpid()}")
+        shutil.rmtree(work, ignore_errors=True)
+        model = build_tiny_llama(work / "model", vocab=512, hidden=64, layers=2, seed=0)
+        distill_tiny_heads(model, work / "heads", num_heads=3, steps=400, seed=0)
+        (work / "done").write_text("ok")
+        try:
+            work.rename(root)
+        except OSError:  # another session finished first
+            shutil.rmtree(work, ignore_errors=True)
+    return str(root / "model"), str(root / "heads")
 
 
 def free_port() -> int:
