@@ -24,6 +24,7 @@ __all__ = [
     "Server",
     "failed_serve",
     "launch",
+    "log_dir",
     "metric",
     "metrics_text",
     "tiny_model_and_heads",
@@ -57,6 +58,14 @@ def tiny_model_and_heads(dtype: str = "float32", steps: int = 300) -> tuple[Path
         except OSError:  # another process finished first
             shutil.rmtree(work, ignore_errors=True)
     return root / "model", root / "heads"
+
+
+def log_dir(name: str) -> Path:
+    """A folder for server logs outside pytest's tmp dirs (which pytest deletes
+    once newer sessions start, a problem on a machine where many run)."""
+    out = Path(tempfile.gettempdir()) / "medusa-vllm-test-logs" / f"{name}-{os.getpid()}"
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def free_port() -> int:
