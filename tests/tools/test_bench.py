@@ -310,6 +310,21 @@ def test_outputs_json_markdown_png(fake_bench):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bench_main_writes_partial_results_after_every_engine(tmp_path, heads):
+    args = parse("--model", "m", "--heads", heads, "--prompts", "everyday", "--quick", "--num-prompts", "4",
+                 "--configs", "vanilla,medusa_tree", "--repeats", "1", "--out", str(tmp_path / "out"))
+    seen = []
+
+    def run(plan, slot, rnd):
+        part = tmp_path / "out" / "partial" / "bench.json"
+        seen.append(len(json.loads(part.read_text())["records"]) if part.exists() else 0)
+        return fake_run([])(plan, slot, rnd)
+
+    assert cli.bench_main(args, run=run) == 0
+    assert seen == [0, 4]  # vanilla's 2 modes x 2 levels were on disk before ours started
+    assert (tmp_path / "out" / "bench.md").read_text().startswith("# medusa-vllm bench")
+
+
 def test_a_failed_engine_is_recorded_and_not_retried(tmp_path, heads):
     from medusa_vllm.tools.engine_proc import EngineRunError
 

@@ -405,7 +405,9 @@ def _run_slot(plan: Plan, run: Callable[[Plan, EngineSlot, int], dict[str, Any]]
 
 
 def run_bench(plan: Plan, run: Callable[[Plan, EngineSlot, int], dict[str, Any]] | None = None,
-              say: Callable[[str], None] = print) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+              say: Callable[[str], None] = print,
+              progress: Callable[[list[dict[str, Any]]], None] | None = None,
+              ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Run the schedule; (records, summary). ``run`` (default :func:`default_run`)
     is injectable for tests. Offline slots run first when swept configurations
     wait for their best offline setting to be measured over HTTP."""
@@ -425,6 +427,8 @@ def run_bench(plan: Plan, run: Callable[[Plan, EngineSlot, int], dict[str, Any]]
         order = schedule(slots, plan.args.repeats) if slots else []
         for i, (rnd, slot) in enumerate(order, 1):
             _run_slot(plan, run, slot, rnd, records, failed, say, f"{i}/{len(order)}", t_start)
+            if progress is not None:
+                progress(records)
     annotate(records)
     return records, summarize(records)
 
@@ -464,7 +468,19 @@ def bench_main(args: argparse.Namespace, run: Callable[[Plan, EngineSlot, int], 
     plan.out_dir.mkdir(parents=True, exist_ok=True)
     if run is None:
         _prepare_vllm_heads(plan)
-    records, summary = run_bench(plan, run, say=lambda s: print(s, flush=True))
+    def partial(records: list[dict[str, Any]]) -> None:
+        """After every engine: what is measured so far, in OUT/partial/ (a run cut short keeps it)."""
+        import copy
+
+        recs = annotate(copy.deepcopy(records))
+        summ = summarize(recs)
+        part = plan.out_dir / "partial"
+        part.mkdir(parents=True, exist_ok=True)
+        (part / "bench.json").write_text(json.dumps({"header": plan.header, "records": recs,
+                                                     "summary": summ}, indent=1))
+        (part / "bench.md").write_text(markdown(plan.header, summ, recs) + "\n")
+
+    records, summary = run_bench(plan, run, say=lambda s: print(s, flush=True), progress=partial)
     json_path, md_path, pngs = write_outputs(plan, records, summary)
     print("\n" + md_path.read_text())
     print(f"[bench] wrote {json_path}, {md_path}" + (f", {', '.join(str(p) for p in pngs)}" if pngs else ""))
