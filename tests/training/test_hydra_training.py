@@ -20,8 +20,9 @@ from medusa_vllm.training.losses import IGNORE_INDEX, head_targets, to_draft_tar
 from medusa_vllm.training.trainer import MedusaTrainer, train
 
 VOCAB, HIDDEN = 320, 64
-WORDS = ("the quick brown fox jumps over the lazy dog medusa adds extra decoding heads "
-         "to predict several tokens at once speculative drafts verify").split()
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "medusa", "adds",
+         "extra", "decoding", "heads", "to", "predict", "several", "tokens", "at", "once",
+         "speculative", "drafts", "verify"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -40,10 +41,10 @@ def tiny(tmp_path_factory):
 
 
 def _cfg(tmp_path, tiny, **kw) -> TrainConfig:
-    root, model, text = tiny
-    base = dict(model=str(model), data=[str(text)], output=str(tmp_path / "out"), num_heads=3,
-                head_type="hydra", seq_len=48, batch_size=4, max_steps=4, save_steps=0,
-                log_steps=1, eval_fraction=0.1, progress=False)
+    _, model, text = tiny
+    base = {"model": str(model), "data": [str(text)], "output": str(tmp_path / "out"),
+            "num_heads": 3, "head_type": "hydra", "seq_len": 48, "batch_size": 4, "max_steps": 4,
+            "save_steps": 0, "log_steps": 1, "eval_fraction": 0.1, "progress": False}
     base.update(kw)
     return TrainConfig(**base)
 
