@@ -166,9 +166,12 @@ class _StepTimer:
 
     def draft(self, b: int, depth: int) -> float:
         """Seconds of the heads drafting ``depth`` levels for ``b`` requests."""
+        topk = getattr(self.heads, "topk", None)
+        if topk is None:  # heads whose drafting is not per-head top-k (Hydra): not priced
+            return 0.0
         h = self.hidden[:b] if b <= self.hidden.shape[0] else self.hidden[:1].expand(b, -1)
         start = time.perf_counter()
-        self.heads.topk(h, 1, depth)
+        topk(h, 1, depth)
         return time.perf_counter() - start
 
 
