@@ -93,4 +93,6 @@ def run_rows(llm: Any, args: dict[str, Any]) -> list[dict[str, Any]]:
         res["spec"] = (spec_decode_summary(llm.get_metrics()) - before).to_dict()
         res["name"] = row["name"]
         results.append(res)
+        print(f"[eval child] {row['name']}: {res['wall_s']:.1f} s, "  # the engine log's progress line
+              f"{sum(len(t) for t in res['token_ids'])} tokens", flush=True)
     return results

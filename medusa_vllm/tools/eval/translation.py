@@ -100,7 +100,8 @@ def add_translation_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser
                     help="leave out vanilla sampling and Medusa rejection sampling")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed of the first verse (then +1 per verse)")
     ap.add_argument("--kv-cache-gib", default="1", help="VLLM_CPU_KVCACHE_SPACE of each engine (GiB)")
-    ap.add_argument("--timeout", type=float, default=4 * 3600.0, help="seconds per engine")
+    ap.add_argument("--timeout", type=float,
+                    help="seconds per engine (default: 1800 with --quick, else 12 h)")
     ap.add_argument("--out", default="runs/eval_translation")
     return ap
 
@@ -285,7 +286,7 @@ def translation_main(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     cfg = {"model": args.model, "dtype": args.dtype or preferred_dtype(), "max_model_len": args.max_model_len,
            "max_tokens": max_tokens, "seed": args.seed, "kv_cache_gib": args.kv_cache_gib,
-           "timeout": args.timeout}
+           "timeout": args.timeout or (1800.0 if args.quick else 12 * 3600.0)}
     bind = engine_env().get("VLLM_CPU_OMP_THREADS_BIND", "auto (vLLM's default)")
     header: dict[str, Any] = {
         "command": "medusa-vllm " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "",
