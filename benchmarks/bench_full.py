@@ -13,9 +13,11 @@ rejection), ours with the n-gram branch and ours with adaptive head selection;
 concurrency 1, 4, 16, 64; offline and over HTTP (swept configurations over HTTP
 at their best offline setting); 8 prompts (max(8, 2c) requests per level), 128
 tokens, 3 interleaved rounds; the dtype this CPU does best.
-Run it on a quiet machine: on 2 cores one prompt set takes hours (about 20
-engine starts per round, each timing every level and mode); ``--quick`` is
-the few-minute check.
+Run it on a quiet machine. Cost, from the plan the bench prints at start: 18
+engines and 34 timed passes (one mode over the four levels, ~3.5 minutes each at
+~13 tok/s for vanilla at concurrency 1 on 2 cores) per round, so about 6 hours
+per prompt set with 3 rounds; ``--lean`` (2 ngram settings, 96 tokens) cuts it
+by about a third. ``--quick`` is the few-minute check.
 """
 
 import argparse
@@ -31,9 +33,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sets", default="everyday,corpus", help="prompt sets, comma-separated")
     ap.add_argument("--out", default="runs/bench_full")
+    ap.add_argument("--lean", action="store_true", help="2 ngram settings (2:3, 4:5) and 96 tokens")
     ap.add_argument("bench_args", nargs=argparse.REMAINDER, help="after --: more medusa-vllm bench options")
     a = ap.parse_args()
     extra = [x for x in a.bench_args if x != "--"]
+    if a.lean:
+        extra = ["--ngram-settings", "2:3,4:5", "--max-tokens", "96", *extra]
     code = 0
     for name in [s for s in a.sets.split(",") if s]:
         if name not in SETS:

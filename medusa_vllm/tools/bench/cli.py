@@ -463,8 +463,13 @@ def bench_main(args: argparse.Namespace, run: Callable[[Plan, EngineSlot, int], 
           flush=True)
     for r in plan.unavailable:
         print(f"[bench] {r['config']}: unavailable: {r['reason']}", flush=True)
-    print(f"[bench] {len(plan.slots)} engines x {args.repeats} rounds; concurrency {args.concurrency}; "
-          f"transports {args.transports}", flush=True)
+    slots = plan.slots + plan.deferred
+    passes = sum(len(s.modes) for s in slots)
+    tokens = sum(len(s.modes) * plan.requests[c] for s in slots for c in s.concurrency) * args.max_tokens
+    print(f"[bench] {len(slots)} engines x {args.repeats} rounds ({len(slots) * args.repeats} engine starts"
+          f"{', HTTP sweeps at their best offline setting' if plan.deferred else ''}); {passes} timed "
+          f"passes per round over concurrency {args.concurrency}, up to {tokens * args.repeats} output "
+          f"tokens in all; transports {args.transports}", flush=True)
     plan.out_dir.mkdir(parents=True, exist_ok=True)
     if run is None:
         _prepare_vllm_heads(plan)
