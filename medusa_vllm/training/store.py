@@ -27,6 +27,7 @@ date, machine). Rows made by another backbone are refused
 from __future__ import annotations
 
 import datetime as _dt
+import fcntl
 import hashlib
 import json
 import lzma
@@ -292,6 +293,17 @@ class DistillStore:
             raise StoreError(f"set name {set_name!r}: use lowercase letters, digits and '-'")
         if not rows:
             raise StoreError("append: no rows to write")
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root, os.O_RDONLY)  # the folder is the lock: one writer at a time
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            return self._append_locked(set_name, rows, generator, prompt_source, recipe, seconds, extra)
+        finally:
+            os.close(fd)
+
+    def _append_locked(self, set_name: str, rows: Sequence[Mapping[str, Any]], generator: Generator,
+                       prompt_source: str, recipe: Mapping[str, Any] | None, seconds: float | None,
+                       extra: Mapping[str, Any] | None) -> FileEntry:
         self.check_backbone(generator)
         for row in rows:
             _check_row(row, f"append to {set_name}")
