@@ -176,6 +176,9 @@ def local_ray(num_cpus: int, metrics_port: int, env: Mapping[str, str],
     head_env = {**os.environ, "RAY_raylet_start_wait_time_s": "180", "RAY_AUTH_MODE": "disabled",
                 # the raylet gives the runtime-env agent this long to answer (default 30 s)
                 "RAY_agent_register_timeout_ms": "600000",
+                # Serve's proxy readiness / health checks (defaults 5 s and 10 s)
+                "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "120",
+                "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "120",
                 **env}
     head = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=head_env,

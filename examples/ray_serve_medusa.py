@@ -141,6 +141,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"[serve] model {model}\n[serve] heads {heads}\n[serve] {args.replicas} replica(s), "
           f"TP={args.tp}, dtype {args.dtype}, {num_cpus} logical CPUs", flush=True)
     with local_ray(num_cpus, args.metrics_port, env, args.ray_temp_dir):
+        # serve.start waits a hard-coded 60 s for the HTTP proxy actor and kills it after
+        # that; on a machine loaded beyond its cores the proxy took longer to start.
+        import ray.serve._private.api as serve_api
+
+        serve_api.HTTP_PROXY_TIMEOUT = max(serve_api.HTTP_PROXY_TIMEOUT, args.startup_timeout)
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})
         app = build_openai_app({"llm_configs": [llm_config(args, model, heads, env)]})
         t0 = time.perf_counter()
