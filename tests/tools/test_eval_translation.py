@@ -228,7 +228,10 @@ def _plan(heads):
 def test_eval_runs_each_engine_once_and_scores_rtf(heads):
     engines, rows = _plan(heads)
     run = _fake_run(walls={"Vanilla greedy": 4.0, "Single Medusa head": 3.0})
-    scored, outputs = translation.run_translation_eval(_verses(), engines, rows, _CFG, run=run, progress=False)
+    partial = []
+    scored, outputs = translation.run_translation_eval(_verses(), engines, rows, _CFG, run=run, progress=False,
+                                                       on_engine=lambda s, o: partial.append(len(s)))
+    assert partial == sorted(partial) and partial[-1] == len(rows) and len(partial) == len(engines)
     assert [j.probe_args["rows"][0]["name"] for j in run.jobs][:2] == ["Vanilla greedy", "Single Medusa head"]
     runnable = [e for e in engines if e.unavailable is None]
     assert len(run.jobs) == len(runnable)

@@ -160,12 +160,14 @@ def _engine_job(engine: EngineSpec, rows: Sequence[RowSpec], prompts: Sequence[s
 
 def run_translation_eval(verses: Sequence[EvalVerse], engines: Sequence[EngineSpec], rows: Sequence[RowSpec],
                          cfg: Mapping[str, Any], *, run=None, progress: bool = True,
-                         log_dir: Path | None = None) -> tuple[list[dict], dict[str, list[str]]]:
+                         log_dir: Path | None = None, on_engine=None) -> tuple[list[dict], dict[str, list[str]]]:
     """Run every engine's rows, score them and check losslessness as each engine returns.
 
     ``cfg``: model, dtype, max_model_len, max_tokens, seed, kv_cache_gib, timeout.
     ``run`` replaces :func:`medusa_vllm.tools.engine_proc.run_engine` (tests).
-    Returns the scored rows (plan order) and each row's hypotheses. Raises
+    ``on_engine(rows, outputs)`` is called with the rows scored so far after each
+    engine (partial results of a long run). Returns the scored rows (plan order) and
+    each row's hypotheses. Raises
     :class:`LosslessnessError` (``.rows`` holds the rows scored so far) when a greedy
     Medusa row differs from vanilla greedy.
     """
@@ -224,6 +226,8 @@ def run_translation_eval(verses: Sequence[EvalVerse], engines: Sequence[EngineSp
                             exc.outputs = outputs  # type: ignore[attr-defined]
                             raise
                 bar.update(1)
+            if on_engine is not None:
+                on_engine([scored[r.name] for r in rows if r.name in scored], outputs)
     finally:
         bar.close()
     return [scored[r.name] for r in rows], outputs
@@ -302,17 +306,25 @@ def translation_main(args: argparse.Namespace) -> int:
           f"{header['machine']}, {cfg['dtype']}, threads {bind}", flush=True)
     t0 = time.perf_counter()
     status = 0
+
+    def write(scored: list[dict], outputs: Mapping[str, Sequence[str]], final: bool) -> str:
+        head = {**header, "total_wall_s": round(time.perf_counter() - t0, 1)}
+        if not final:
+            head["partial"] = f"{len(scored)} of {len(rows)} rows so far"
+        table = markdown_table(scored, head)
+        (out / "table.md").write_text(table)
+        write_json(out / "results.json", head, scored)
+        write_translations(out / "translations.jsonl", [v.to_dict() for v in verses], outputs)
+        return table
+
     try:
-        scored, outputs = run_translation_eval(verses, engines, rows, cfg, log_dir=out)
+        scored, outputs = run_translation_eval(verses, engines, rows, cfg, log_dir=out,
+                                               on_engine=lambda s, o: write(s, o, final=False))
     except LosslessnessError as exc:
         print(f"medusa-vllm eval translation: LOSSLESSNESS FAILURE: {exc}", file=sys.stderr)
         scored, outputs, status = getattr(exc, "rows", []), getattr(exc, "outputs", {}), 1
         header["failure"] = str(exc).splitlines()[0]
-    header["total_wall_s"] = round(time.perf_counter() - t0, 1)
-    table = markdown_table(scored, header)
-    (out / "table.md").write_text(table)
-    write_json(out / "results.json", header, scored)
-    write_translations(out / "translations.jsonl", [v.to_dict() for v in verses], outputs)
+    table = write(scored, outputs, final=True)
     png = plot_quality_vs_rtf(out / "bleu_vs_rtf.png", scored)
     print("\n" + table)
     print(f"wrote {out / 'table.md'}, {out / 'results.json'}, {out / 'translations.jsonl'}"
