@@ -34,7 +34,7 @@ __all__ = [
 
 # Seconds a tiny-model server may take to answer /health: the machine is shared
 # by several engines, and a start-up can take minutes under load.
-START_TIMEOUT = 900.0
+START_TIMEOUT = 1800.0
 # The flags every test server gets: tiny models in float32, no graph capture.
 BASE_FLAGS = ("--enforce-eager", "--dtype", "float32", "--max-model-len", "512")
 
