@@ -66,14 +66,15 @@ def main() -> int:
     heads = info["heads"]
     if args.what == "beam":
         prompts = bench_prompts(args.num_prompts, seed=1234)
-        configs = [("static " + name, {"tree": tree}) for name, tree in STATIC] + [
+        configs = [("static " + name, {"tree": tree}) for name, tree in STATIC[:1]] + [
             (f"beam:{w}", {"tree": f"beam:{w}"}) for w in (2, 5, 10)]
     else:
         prompts = [p for pair in zip(REPETITIVE, HARD) for p in pair]
         configs = [(f"{name} adaptive={a}", {"tree": tree, "adaptive": a})
-                   for name, tree in STATIC for a in (False, True)]
+                   for name, tree in STATIC[1:] for a in (False, True)]
     sampling = {"temperature": 0.0, "max_tokens": args.max_tokens}
-    env = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+    # a shared machine can stall one step for minutes: vLLM's 300 s step timeout is too short
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": "3600"}
 
     def job(spec):
         llm = engine_kwargs(info["model"], speculative_config=spec, max_model_len=2048,
