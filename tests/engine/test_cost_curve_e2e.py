@@ -23,7 +23,9 @@ from tests.engine.test_engine_e2e import _compare, _greedy, _llm, _prompts, _ran
 
 pytestmark = pytest.mark.slow
 
-run_engine = functools.partial(engine_proc.run_engine, env_defaults={"VLLM_CPU_KVCACHE_SPACE": "1"})
+# start-up bound 1800 s: engines took over 900 s to start on the shared 2-core machine
+run_engine = functools.partial(engine_proc.run_engine, env_defaults={"VLLM_CPU_KVCACHE_SPACE": "1"},
+                               timeout=1800)
 
 # heads statistics under which a real (branching) tree pays where steps are cheap
 PER_RANK = [[0.80, 0.10, 0.04, 0.02], [0.70, 0.12, 0.05, 0.02], [0.60, 0.12, 0.05, 0.03]]
