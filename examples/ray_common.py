@@ -102,10 +102,10 @@ def chat_prompts(model: str, n: int) -> list[str]:
     return [chat_prompt(tok, [{"role": "user", "content": p}]) or p for p in raw]
 
 
-def replica_env(tp: int, kv_cache_gib: float) -> dict[str, str]:
+def replica_env(tp: int, kv_cache_gib: int) -> dict[str, str]:
     """Environment of every vLLM engine Ray starts here: OpenMP threads bound to this
     machine's cores (one list per TP rank: "0|1" at TP=2, as a single-NUMA machine needs),
-    a KV cache of ``kv_cache_gib`` GiB, and vLLM's stats logging on."""
+    a KV cache of ``kv_cache_gib`` GiB (vLLM reads a whole number), and vLLM's stats logging on."""
     cores = sorted(os.sched_getaffinity(0))
     if tp == 1:
         bind = f"{cores[0]}-{cores[-1]}" if len(cores) > 1 else str(cores[0])

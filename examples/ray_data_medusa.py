@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--metrics-port", type=int, default=8091, help="Ray's Prometheus port")
-    ap.add_argument("--kv-cache-gib", type=float, default=1.0, help="VLLM_CPU_KVCACHE_SPACE per engine")
+    ap.add_argument("--kv-cache-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE per engine")
     ap.add_argument("--timeout", type=float, default=1500.0, help="seconds for both pipelines")
     ap.add_argument("--ray-temp-dir", help="Ray's session and log folder (default /tmp/ray)")
     ap.add_argument("--json", help="write the figures and checks to this file")

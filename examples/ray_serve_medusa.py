@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--port", type=int, default=8000, help="HTTP port on 127.0.0.1")
     ap.add_argument("--metrics-port", type=int, default=8090, help="Ray's Prometheus port")
-    ap.add_argument("--kv-cache-gib", type=float, default=1.0, help="VLLM_CPU_KVCACHE_SPACE per replica")
+    ap.add_argument("--kv-cache-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE per replica")
     ap.add_argument("--startup-timeout", type=float, default=900.0,
                     help="seconds before giving up on the replicas (Serve retries a failing one forever)")
     ap.add_argument("--no-check", action="store_true", help="skip the offline vanilla comparison")

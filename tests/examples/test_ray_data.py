@@ -18,7 +18,7 @@ def test_batch_inference_with_medusa_equals_without(tiny_medusa):
     model, heads = tiny_medusa
     run = run_example("ray_data_medusa.py", [
         "--model", model, "--heads", heads, "--tree", "sparse-16", "--prompts", "12",
-        "--max-tokens", "24", "--max-model-len", "512", "--kv-cache-gib", "0.5",
+        "--max-tokens", "24", "--max-model-len", "512",
         "--metrics-port", str(free_port()), "--timeout", str(RUN - 60),
     ], timeout=RUN, ray=True)
     assert run.result is not None, run.explain()

@@ -23,7 +23,7 @@ def test_two_replicas_answer_with_medusa_active(tiny_medusa):
         "--model", model, "--heads", heads, "--tree", "sparse-16", "--replicas", "2",
         "--requests", "16", "--max-tokens", "24", "--max-model-len", "512",
         "--port", str(free_port()), "--metrics-port", str(free_port()),
-        "--kv-cache-gib", "0.5", "--startup-timeout", str(STARTUP),
+        "--startup-timeout", str(STARTUP),
     ], timeout=RUN, ray=True)
     assert run.result is not None, run.explain()
     res = run.result
