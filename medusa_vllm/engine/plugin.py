@@ -333,7 +333,7 @@ def translate_engine_args(args: Any) -> bool:
     logger.info(
         "medusa_tree: %s, acceptance=%s, heads=%s, worker=%s",
         f"tree fitted by the engine at start-up (at most {fit} nodes)" if fit is not None
-        else f"{len(result.medusa.tree)}-node tree",
+        else f"{result.medusa.num_speculative_tokens}-node tree",
         result.medusa.acceptance,
         result.medusa.heads,
         result.worker_cls,
