@@ -152,9 +152,10 @@ def main(argv: list[str] | None = None) -> int:
         if source == "everyday":
             items = everyday_items(args, engine, tok, split, n)
             rec = {"builder": "medusa_vllm.training.everyday.build_requests", "split": split,
-                   "n": n, "seed": args.seed, "written_fraction": args.written_fraction,
-                   "writer": {"temperature": args.writer_temperature, "top_p": 0.95,
-                              "max_tokens": 48}}
+                   "n": n, "seed": args.seed, "written_fraction": args.written_fraction}
+            if args.written_fraction > 0:
+                rec["writer"] = {"temperature": args.writer_temperature, "top_p": 0.95,
+                                 "max_tokens": 48}
             src = "everyday requests: /usr/share/dict/words topics x request kinds"
         else:
             items = corpus_items(split, recipe, n)

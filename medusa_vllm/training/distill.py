@@ -269,13 +269,16 @@ class StoreItem:
 
 def prepare_engine_env() -> None:
     """Environment of an in-process engine (before vLLM is imported): threads bound to
-    every core on small machines, a 2 GiB KV cache and no plugins, unless set already."""
+    every core on small machines, a 2 GiB KV cache, no plugins and a one-hour limit per
+    model step (vLLM's default 300 s kills a niced run on a busy CPU: session 9's
+    engine died so at load 80), unless set already."""
     if "vllm" in sys.modules:
         return
     for k, v in engine_env().items():
         os.environ.setdefault(k, v)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ.setdefault("VLLM_PLUGINS", "")
+    os.environ.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "3600")
 
 
 class ChunkedEngine:
