@@ -9,7 +9,7 @@ from tests.examples.conftest import free_port, require_ray, run_example
 
 pytestmark = pytest.mark.slow
 
-RUN = 1500  # seconds for both pipelines; pytest-timeout a little later
+RUN = 2700  # seconds for both pipelines; pytest-timeout a little later
 
 
 @pytest.mark.timeout(RUN + 120)

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 
 # A Serve replica that fails is restarted forever: the example gives up on start-up after
 # STARTUP s, the runner kills everything after RUN s, pytest-timeout after RUN + 120 s.
-STARTUP, RUN = 1200, 1500
+STARTUP, RUN = 2000, 2700
 
 
 @pytest.mark.timeout(RUN + 120)
