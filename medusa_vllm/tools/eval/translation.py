@@ -197,7 +197,10 @@ def run_translation_eval(verses: Sequence[EvalVerse], engines: Sequence[EngineSp
                 try:
                     res = run(_engine_job(engine, mine, prompts, cfg), timeout=cfg.get("timeout"),
                               env={"VLLM_CONFIGURE_LOGGING": "0"},
-                              env_defaults={"VLLM_CPU_KVCACHE_SPACE": str(cfg.get("kv_cache_gib", "1"))},
+                              env_defaults={"VLLM_CPU_KVCACHE_SPACE": str(cfg.get("kv_cache_gib", "1")),
+                                            # one starved step on a shared machine must not kill the
+                                            # engine (vLLM's 300 s); the eval has its own timeout
+                                            "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": "3600"},
                               log=(log_dir / f"engine-{engine.key}.log") if log_dir else None)
                     results = list(res.probe)
                 except EngineRunError as exc:
