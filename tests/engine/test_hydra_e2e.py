@@ -22,9 +22,11 @@ from medusa_vllm.tools.calibrate import measure_target_ranks
 from medusa_vllm.tools.engine_proc import EngineJob
 from medusa_vllm.tools.tiny_models import build_tiny_llama, distill_tiny_heads
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(5400)]
 
-run_engine = functools.partial(engine_proc.run_engine, env_defaults={"VLLM_CPU_KVCACHE_SPACE": "1"})
+# a small KV cache; a long timeout: on a shared 2-core machine an engine start alone took 14 min
+run_engine = functools.partial(engine_proc.run_engine, env_defaults={"VLLM_CPU_KVCACHE_SPACE": "1"},
+                               timeout=1800)
 
 VOCAB, HIDDEN = 512, 64
 
