@@ -277,6 +277,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
     env = {"VLLM_CONFIGURE_LOGGING": "1"}
     if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
         env["VLLM_CPU_KVCACHE_SPACE"] = f"{args.kv_cache_gib:g}"
+    # vLLM kills an engine whose step takes over 300 s; a starved shared machine gets there
+    env.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS",
+                   os.environ.get("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "3600"))
     from medusa_vllm.tools.engine_proc import engine_env
 
     full_env = {**engine_env(), **env}
