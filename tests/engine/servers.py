@@ -82,6 +82,8 @@ def _vllm_bin() -> str:
 
 def _env(env: Mapping[str, str] | None) -> dict[str, str]:
     out = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}
+    # a step starved by a loaded machine must not kill the engine (vLLM's default: 300 s)
+    out.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "3600")
     out.update(env or {})
     return out
 
