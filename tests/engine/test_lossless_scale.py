@@ -25,7 +25,8 @@ from tests.engine.servers import tiny_model_and_heads
 pytestmark = pytest.mark.slow
 
 run_engine = functools.partial(engine_proc.run_engine, timeout=1800,
-                               env_defaults={"VLLM_CPU_KVCACHE_SPACE": "1"})
+                               env_defaults={"VLLM_CPU_KVCACHE_SPACE": "1",
+                                             "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": "3600"})
 
 VOCAB = 512
 NUM_PROMPTS = 520
