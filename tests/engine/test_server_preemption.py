@@ -16,8 +16,9 @@ from tests.engine.servers import log_dir, metric, metrics_text, tiny_model_and_h
 
 pytestmark = pytest.mark.slow
 
-# 16 blocks of 16 tokens = 256 token slots: three or four of the requests below at once
-PRESSURE_FLAGS = ("--num-gpu-blocks-override", "16", "--block-size", "16", "--max-model-len",
+# 8 blocks of 32 tokens (vLLM's CPU attention needs a multiple of 32) = 256 token slots:
+# three or four of the requests below at once
+PRESSURE_FLAGS = ("--num-gpu-blocks-override", "8", "--block-size", "32", "--max-model-len",
                   "160", "--max-num-seqs", "16")
 NUM_REQUESTS = 24
 REQUEST_DEADLINE_S = 600.0
