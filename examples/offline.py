@@ -27,15 +27,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-FALLBACK_PROMPTS = (
-    "Explain in a few sentences why the sky is blue.",
-    "Write a short Python function that returns the n-th Fibonacci number.",
-    "List three tips for writing clear technical documentation.",
-    "What is the difference between a process and a thread?",
-    "Summarise the water cycle for a ten-year-old.",
-    "Describe how a hash table works.",
-)
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,12 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def prompts(n: int) -> list[str]:
     """Held-out prompts from the offline corpora, else a fixed list."""
-    try:
-        from medusa_vllm.training.prompts import build_prompts
+    from medusa_vllm.training.prompts import example_prompts
 
-        return build_prompts(n, seed=1234, split="heldout")
-    except Exception:  # noqa: BLE001 - a missing corpus: use the fixed prompts
-        return [FALLBACK_PROMPTS[i % len(FALLBACK_PROMPTS)] for i in range(n)]
+    return example_prompts(n)
 
 
 def resolve(model: str | None, heads: str | None) -> tuple[str, str]:

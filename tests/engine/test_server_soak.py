@@ -17,6 +17,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
+import httpx
 import openai
 import pytest
 
@@ -106,7 +107,8 @@ async def _one(client: openai.AsyncOpenAI, model: str, req: Req, run: Run) -> No
             r = await client.completions.create(model=model, **req.body())
             text = r.choices[0].text
     except Exception as err:  # noqa: BLE001 - collected, the test fails on any
-        run.errors.append(f"request {req.i}: {type(err).__name__}: {err}")
+        cause = f" ({type(err.__cause__).__name__}: {err.__cause__})" if err.__cause__ else ""
+        run.errors.append(f"request {req.i}: {type(err).__name__}: {err}{cause}")
         return
     run.latencies.append(time.perf_counter() - t0)
     run.texts[req.i] = text
@@ -114,8 +116,15 @@ async def _one(client: openai.AsyncOpenAI, model: str, req: Req, run: Run) -> No
 
 async def _soak(base_v1: str, model: str, reqs: list[Req]) -> Run:
     run = Run()
+    # Idle keep-alive connections expire on the client well before uvicorn's 5 s
+    # keep-alive timeout closes them: with httpx's default (also 5 s) a request can
+    # go out on a connection the server is closing at that moment (CI saw one such
+    # "Connection error." in 300); a real client retries those, this one must not
+    # need to, since max_retries=0 keeps every server error visible.
+    http = openai.DefaultAsyncHttpxClient(limits=httpx.Limits(
+        max_connections=1000, max_keepalive_connections=100, keepalive_expiry=1.0))
     async with openai.AsyncOpenAI(base_url=base_v1, api_key="unused", timeout=1200,
-                                  max_retries=0) as client:
+                                  max_retries=0, http_client=http) as client:
         t0 = time.perf_counter()
         for burst in _bursts(reqs):
             await asyncio.gather(*(_one(client, model, r, run) for r in burst))

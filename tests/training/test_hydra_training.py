@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 
 import pytest
 import torch
@@ -12,32 +11,19 @@ import torch.nn.functional as F
 
 from medusa_vllm.checkpoints import load_heads
 from medusa_vllm.core.hydra import HydraHeads, teacher_forced_paths
-from medusa_vllm.tools.tiny_models import build_tiny_llama
 from medusa_vllm.training import TrainConfig, TrainingError
 from medusa_vllm.training.data import batch_indices, collate
 from medusa_vllm.training.evaluate import evaluate_heads, head_logits
 from medusa_vllm.training.losses import IGNORE_INDEX, head_targets, to_draft_targets
 from medusa_vllm.training.trainer import MedusaTrainer, train
-
-VOCAB, HIDDEN = 320, 64
-WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "medusa", "adds",
-         "extra", "decoding", "heads", "to", "predict", "several", "tokens", "at", "once",
-         "speculative", "drafts", "verify"]
+from tests.training.conftest import tiny_model_and_text
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hydra_training")
-    model = build_tiny_llama(root / "model", vocab=VOCAB, hidden=HIDDEN, layers=2, seed=0)
-    rng = random.Random(0)
-    text = root / "text.jsonl"
-    with open(text, "w") as f:
-        for _ in range(48):
-            start = rng.randrange(len(WORDS) - 8)
-            f.write(json.dumps({"text": " ".join(WORDS[start:start + 8] * 3)}) + "\n")
-    return root, model, text
+    return tiny_model_and_text(tmp_path_factory.mktemp("hydra_training"))
 
 
 def _cfg(tmp_path, tiny, **kw) -> TrainConfig:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,6 @@ from safetensors.torch import load_file
 
 from medusa_vllm.checkpoints import load_heads, save_heads
 from medusa_vllm.core.heads import MedusaHeads, MedusaHeadsConfig
-from medusa_vllm.tools.tiny_models import build_tiny_llama
 from medusa_vllm.training import TrainConfig, TrainingError
 from medusa_vllm.training.data import (
     EncodedData,
@@ -35,27 +33,14 @@ from medusa_vllm.training.losses import (
     next_token_targets,
 )
 from medusa_vllm.training.trainer import MedusaTrainer, train
-
-VOCAB, HIDDEN = 320, 64
-WORDS = ("the quick brown fox jumps over the lazy dog medusa adds extra decoding heads "
-         "to predict several tokens at once speculative drafts verify").split()
-
+from tests.training.conftest import HIDDEN, VOCAB, tiny_model_and_text
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("training")
-    model = build_tiny_llama(root / "model", vocab=VOCAB, hidden=HIDDEN, layers=2, seed=0)
-    rng = random.Random(0)
-    text = root / "text.jsonl"
-    with open(text, "w") as f:
-        for _ in range(48):
-            # Repeated phrases give the heads something learnable.
-            start = rng.randrange(len(WORDS) - 8)
-            f.write(json.dumps({"text": " ".join(WORDS[start:start + 8] * 3)}) + "\n")
-    return root, model, text
+    return tiny_model_and_text(tmp_path_factory.mktemp("training"))
 
 
 def _cfg(tmp_path: Path, tiny, **kw) -> TrainConfig:
