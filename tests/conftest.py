@@ -3,15 +3,21 @@ on the fly (no hub, no downloads), and a one-thread torch for tiny trainings."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
+from medusa_vllm.tools.engine_proc import IN_PROCESS_ENV
 from medusa_vllm.tools.tiny_models import build_tiny_llama, write_medusa_heads_config
 
 TINY_VOCAB, TINY_HIDDEN = 512, 64
+
+# Offline test engines run their engine core and worker inside the engine_proc child
+# (a third of the start-up time here); servers, Ray and TP=2 keep vLLM's processes.
+os.environ.setdefault(IN_PROCESS_ENV, "1")
 
 
 @pytest.fixture(scope="session")

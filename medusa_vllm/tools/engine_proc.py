@@ -13,6 +13,15 @@ measure) goes to ``python -m medusa_vllm.tools.engine_proc JOB RESULT`` as
 JSON; the child runs :func:`run_job` and writes an :class:`EngineResult` back.
 A child that fails raises :class:`EngineRunError` with the error lines and the
 tail of its output. The child's CPU threads are bound by :func:`engine_env`.
+
+In-process engines (``in_process=True`` or ``$MEDUSA_VLLM_ENGINE_IN_PROCESS=1``;
+the test suite sets it): a single-rank engine runs its engine core and worker inside
+the child (vLLM's ``uni`` executor, ``VLLM_ENABLE_V1_MULTIPROCESSING=0``) instead of
+two more processes that each import vLLM and torch again. Same scheduler, runner,
+proposer and verifier, the engine starts in about a third of the time on a 2-core
+machine; only the inter-process queues are skipped (``vllm serve``, Ray and
+multi-rank engines keep them, and their tests cover that path). Benchmarks keep
+vLLM's default.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from typing import IO, Any, BinaryIO
 from medusa_vllm.core.dict_fields import DictFields
 
 __all__ = [
+    "IN_PROCESS_ENV",
     "SMALL_MACHINE_CORES",
     "EngineJob",
     "EngineResult",
@@ -48,6 +58,7 @@ __all__ = [
 
 SMALL_MACHINE_CORES = 4
 WARMUP_TOKENS = 8  # greedy tokens per prompt of the untimed warm-up pass
+IN_PROCESS_ENV = "MEDUSA_VLLM_ENGINE_IN_PROCESS"  # default of run_engine(in_process=)
 PREEMPTIONS = "vllm:num_preemptions"  # vLLM counter of preempted requests
 _TAIL_BYTES = 64 * 1024  # child output kept for the error message
 _ERROR_LINES = 40
@@ -186,7 +197,7 @@ def _child_env(env: Mapping[str, str] | None, env_defaults: Mapping[str, str] | 
 
 def run_engine(job: EngineJob, *, timeout: float | None = 900.0, env: Mapping[str, str] | None = None,
                env_defaults: Mapping[str, str] | None = None, log: str | os.PathLike[str] | None = None,
-               echo: bool = False) -> EngineResult:
+               echo: bool = False, in_process: bool | None = None) -> EngineResult:
     """Run ``job`` in a fresh ``python -m medusa_vllm.tools.engine_proc`` process.
 
     The child's environment is :func:`engine_env` (this process's, CPU threads
@@ -194,20 +205,23 @@ def run_engine(job: EngineJob, *, timeout: float | None = 900.0, env: Mapping[st
     ``env``. Its output (stdout and stderr, where vLLM logs) goes to ``log`` (a
     file) and, with ``echo``, to this process's stderr. After ``timeout``
     seconds (``None``: no limit) the child and its engine processes are killed.
+    ``in_process`` (``None``: ``$MEDUSA_VLLM_ENGINE_IN_PROCESS == "1"``) runs a
+    single-rank engine's core and worker in the child (see the module docstring).
 
     Raises:
         EngineRunError: the child failed or timed out (exit code, error lines and
             output tail in the message).
     """
+    payload, child_env = _child_job(job, _child_env(env, env_defaults), in_process)
     with tempfile.TemporaryDirectory(prefix="medusa-engine-") as tmp:
         job_file, result_file = Path(tmp) / "job.json", Path(tmp) / "result.json"
-        job_file.write_text(json.dumps(job.to_dict()))
+        job_file.write_text(json.dumps(payload))
         with open(log, "wb") if log is not None else contextlib.nullcontext() as log_f:
             sink = _OutputSink(log_f, echo)
             proc = subprocess.Popen(
                 [sys.executable, "-m", "medusa_vllm.tools.engine_proc", str(job_file), str(result_file)],
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                env=_child_env(env, env_defaults), start_new_session=True,
+                env=child_env, start_new_session=True,
             )
             reader = threading.Thread(target=sink.pump, args=(proc.stdout,), daemon=True)
             reader.start()
@@ -227,6 +241,26 @@ def run_engine(job: EngineJob, *, timeout: float | None = 900.0, env: Mapping[st
             raise EngineRunError(
                 f"engine run failed (exit {code}, model {job.llm.get('model')})\n" + sink.report())
         return EngineResult.from_dict(json.loads(result_file.read_text()))
+
+
+def _child_job(job: EngineJob, env: dict[str, str],
+               in_process: bool | None) -> tuple[dict[str, Any], dict[str, str]]:
+    """The job (as JSON) and environment the child gets: in-process where asked for
+    and the engine has a single rank."""
+    if in_process is None:
+        in_process = os.environ.get(IN_PROCESS_ENV, "") == "1"
+    payload = job.to_dict()
+    if in_process and _single_rank(job.llm):
+        payload["llm"] = {**job.llm, "distributed_executor_backend": "uni"}
+        env = {**env, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    return payload, env
+
+
+def _single_rank(llm: Mapping[str, Any]) -> bool:
+    """One worker and no executor chosen by the caller: what the ``uni`` executor runs."""
+    ranks = (int(llm.get(k) or 1) for k in
+             ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"))
+    return all(r == 1 for r in ranks) and not llm.get("distributed_executor_backend")
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

@@ -52,6 +52,24 @@ def test_child_env_layers_binding_defaults_and_overrides(monkeypatch):
     assert engine_proc._child_env({"VLLM_CPU_KVCACHE_SPACE": "3"}, None)["VLLM_CPU_KVCACHE_SPACE"] == "3"
 
 
+def test_in_process_only_for_single_rank_engines_without_a_chosen_executor(monkeypatch):
+    job = EngineJob(llm=engine_kwargs("/m"), prompts=["x"])
+    payload, env = engine_proc._child_job(job, {"A": "1"}, in_process=True)
+    assert payload["llm"]["distributed_executor_backend"] == "uni" and payload["llm"]["model"] == "/m"
+    assert env == {"A": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    assert "distributed_executor_backend" not in job.llm  # the caller's job is not changed
+    for llm in ({**job.llm, "tensor_parallel_size": 2}, {**job.llm, "data_parallel_size": 2},
+                {**job.llm, "distributed_executor_backend": "mp"}):
+        payload, env = engine_proc._child_job(EngineJob(llm=llm, prompts=["x"]), {}, in_process=True)
+        assert payload["llm"] == llm and env == {}
+    payload, env = engine_proc._child_job(job, {}, in_process=False)
+    assert payload["llm"] == job.llm and env == {}
+    monkeypatch.setenv(engine_proc.IN_PROCESS_ENV, "1")
+    assert engine_proc._child_job(job, {}, in_process=None)[1] == {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    monkeypatch.setenv(engine_proc.IN_PROCESS_ENV, "0")
+    assert engine_proc._child_job(job, {}, in_process=None)[1] == {}
+
+
 def test_chat_prompt_uses_the_template_or_says_there_is_none():
     class Tok:
         chat_template = "t"
