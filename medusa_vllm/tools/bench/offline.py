@@ -213,5 +213,6 @@ def offline_job(*, model: str, dtype: str, max_model_len: int, max_num_seqs: int
 def run_offline(job: EngineJob, *, env: Mapping[str, str], log: str | Path | None = None,
                 timeout: float | None = None) -> dict[str, Any]:
     """Run ``job`` in a fresh engine subprocess; the :func:`drive` result."""
-    res = run_engine(job, timeout=timeout, env={SERIALIZATION_ENV: "1", **env}, log=log)
+    res = run_engine(job, timeout=timeout, env={SERIALIZATION_ENV: "1", **env}, log=log,
+                     in_process=False)  # timed: vLLM's own processes, as users run it
     return res.probe

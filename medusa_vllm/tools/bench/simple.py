@@ -48,6 +48,7 @@ def run_config(config: Mapping[str, Any], **options: Any) -> dict:
     ``options`` go to :func:`medusa_vllm.tools.engine_proc.run_engine` (``env``
     is added to vLLM's logging being left unconfigured)."""
     options.setdefault("timeout", None)
+    options.setdefault("in_process", False)  # timed: vLLM's own processes, as users run it
     options["env"] = {"VLLM_CONFIGURE_LOGGING": "0", **(options.get("env") or {})}
     try:
         res = run_engine(bench_job(config), **options)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import shlex
 import signal
 import sys
@@ -175,7 +176,8 @@ def run_translation_eval(verses: Sequence[EvalVerse], engines: Sequence[EngineSp
 
     from medusa_vllm.tools.engine_proc import EngineRunError, run_engine
 
-    run = run or run_engine
+    # timed (real-time factor): vLLM's own processes, as users run it
+    run = run or functools.partial(run_engine, in_process=False)
     prompts = [render_prompt(v) for v in verses]
     refs = [v.en for v in verses]
     keys = [v.key for v in verses]
