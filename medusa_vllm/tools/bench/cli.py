@@ -54,10 +54,10 @@ __all__ = ["EngineSlot", "add_bench_args", "bench_main", "requests_per_level", "
 
 QUICK = {"num_prompts": 2, "max_tokens": 32, "concurrency": "1,4", "transports": "offline", "repeats": 2,
          "medusa_ks": "1", "ngram_settings": "4:5", "kv_cache_gib": 1.0, "vllm_modes": "greedy",
-         "configs": "vanilla,vllm_medusa,vllm_ngram,vllm_suffix,medusa_tree"}
+         "configs": "vanilla,vllm_medusa,vllm_ngram,vllm_suffix,medusa_tree", "in_process": True}
 FULL = {"num_prompts": 8, "max_tokens": 128, "concurrency": "1,4,16,64", "transports": "offline,http",
         "repeats": 3, "medusa_ks": "", "ngram_settings": "2:3,2:5,4:3,4:5", "kv_cache_gib": 4.0,
-        "vllm_modes": "", "configs": ",".join(DEFAULT_CONFIGS)}
+        "vllm_modes": "", "configs": ",".join(DEFAULT_CONFIGS), "in_process": False}
 CONCURRENCY_NOTE = ("exactly c requests in flight, a new one submitted as soon as one finishes (offline: "
                     "LLM engine steps with max_num_seqs = the largest c; HTTP: c concurrent streaming "
                     "chat requests to vllm serve); max(num_prompts, 2c) requests per level")
@@ -152,6 +152,10 @@ def add_bench_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--kv-cache-gib", type=float, default=None,
                     help="VLLM_CPU_KVCACHE_SPACE of each engine (full 4, quick 1; the environment wins)")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per engine")
+    ap.add_argument("--in-process", action=argparse.BooleanOptionalAction, default=None,
+                    help="offline engines run their engine core and worker in one process (vLLM's uni "
+                         "executor: start-up about twice as fast, same for every configuration; full: "
+                         "off, vLLM's own processes as LLM(...) runs them; quick: on)")
     ap.add_argument("--quick", action="store_true", help="a few minutes: " + ", ".join(
         f"{k}={v}" for k, v in QUICK.items()))
     ap.add_argument("--out", default="runs/bench", help="folder for logs, plots, converted heads")
@@ -212,6 +216,8 @@ def build_header(args: argparse.Namespace, env: Mapping[str, str], num_heads: in
         "concurrency": args.concurrency, "transports": args.transports, "quick": args.quick,
         "concurrency_note": CONCURRENCY_NOTE,
         "kv_cache_gib": env.get("VLLM_CPU_KVCACHE_SPACE"),
+        "engine_processes": ("in-process (uni executor, no V1 multiprocessing)" if args.in_process
+                             else "vLLM's own (engine core and worker processes)"),
     }
 
 
@@ -344,7 +350,8 @@ def default_run(plan: Plan, slot: EngineSlot, rnd: int) -> dict[str, Any]:
                   "prompts": plan.prompts, "concurrency": slot.concurrency,
                   "requests": {c: plan.requests[c] for c in slot.concurrency}, "modes": modes}
     if slot.transport == "offline":
-        return run_offline(offline_job(**common), env=plan.env, log=log, timeout=a.timeout)
+        return run_offline(offline_job(**common), env=plan.env, log=log, timeout=a.timeout,
+                           in_process=bool(a.in_process))
     return run_http(**common, env=plan.env, log=log)
 
 

@@ -211,8 +211,10 @@ def offline_job(*, model: str, dtype: str, max_model_len: int, max_num_seqs: int
 
 
 def run_offline(job: EngineJob, *, env: Mapping[str, str], log: str | Path | None = None,
-                timeout: float | None = None) -> dict[str, Any]:
-    """Run ``job`` in a fresh engine subprocess; the :func:`drive` result."""
+                timeout: float | None = None, in_process: bool = False) -> dict[str, Any]:
+    """Run ``job`` in a fresh engine subprocess; the :func:`drive` result. By default
+    with vLLM's own engine processes, as ``LLM(...)`` runs them, whatever
+    ``$MEDUSA_VLLM_ENGINE_IN_PROCESS`` says; ``in_process`` for ``--quick``."""
     res = run_engine(job, timeout=timeout, env={SERIALIZATION_ENV: "1", **env}, log=log,
-                     in_process=False)  # timed: vLLM's own processes, as users run it
+                     in_process=in_process)
     return res.probe

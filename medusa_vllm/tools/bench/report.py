@@ -211,7 +211,8 @@ def header_lines(header: Mapping[str, Any]) -> list[str]:
         f"bound (VLLM_CPU_OMP_THREADS_BIND={header.get('threads_bind')}), load average at start "
         f"{header.get('load_average')}"),
         (f"- dtype {header.get('dtype')} ({header.get('dtype_reason')}); vLLM {header.get('vllm_version')}; "
-        f"medusa-vllm commit {header.get('commit')}"),
+        f"medusa-vllm commit {header.get('commit')}; offline engine processes: "
+        f"{header.get('engine_processes', 'not recorded')}"),
         (f"- model {header.get('model')}; heads {header.get('heads')} ({header.get('num_heads')} heads, "
         f"tree {header.get('tree')})"),
         (f"- prompts: {header.get('prompts')}; max_tokens {header.get('max_tokens')}; sampling temperature "
