@@ -260,7 +260,7 @@ def _plan_options(args: argparse.Namespace, heads: str, num_heads: int) -> PlanO
 def translation_main(args: argparse.Namespace) -> int:
     """Entry point of ``medusa-vllm eval translation``; 1 when a greedy row is not lossless."""
     from medusa_vllm.checkpoints import read_heads_info
-    from medusa_vllm.engine.cpu.machine import machine_info, preferred_dtype
+    from medusa_vllm.engine.cpu.machine import machine_info
     from medusa_vllm.tools.engine_proc import engine_env
     from medusa_vllm.tools.eval.data import load_test_split
     from medusa_vllm.tools.eval.report import (
@@ -296,7 +296,7 @@ def translation_main(args: argparse.Namespace) -> int:
     engines, rows = build_plan(_plan_options(args, args.heads, num_heads))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = {"model": args.model, "dtype": args.dtype or preferred_dtype(), "max_model_len": args.max_model_len,
+    cfg = {"model": args.model, "dtype": args.dtype, "max_model_len": args.max_model_len,
            "max_tokens": max_tokens, "seed": args.seed, "kv_cache_gib": args.kv_cache_gib,
            "timeout": args.timeout or (1800.0 if args.quick else 12 * 3600.0)}
     bind = engine_env().get("VLLM_CPU_OMP_THREADS_BIND", "auto (vLLM's default)")
