@@ -297,6 +297,7 @@ class EngineTreeFit:
     expected_accept_length: dict[int, float] = field(default_factory=dict)
     expected_speedup: dict[int, float] = field(default_factory=dict)
     ngram_nodes: int = 0
+    node_prior: list[float] = field(default_factory=list)
 
     def describe(self) -> str:
         b1 = min(self.nodes_by_batch)
@@ -314,15 +315,20 @@ def _branch_node(path: Path, branch_rank: int | None) -> bool:
     return branch_rank is not None and all(r == branch_rank for r in path)
 
 
+def node_probabilities(a: torch.Tensor, paths: Sequence[Path], branch_rank: int | None = None,
+                       ngram_acceptance: float = DEFAULT_NGRAM_ACCEPTANCE) -> list[float]:
+    """Each node's chance to be on the accepted path: a heads node's path probability
+    under per-rank accuracies ``a``, ``ngram_acceptance ** depth`` for a node of the
+    prompt-lookup branch (the paths whose every rank is ``branch_rank``)."""
+    return [ngram_acceptance ** len(p) if _branch_node(p, branch_rank) else _path_prob(a, p)
+            for p in paths]
+
+
 def prefix_value(a: torch.Tensor, paths: Sequence[Path], branch_rank: int | None = None,
                  ngram_acceptance: float = DEFAULT_NGRAM_ACCEPTANCE) -> float:
-    """Expected tokens per step of a tree's nodes ``paths``: 1 + each heads node's path
-    probability + ``ngram_acceptance ** depth`` for each node of the prompt-lookup
-    branch (the paths whose every rank is ``branch_rank``)."""
-    total = 1.0
-    for p in paths:
-        total += ngram_acceptance ** len(p) if _branch_node(p, branch_rank) else _path_prob(a, p)
-    return total
+    """Expected tokens per step of a tree's nodes ``paths``: 1 + the sum of
+    :func:`node_probabilities`."""
+    return 1.0 + sum(node_probabilities(a, paths, branch_rank, ngram_acceptance))
 
 
 def step_cost(curves: Any, batch_size: int, paths: Sequence[Path]) -> float:
@@ -370,8 +376,13 @@ def fit_engine_tree(per_rank: Accuracies, curves: Any, max_nodes: int, *, num_he
        (:func:`prefix_value`, the branch at the assumed ``ngram_acceptance``) over
        :func:`step_cost`; the best one is the engine's tree.
     2. Per measured batch size, the BFS prefix of that tree with the best ratio,
-       or 0 (plain decoding) when none beats vanilla. With a branch, only prefixes
-       holding the whole branch compete: the branch is the user's choice, never cut.
+       or 0 (plain decoding) when none beats vanilla. A prefix may cut the
+       prompt-lookup branch like any other nodes: the fit decides how many nodes
+       each source gets per batch size (the branch's nodes sit last in each BFS
+       level, so a prefix keeps its shallow nodes longest).
+
+    ``node_prior`` of the result: each node's acceptance probability as priced here
+    (the running engine refines it, :mod:`medusa_vllm.core.online_fit`).
     """
     a = check_accuracies(per_rank)
     if num_heads is not None:
@@ -408,15 +419,12 @@ def fit_engine_tree(per_rank: Accuracies, curves: Any, max_nodes: int, *, num_he
     tree = engine(best)
     rank = branch_rank(best)
     paths = tree.medusa_choices
-    first = 1
-    if ngram_nodes:
-        first = 1 + max(i for i, p in enumerate(paths) if _branch_node(p, rank))
     table: dict[int, int] = {}
     lengths: dict[int, float] = {}
     speeds: dict[int, float] = {}
     for b in sizes:
         pick, pick_len, pick_speed = 0, 1.0, 1.0
-        for n in range(first, len(paths) + 1):
+        for n in range(1, len(paths) + 1):
             length = prefix_value(a, paths[:n], rank, ngram_acceptance)
             speed = length / step_cost(curves, b, paths[:n])
             if speed > pick_speed + 1e-9:
@@ -424,4 +432,5 @@ def fit_engine_tree(per_rank: Accuracies, curves: Any, max_nodes: int, *, num_he
         table[b], lengths[b], speeds[b] = pick, pick_len, pick_speed
     return EngineTreeFit(heads_tree=best, tree=tree, nodes_by_batch=table,
                          expected_accept_length=lengths, expected_speedup=speeds,
-                         ngram_nodes=ngram_nodes)
+                         ngram_nodes=ngram_nodes,
+                         node_prior=node_probabilities(a, paths, rank, ngram_acceptance))

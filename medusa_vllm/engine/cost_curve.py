@@ -32,6 +32,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from medusa_vllm.core.cost_curve import (
@@ -43,6 +44,7 @@ from medusa_vllm.core.cost_curve import (
     read_cached,
     write_cached,
 )
+from medusa_vllm.core.online_fit import OnlineNodeFit
 from medusa_vllm.core.tree import MedusaTree
 from medusa_vllm.core.tree_fit import EngineTreeFit, fit_engine_tree, read_per_rank_accuracy
 from medusa_vllm.engine.options import ADDITIONAL_CONFIG_KEY, MedusaConfigError, MedusaTreeConfig
@@ -295,7 +297,8 @@ def fit_tree_at_startup(runner: MedusaTreeRunnerMixin) -> EngineTreeFit | None:
         try:
             fit, source = _fit(cfg, curves, runner.drafter.heads.config.num_heads)
             result = {"tree": fit.heads_tree.to_list(), "nodes_by_batch": fit.nodes_by_batch,
-                      "describe": fit.describe(), "source": source}
+                      "describe": fit.describe(), "source": source,
+                      "node_prior": fit.node_prior}
         except (ValueError, MedusaConfigError) as exc:
             result = {"error": f"{type(exc).__name__}: {exc}"}
     result = _broadcast(group, result)
@@ -321,12 +324,19 @@ def fit_tree_at_startup(runner: MedusaTreeRunnerMixin) -> EngineTreeFit | None:
     extra = runner.vllm_config.additional_config
     extra[ADDITIONAL_CONFIG_KEY] = fitted.to_dict()
     runner.reload_medusa_config()
+    online = ""
+    if cfg.nodes_by_batch == "auto" and cfg.online_fit:
+        drafter = runner.drafter
+        drafter.online_fit = OnlineNodeFit(
+            paths=drafter.tree.medusa_choices, prior=np.asarray(result["node_prior"]),
+            curves=curves, table=update["nodes_by_batch"])
+        online = "; refitted while serving from the acceptance observed (online_fit)"
     if rank0:
         logger.info(
             "medusa_tree: tree='auto' fitted on %s (curve %s; vanilla step and relative costs "
-            "per batch size: %s; heads' acceptance from %s): %s; start-up fit took %.1f s",
+            "per batch size: %s; heads' acceptance from %s): %s%s; start-up fit took %.1f s",
             key.describe(), origin, curves.describe(), result["source"], result["describe"],
-            time.perf_counter() - start)
+            online, time.perf_counter() - start)
     return EngineTreeFit(
         heads_tree=MedusaTree(result["tree"]), tree=runner.drafter.tree,
         nodes_by_batch={int(b): int(n) for b, n in result["nodes_by_batch"].items()},

@@ -49,6 +49,10 @@ Options (defaults in brackets):
   ``tree="auto"`` uses it, else the whole tree at batch 1 and about
   :data:`DEFAULT_VERIFY_TOKEN_BUDGET` verified tokens per step above it;
   ``"off"`` = always the whole tree. An explicit table is never refitted.
+- ``online_fit`` [True]: with a table the engine fitted at start-up
+  (``tree="auto"``, ``nodes_by_batch="auto"``), refit it while serving from the
+  acceptance each tree node actually gets (:mod:`medusa_vllm.core.online_fit`):
+  the heads' shipped statistics are a prior, the requests served decide.
 - ``ngram_nodes`` [0]: length of a prompt-lookup branch added to the tree: a
   chain under the root holding the continuation of the longest n-gram match in
   the request's own prompt and output (vLLM's ``ngram`` method's matcher),
@@ -159,6 +163,7 @@ _EXPECTED = {
     "ngram_nodes": "an integer >= 0 (0: no prompt-lookup branch), at most the number of heads",
     "ngram_min": "an integer >= 1",
     "ngram_max": "an integer >= 1, at least ngram_min",
+    "online_fit": "true or false",
     "adaptive": "true or false",
     "adaptive_node_cost": "a number >= 0 (relative step time per drafted node), or null",
     "cost_curve": " or ".join(repr(m) for m in COST_CURVE_MODES),
@@ -294,6 +299,7 @@ class MedusaTreeConfig(BaseModel):
     ngram_max: NgramLength = 5
     cost_curve: CostCurveMode = "auto"
     fit_max_nodes: MaxNodes | None = None
+    online_fit: Annotated[bool, Field(strict=True)] = True
     adaptive: Annotated[bool, Field(strict=True)] = False
     adaptive_node_cost: NodeCost | None = None
 

@@ -79,7 +79,7 @@ WORKER_CLASSES: dict[str, str] = {"cpu": "medusa_vllm.engine.cpu.worker.MedusaTr
 # speculative_config keys that are Medusa options (besides "model" = heads).
 _OPTION_KEYS = ("heads", "tree", "acceptance", "posterior_threshold", "posterior_alpha", "max_nodes",
                 "nodes_by_batch", "ngram_nodes", "ngram_min", "ngram_max", "cost_curve",
-                "adaptive", "adaptive_node_cost")
+                "online_fit", "adaptive", "adaptive_node_cost")
 _SOURCE = f"speculative_config (method {METHOD!r})"
 # vLLM logprobs_mode values the tree verifier honours: it returns, for each
 # emitted token, log_softmax of the raw target logits row that scored it.

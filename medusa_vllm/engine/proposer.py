@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,6 +39,7 @@ import torch
 
 from medusa_vllm.core.beam import beam_node_tokens, beam_search
 from medusa_vllm.core.hydra import HydraHeads
+from medusa_vllm.core.online_fit import OnlineNodeFit
 from medusa_vllm.core.tree import MedusaTree, nodes_for_batch
 from medusa_vllm.engine.adaptive import (
     DEFAULT_NODE_COST,
@@ -49,6 +51,8 @@ from medusa_vllm.engine.options import MedusaConfigError, MedusaTreeConfig
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
+
+logger = logging.getLogger("vllm.plugins.medusa_vllm")
 
 
 def _engine_linear(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -98,6 +102,9 @@ class MedusaTreeProposer:
         self.beam_width: int | None = self.config.beam[0] if self.config.beam else None
         self._chain = torch.tensor([p[0] for p in self.tree.medusa_choices], dtype=torch.long)
         self._depth = self.tree.position_offsets[1:] - 1
+        # tree="auto": the start-up fit (medusa_vllm.engine.cost_curve) attaches the
+        # online refit of nodes_by_batch (medusa_vllm.core.online_fit)
+        self.online_fit: OnlineNodeFit | None = None
         self.adaptive: AdaptiveDepth | None = None
         if self.config.adaptive:
             self.adaptive = AdaptiveDepth(nodes_at_depth(self.tree.position_offsets.tolist()),
@@ -153,16 +160,21 @@ class MedusaTreeProposer:
         assert self.heads is not None, "load_model() was not called"
         out: list[list[int]] = [[] for _ in eligible]
         rows = [i for i, ok in enumerate(eligible) if ok]
-        n = nodes_for_batch(self.nodes_by_batch, len(eligible), self.tree.num_nodes)
-        if not rows or n == 0:
+        if not rows:
             return out
-        sizes = [n] * len(rows)
+        if self.online_fit is not None:  # the table refitted from observed acceptance
+            n, probe_nodes, probe_rows = self.online_fit.nodes(len(eligible))
+        else:
+            n = nodes_for_batch(self.nodes_by_batch, len(eligible), self.tree.num_nodes)
+            probe_nodes, probe_rows = n, 0
+        # a probe: the first requests draft one level past the table (online_fit)
+        sizes = [probe_nodes if j < probe_rows else n for j in range(len(rows))]
         if self.adaptive is not None and req_ids is not None:  # per request, at most n nodes
-            sizes = [min(n, self.adaptive.nodes(req_ids[i])) for i in rows]
-            rows, sizes = [i for i, m in zip(rows, sizes) if m], [m for m in sizes if m]
-            if not rows:
-                return out
-            n = max(sizes)
+            sizes = [min(m, self.adaptive.nodes(req_ids[i])) for i, m in zip(rows, sizes)]
+        rows, sizes = [i for i, m in zip(rows, sizes) if m], [m for m in sizes if m]
+        if not rows:
+            return out
+        n = max(sizes)
         tree = self._prefix_tree(n)
         h = hidden_states[rows].to(self.dtype)
         branch = self.ngram_rank is not None and tree.topk > self.ngram_rank
@@ -226,6 +238,18 @@ class MedusaTreeProposer:
         for req_id, n, a in zip(req_ids, num_draft_tokens, num_accepted):
             if n:
                 self.adaptive.observe(req_id, self.adaptive.depth_of(int(n)), int(a))
+
+    def observe_nodes(self, num_draft_tokens: Sequence[int], accepted_nodes: torch.Tensor) -> None:
+        """A verified step (online refit of ``nodes_by_batch``): the nodes each request
+        drafted and the node path it accepted (``[B, D+1]``, ``-1`` padded)."""
+        fit = self.online_fit
+        if fit is None:
+            return
+        before = fit.table
+        fit.observe(num_draft_tokens, accepted_nodes.cpu().numpy())
+        if fit.table != before:
+            logger.info("medusa_tree: nodes_by_batch refitted from the acceptance this engine "
+                        "observed: %s", fit.describe())
 
     def forget(self, req_id: str) -> None:
         """``req_id`` left the engine: drop its adaptive state."""

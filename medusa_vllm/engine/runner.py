@@ -221,9 +221,11 @@ class MedusaTreeRunnerMixin(_RunnerBase):
         self._last_node = res.last_node
         self._compact_kv(spec_decode_metadata.num_draft_tokens, res.accepted_nodes)
         proposer = cast(MedusaTreeProposer, self.drafter)
+        nd = spec_decode_metadata.num_draft_tokens
         if proposer.adaptive is not None:  # per-request acceptance -> next drafting depth
-            nd = spec_decode_metadata.num_draft_tokens
             proposer.observe(self.input_batch.req_ids[: len(nd)], nd, res.num_accepted.tolist())
+        if proposer.online_fit is not None:  # per-node acceptance -> nodes_by_batch
+            proposer.observe_nodes(nd, res.accepted_nodes)
         return SamplerOutput(
             sampled_token_ids=res.sampled_token_ids,
             logprobs_tensors=res.logprobs_tensors,

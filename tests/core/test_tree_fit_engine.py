@@ -74,16 +74,27 @@ def test_max_nodes_caps_the_tree():
     assert fit.tree.num_nodes <= 10
 
 
-def test_ngram_branch_is_priced_and_never_cut():
+def test_ngram_branch_is_priced_and_sized_by_the_fit():
     curves = _curves({1: 0.01, 4: 0.05, 16: 0.4})
     fit = fit_engine_tree(WEAK, curves, max_nodes=12, ngram_nodes=3)
     rank = fit.heads_tree.topk
     branch = [(rank,) * d for d in (1, 2, 3)]
     assert all(p in fit.tree.medusa_choices for p in branch)
     assert fit.tree.num_nodes == fit.heads_tree.num_nodes + 3 <= 12
-    last_branch = max(fit.tree.medusa_choices.index(p) for p in branch)
-    for b, n in fit.nodes_by_batch.items():  # every prefix drafted keeps the whole branch
-        assert n == 0 or n > last_branch, (b, n, fit.tree.medusa_choices)
+    a = torch.tensor(WEAK, dtype=torch.float64)
+    paths = fit.tree.medusa_choices
+    # per batch size, the best of every BFS prefix (the branch may be cut like any node)
+    for b, n in fit.nodes_by_batch.items():
+        speeds = [1.0] + [prefix_value(a, paths[:k], rank, 0.3) / step_cost(curves, b, paths[:k])
+                          for k in range(1, len(paths) + 1)]
+        best = max(range(len(speeds)), key=lambda k: (speeds[k], -k))
+        assert n == best, (b, n, best, speeds)
+    # the costliest batch size drafts less than the whole tree: the branch is cut there
+    assert fit.nodes_by_batch[16] < len(paths)
+    # each node's prior: the heads' path probability, 0.3 ** depth on the branch
+    assert fit.node_prior == pytest.approx(
+        [0.3 ** len(p) if p in branch else float(torch.prod(a[torch.arange(len(p)), list(p)]))
+         for p in paths])
     # the branch's assumed acceptance counts in the expected length
     with_branch = prefix_value(torch.tensor(WEAK, dtype=torch.float64), fit.tree.medusa_choices,
                                rank, 0.3)
