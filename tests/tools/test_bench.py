@@ -101,7 +101,11 @@ def test_config_table_builds_every_engine(tmp_path):
     assert len(ng) == 4 and ng[0].speculative_config == {
         "method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 2, "prompt_lookup_max": 3}
     ours = configs.CONFIGS["medusa_tree_ngram"].variants(ctx)[0].speculative_config
-    assert ours["method"] == "medusa_tree" and ours["ngram_nodes"] == 3 and ours["nodes_by_batch"] == "off"
+    # tree auto (the default): the start-up fit sizes the branch; an explicit tree: all of it
+    assert ours["method"] == "medusa_tree" and ours["ngram_nodes"] == 3 and "nodes_by_batch" not in ours
+    fixed = configs.BenchContext(model="m", heads="h", num_heads=3, vllm_heads="hv", tree="sparse-16")
+    assert configs.CONFIGS["medusa_tree_ngram"].variants(fixed)[0].speculative_config[
+        "nodes_by_batch"] == "off"
     assert configs.CONFIGS["medusa_tree"].modes == ("greedy", "typical", "rejection")
     assert configs.CONFIGS["medusa_tree_adaptive"].variants(ctx)[0].speculative_config["adaptive"] is True
     assert [v.speculative_config["tree"] for v in configs.CONFIGS["medusa_tree_beam"].variants(ctx)] == [

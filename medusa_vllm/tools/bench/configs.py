@@ -171,11 +171,12 @@ def _ours(ctx: BenchContext) -> list[Variant]:
 
 
 def _ours_ngram(ctx: BenchContext) -> list[Variant]:
-    # the whole tree: a calibrated nodes_by_batch table was fitted without the
-    # branch and would cut the combined tree to its first BFS nodes
+    # tree auto: the start-up fit prices the branch with the heads' nodes and sizes
+    # both per batch size (then refits from what is accepted); an explicit tree
+    # drafts the whole combined tree (a calibrated table was fitted without the branch)
+    table = {} if ctx.tree == "auto" else {"nodes_by_batch": "off"}
     return [Variant(f"ngram_nodes={ctx.ngram_nodes}",
-                    ours(ctx, ngram_nodes=ctx.ngram_nodes, ngram_min=ctx.ngram_min,
-                         nodes_by_batch="off"))]
+                    ours(ctx, ngram_nodes=ctx.ngram_nodes, ngram_min=ctx.ngram_min, **table))]
 
 
 def _ours_adaptive(ctx: BenchContext) -> list[Variant]:
