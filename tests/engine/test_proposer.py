@@ -300,3 +300,29 @@ def test_adaptive_cost_defaults(setup, tmp_path):
     cost = adaptive_step_cost(cfg, tree)
     assert [cost(n) for n in (0, 1, 3)] == pytest.approx([1.0, 1.1, 1.3])
     assert adaptive_step_cost(cfg, MedusaTree.load("sparse-4", 3))(4) == pytest.approx(1.4)
+
+
+def test_online_fit_sets_the_drafted_prefix_and_its_probes(setup):
+    import numpy as np
+
+    from medusa_vllm.core.cost_curve import CostCurves
+    from medusa_vllm.core.online_fit import OnlineNodeFit
+
+    ref, heads_dir, lm = setup
+    tree = MedusaTree.load("sparse-16", 3)
+    p = _policy_proposer(heads_dir, lm, tree="sparse-16")
+    curves = CostCurves(vanilla_s={1: 0.05}, tree={1: {2: 1.1, 16: 1.8}}, chain={}, draft={})
+    p.online_fit = OnlineNodeFit(paths=tree.medusa_choices, prior=np.zeros(16), curves=curves,
+                                 table={1: 0}, probe_every=2, probe_rows=2, refit_every=1000)
+    hidden = torch.randn(3, H)
+    full = _expected_drafts(ref, hidden, tree.to_list())
+    # table 0: plain decoding; every 2nd step two requests probe depth 1 (6 nodes)
+    assert p.propose_tree(hidden, [True, True, True]) == [[], [], []]
+    probe = p.propose_tree(hidden, [True, True, True])
+    assert probe == [full[0][:6], full[1][:6], []]
+    p.online_fit.table = {1: 4}
+    assert p.propose_tree(hidden, [True, True, True]) == [x[:4] for x in full]
+    # a verified step feeds the counters: request 0 accepted node 1, request 1 nothing
+    p.observe_nodes([4, 4, 0], torch.tensor([[0, 1], [0, -1], [0, -1]]))
+    assert p.online_fit.drafted[:5].tolist() == [2, 2, 2, 2, 0]
+    assert p.online_fit.hits[:2].tolist() == [1, 0]
