@@ -52,8 +52,8 @@ __all__ = [
 
 DEFAULT_PRIOR_WEIGHT = 16.0  # pseudo-steps the shipped acceptance counts for
 DEFAULT_REFIT_EVERY = 32  # observed steps between refits
-DEFAULT_PROBE_EVERY = 16  # proposals between probes one node past the table
-DEFAULT_PROBE_ROWS = 2  # requests that draft the probe node
+DEFAULT_PROBE_EVERY = 16  # proposals between probes one tree level past the table
+DEFAULT_PROBE_ROWS = 2  # requests that draft the probe level
 
 
 @dataclass
