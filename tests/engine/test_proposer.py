@@ -316,10 +316,12 @@ def test_online_fit_sets_the_drafted_prefix_and_its_probes(setup):
                                  table={1: 0}, probe_every=2, probe_rows=2, refit_every=1000)
     hidden = torch.randn(3, H)
     full = _expected_drafts(ref, hidden, tree.to_list())
-    # table 0: plain decoding; every 2nd step two requests probe depth 1 (6 nodes)
+    # table 0: plain decoding; every 2nd step two requests probe depth 1 (6 nodes),
+    # the next two in turn at each probe
     assert p.propose_tree(hidden, [True, True, True]) == [[], [], []]
-    probe = p.propose_tree(hidden, [True, True, True])
-    assert probe == [full[0][:6], full[1][:6], []]
+    assert p.propose_tree(hidden, [True, True, True]) == [[], full[1][:6], full[2][:6]]
+    assert p.propose_tree(hidden, [True, True, True]) == [[], [], []]
+    assert p.propose_tree(hidden, [True, True, True]) == [full[0][:6], [], full[2][:6]]
     p.online_fit.table = {1: 4}
     assert p.propose_tree(hidden, [True, True, True]) == [x[:4] for x in full]
     # a verified step feeds the counters: request 0 accepted node 1, request 1 nothing
