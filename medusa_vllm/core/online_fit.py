@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from medusa_vllm.core.tree import Path, nodes_for_batch
+from medusa_vllm.core.tree import Path, nodes_at_depth, nodes_for_batch
 from medusa_vllm.core.tree_fit import step_cost
 
 __all__ = [
@@ -93,8 +93,8 @@ class OnlineNodeFit:
         self.table = {int(b): int(k) for b, k in self.table.items()}
         depths = [len(p) for p in self.paths]
         # BFS prefix covering every node of depth <= d, for d = 0..max depth
-        self._level_end = [sum(1 for x in depths if x <= d) for d in range(max(depths, default=0) + 1)]
-        self._depth_of_prefix = [0] + [max(depths[:k]) for k in range(1, n + 1)]
+        self._level_end = nodes_at_depth([0, *depths])
+        self._depth_of_prefix = [0, *depths]  # BFS: prefix k ends at its deepest node
         self._costs = {b: [1.0] + [step_cost(self.curves, b, self.paths[:k])
                                for k in range(1, n + 1)] for b in self.curves.batch_sizes}
 
@@ -150,6 +150,15 @@ class OnlineNodeFit:
         depth = self._depth_of_prefix[n]
         probe_nodes = self._level_end[min(depth + 1, len(self._level_end) - 1)]
         return n, probe_nodes, min(self.probe_rows, batch_size)
+
+    def sizes(self, batch_size: int, num_rows: int) -> list[int]:
+        """Nodes each of ``num_rows`` drafting requests drafts at ``batch_size``
+        (:meth:`nodes`): the probing requests take turns across probes, so no single
+        request's luck sets the next level's estimate."""
+        n, probe_nodes, probe_rows = self.nodes(batch_size)
+        start = self.proposals // self.probe_every if probe_rows else 0
+        return [probe_nodes if (j - start) % num_rows < probe_rows else n
+                for j in range(num_rows)]
 
     def describe(self) -> str:
         p = self.probabilities()

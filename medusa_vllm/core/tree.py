@@ -17,6 +17,7 @@ copy on another device. Fitting a tree to measured accuracies and costs lives in
 from __future__ import annotations
 
 import heapq
+import itertools
 import json
 from collections.abc import Callable, Iterable, Sequence
 from functools import cached_property
@@ -31,6 +32,7 @@ __all__ = [
     "PRESETS",
     "budget_nodes_by_batch",
     "greedy_paths",
+    "nodes_at_depth",
     "nodes_for_batch",
     "normalize_choices",
     "with_chain_branch",
@@ -380,3 +382,13 @@ def nodes_for_batch(table: dict[int, int] | None, batch_size: int, num_nodes: in
         b2 = above[0]
         n = min(n, b2 * (int(table[b2]) + 1) // max(batch_size, 1) - 1)
     return max(0, min(num_nodes, n))
+
+
+def nodes_at_depth(position_offsets: Sequence[int]) -> list[int]:
+    """``[0, n1, n1+n2, ...]``: BFS nodes of depth <= d, for d = 0..max depth, from a
+    tree's per-node depths (``MedusaTree.position_offsets``, root first, BFS order)."""
+    depths = [int(x) for x in position_offsets][1:]
+    if any(b < a for a, b in itertools.pairwise(depths)):
+        raise ValueError("nodes_at_depth: node depths must be non-decreasing (BFS order)")
+    top = depths[-1] if depths else 0
+    return [sum(1 for x in depths if x <= d) for d in range(top + 1)]

@@ -39,6 +39,8 @@ import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from medusa_vllm.core.tree import nodes_at_depth
+
 __all__ = [
     "DEFAULT_DECAY",
     "DEFAULT_NODE_COST",
@@ -63,16 +65,6 @@ def linear_cost(node_cost: float = DEFAULT_NODE_COST) -> Callable[[int], float]:
     if not node_cost >= 0:
         raise ValueError(f"node_cost must be >= 0, found {node_cost!r}")
     return lambda n: 1.0 + node_cost * n
-
-
-def nodes_at_depth(position_offsets: Sequence[int]) -> list[int]:
-    """``[0, n1, n1+n2, ...]``: BFS nodes of depth <= d, for d = 0..max depth, from a
-    tree's per-node depths (``MedusaTree.position_offsets``, root first, BFS order)."""
-    depths = [int(x) for x in position_offsets][1:]
-    if any(b < a for a, b in itertools.pairwise(depths)):
-        raise ValueError("nodes_at_depth: node depths must be non-decreasing (BFS order)")
-    top = depths[-1] if depths else 0
-    return [sum(1 for x in depths if x <= d) for d in range(top + 1)]
 
 
 @dataclass

@@ -162,17 +162,11 @@ class MedusaTreeProposer:
         rows = [i for i, ok in enumerate(eligible) if ok]
         if not rows:
             return out
-        if self.online_fit is not None:  # the table refitted from observed acceptance
-            n, probe_nodes, probe_rows = self.online_fit.nodes(len(eligible))
+        if self.online_fit is not None:  # the refitted table, and its probes
+            sizes = self.online_fit.sizes(len(eligible), len(rows))
         else:
             n = nodes_for_batch(self.nodes_by_batch, len(eligible), self.tree.num_nodes)
-            probe_nodes, probe_rows = n, 0
-        # a probe: probe_rows requests draft one level past the table (online_fit), in
-        # turn across probes, so no single request's luck sets the next level's estimate
-        start = (self.online_fit.proposals // self.online_fit.probe_every
-                 if probe_rows and self.online_fit is not None else 0)
-        sizes = [probe_nodes if (j - start) % len(rows) < probe_rows else n
-                 for j in range(len(rows))]
+            sizes = [n] * len(rows)
         if self.adaptive is not None and req_ids is not None:  # per request, at most n nodes
             sizes = [min(m, self.adaptive.nodes(req_ids[i])) for i, m in zip(rows, sizes)]
         rows, sizes = [i for i, m in zip(rows, sizes) if m], [m for m in sizes if m]
