@@ -85,9 +85,10 @@ def add_translation_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser
                          "against vanilla, which holds exactly only in float32; in bfloat16 outputs may "
                          "differ where vanilla's two best tokens tie, and the check would fail on them)")
     ap.add_argument("--quick", action="store_true",
-                    help=f"{QUICK_VERSES} verses, max {QUICK_MAX_TOKENS} tokens, {QUICK_BATCH_SIZE} in flight; "
-                         "vanilla, single Medusa head, fitted tree, one typical setting, Beam 2 x all heads, "
-                         "vLLM beam width 2")
+                    help=f"{QUICK_VERSES} verses, max {QUICK_MAX_TOKENS} tokens, {QUICK_BATCH_SIZE} in flight, "
+                         "in-process engines; vanilla, single Medusa head, fitted tree, one typical setting, "
+                         "Beam 2 x all heads; no vLLM beam search rows unless --vllm-beam-widths asks "
+                         "(at RTF ~18 they alone would take longer than the rest)")
     ap.add_argument("--num-verses", type=int, help="first N verses of the test order (default: all)")
     ap.add_argument("--batch-size", type=int,
                     help="requests in flight (max_num_seqs); default 1 = one verse at a time, as a live "
@@ -104,6 +105,10 @@ def add_translation_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser
                     help="leave out vanilla sampling and Medusa rejection sampling")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed of the first verse (then +1 per verse)")
     ap.add_argument("--kv-cache-gib", default="1", help="VLLM_CPU_KVCACHE_SPACE of each engine (GiB)")
+    ap.add_argument("--in-process", action=argparse.BooleanOptionalAction, default=None,
+                    help="run each engine in-process (vLLM's uni executor, no V1 multiprocessing: start-up "
+                         "~10 s instead of ~45 s; every row the same way). Default: on with --quick, else off "
+                         "(vLLM's own engine processes, as users run it)")
     ap.add_argument("--timeout", type=float,
                     help="seconds per engine (default: 1800 with --quick, else 12 h)")
     ap.add_argument("--out", default="runs/eval_translation")
@@ -179,8 +184,9 @@ def run_translation_eval(verses: Sequence[EvalVerse], engines: Sequence[EngineSp
 
     from medusa_vllm.tools.engine_proc import EngineRunError, run_engine
 
-    # timed (real-time factor): vLLM's own processes, as users run it
-    run = run or functools.partial(run_engine, in_process=False)
+    # timed (real-time factor): vLLM's own processes, as users run it, unless the
+    # run asks for in-process engines (--quick); every row runs the same way
+    run = run or functools.partial(run_engine, in_process=bool(cfg.get("in_process", False)))
     prompts = [render_prompt(v) for v in verses]
     refs = [v.en for v in verses]
     keys = [v.key for v in verses]
@@ -252,7 +258,7 @@ def _plan_options(args: argparse.Namespace, heads: str, num_heads: int) -> PlanO
         temperature=R.SAMPLING_TEMPERATURE if args.temperature is None else args.temperature,
         beam_widths=args.beam_widths or ((2,) if quick else R.BEAM_WIDTHS),
         beam_heads=args.beam_heads or ((None,) if quick else R.BEAM_HEADS),
-        vllm_beam_widths=args.vllm_beam_widths or ((2,) if quick else R.VLLM_BEAM_WIDTHS),
+        vllm_beam_widths=args.vllm_beam_widths or (() if quick else R.VLLM_BEAM_WIDTHS),
         sampling_rows=not (args.no_sampling_rows or quick),
     )
 
@@ -298,7 +304,8 @@ def translation_main(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     cfg = {"model": args.model, "dtype": args.dtype, "max_model_len": args.max_model_len,
            "max_tokens": max_tokens, "seed": args.seed, "kv_cache_gib": args.kv_cache_gib,
-           "timeout": args.timeout or (1800.0 if args.quick else 12 * 3600.0)}
+           "timeout": args.timeout or (1800.0 if args.quick else 12 * 3600.0),
+           "in_process": bool(args.quick if args.in_process is None else args.in_process)}
     bind = engine_env().get("VLLM_CPU_OMP_THREADS_BIND", "auto (vLLM's default)")
     header: dict[str, Any] = {
         "command": "medusa-vllm " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "",
@@ -307,6 +314,8 @@ def translation_main(args: argparse.Namespace) -> int:
         "model": args.model, "heads": f"{args.heads} ({num_heads} heads)",
         "verses": f"{len(verses)} (RV1909 -> WEB, held-out chapters, fixed order)",
         "batch_size": args.batch_size, "max_tokens": max_tokens,
+        "engine_processes": ("in-process (uni executor, no V1 multiprocessing)" if cfg["in_process"]
+                             else "vLLM's own engine processes"),
         "prompt": PROMPT_TEMPLATE.replace("\n", "\\n") + " (one user turn, the model's chat template)",
         "rtf": RTF_DEFINITION,
     }
