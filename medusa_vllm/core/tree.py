@@ -28,14 +28,16 @@ import torch
 Path = tuple[int, ...]
 
 __all__ = [
-    "MedusaTree",
     "PRESETS",
+    "MedusaTree",
     "budget_nodes_by_batch",
     "greedy_paths",
+    "lookup_candidates",
     "nodes_at_depth",
     "nodes_for_batch",
     "normalize_choices",
-    "with_chain_branch",
+    "under_lookup_chain",
+    "with_lookup_chain",
 ]
 
 
@@ -279,19 +281,48 @@ class MedusaTree:
 
 
 # ------------------------------------------------------------- presets
-def with_chain_branch(tree: MedusaTree, length: int, num_heads: int | None = None) -> MedusaTree:
-    """``tree`` plus a chain of ``length`` nodes under the root at rank ``tree.topk``
-    at every depth: the paths ``(r,), (r, r), ...`` with ``r = tree.topk``.
+def with_lookup_chain(tree: MedusaTree, length: int, num_heads: int | None = None) -> MedusaTree:
+    """``tree`` plus the top-1 chain ``(0,), (0, 0), ...`` down to depth ``length``
+    (the paths of it that ``tree`` lacks).
 
-    Rank ``r`` is one past every head's top-k the tree uses, so a proposer fills
-    that chain from a second source of candidates (prompt lookup) by appending
-    one column to the heads' top-k tokens (:meth:`MedusaTree.node_tokens`).
+    That chain is where a second source of candidates (prompt lookup) leads: for a
+    request whose lookup found a continuation, the proposer puts it on the chain
+    and shifts the heads' candidates one rank down beside it
+    (:func:`lookup_candidates`, :func:`under_lookup_chain`); for any other request
+    the chain holds the heads' top-1 path, as in a plain Medusa tree.
     """
     if length < 0:
-        raise ValueError(f"branch length must be >= 0, found {length}")
-    rank = tree.topk
-    return MedusaTree([*tree.medusa_choices, *((rank,) * d for d in range(1, length + 1))],
-                      num_heads)
+        raise ValueError(f"lookup chain length must be >= 0, found {length}")
+    have = set(tree.medusa_choices)
+    extra = [(0,) * d for d in range(1, length + 1) if (0,) * d not in have]
+    return MedusaTree([*tree.medusa_choices, *extra], num_heads) if extra else tree
+
+
+def under_lookup_chain(paths: Sequence[Path]) -> list[bool]:
+    """Per node (BFS order): is its parent the root or a node of the top-1 chain
+    (every rank 0)? Those nodes take the merged candidates of
+    :func:`lookup_candidates` where a request's lookup reaches their depth."""
+    return [all(r == 0 for r in p[:-1]) for p in paths]
+
+
+def lookup_candidates(topk_tokens: torch.Tensor, lookup: torch.Tensor) -> torch.Tensor:
+    """Per depth, the lookup token first, then the heads' candidates without it.
+
+    ``topk_tokens``: ``[B, D, k+1]`` the heads' top-(k+1) per depth;
+    ``lookup``: ``[B, D]`` the lookup continuation (``-1`` where it has none).
+    Returns ``[B, D, k]``: ``[lookup, heads' best other k-1]`` where ``lookup >= 0``,
+    else the heads' top-k unchanged. No token appears twice in a row.
+    """
+    k = topk_tokens.shape[-1] - 1
+    if k < 1:
+        raise ValueError("topk_tokens needs at least 2 candidates per depth (k + 1)")
+    lookup = lookup.to(topk_tokens.dtype)
+    dup = topk_tokens == lookup.unsqueeze(-1)
+    # stable: the heads' order is kept, the duplicate of the lookup token goes last
+    order = torch.argsort(dup.to(torch.int8), dim=-1, stable=True)
+    rest = torch.gather(topk_tokens, -1, order)[..., : k - 1]
+    merged = torch.cat([lookup.unsqueeze(-1), rest], dim=-1)
+    return torch.where((lookup >= 0).unsqueeze(-1), merged, topk_tokens[..., :k])
 
 
 def greedy_paths(a: torch.Tensor, num_nodes: int) -> list[Path]:

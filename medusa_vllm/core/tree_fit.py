@@ -38,11 +38,11 @@ from medusa_vllm.core.tree import (
     Path,
     greedy_paths,
     normalize_choices,
-    with_chain_branch,
+    with_lookup_chain,
 )
 
 __all__ = [
-    "DEFAULT_NGRAM_ACCEPTANCE",
+    "DEFAULT_LOOKUP_ACCEPTANCE",
     "EngineTreeFit",
     "best_tree_for_cost",
     "check_accuracies",
@@ -236,12 +236,14 @@ def fit_nodes_by_batch(tree: MedusaTree, per_rank: Accuracies,
 
 
 # ------------------------------------------------------ fit in the running engine
-# A prompt-lookup branch node at depth d is priced as accepted with probability
-# q**d: the heads' statistics say nothing about n-gram matches, so the branch gets
-# an assumed per-token acceptance (about what vLLM's n-gram speculator accepts on
-# chat answers that quote their prompt; wrong for text that never repeats, where the
-# branch then costs its nodes and returns little).
-DEFAULT_NGRAM_ACCEPTANCE = 0.3
+# For a request whose prompt lookup found a continuation, the top-1 chain node at
+# depth d holds it and is priced as accepted with probability q**d: the heads'
+# statistics say nothing about n-gram matches, so the lookup gets an assumed
+# per-token acceptance (vLLM's n-gram speculator accepted ~1.65 of 4 drafted tokens
+# per matched step on everyday chat requests, q ~ 0.6). Only requests with a match
+# draft by this pricing; the running engine replaces it with what it observes
+# (:mod:`medusa_vllm.core.online_fit`).
+DEFAULT_LOOKUP_ACCEPTANCE = 0.6
 
 
 def read_per_rank_accuracy(heads_dir: str | FsPath) -> tuple[list[list[float]], str] | None:
@@ -286,9 +288,12 @@ class EngineTreeFit:
     """What :func:`fit_engine_tree` picked.
 
     ``heads_tree``: the heads' nodes; ``tree``: the tree the engine drafts (the heads'
-    nodes plus the prompt-lookup branch, if any); ``nodes_by_batch``: BFS-first nodes
-    of ``tree`` drafted per batch size (0 = plain decoding); per batch size, the
-    expected accepted length and speedup over vanilla of that prefix.
+    nodes plus the top-1 chain prompt lookup fills, if any); ``nodes_by_batch``:
+    BFS-first nodes of ``tree`` drafted per batch size (0 = plain decoding) by
+    requests without a lookup continuation, ``lookup_nodes_by_batch`` by requests
+    with one; per batch size, the expected accepted length and speedup over vanilla
+    of the first; ``node_prior`` / ``lookup_prior``: each node's acceptance
+    probability as priced for each kind of request.
     """
 
     heads_tree: MedusaTree
@@ -298,37 +303,40 @@ class EngineTreeFit:
     expected_speedup: dict[int, float] = field(default_factory=dict)
     ngram_nodes: int = 0
     node_prior: list[float] = field(default_factory=list)
+    lookup_nodes_by_batch: dict[int, int] | None = None
+    lookup_prior: list[float] | None = None
 
     def describe(self) -> str:
         b1 = min(self.nodes_by_batch)
-        branch = f" + {self.ngram_nodes}-node n-gram branch" if self.ngram_nodes else ""
+        chain = (f" + the top-1 chain to depth {self.ngram_nodes} for prompt lookup"
+                 if self.ngram_nodes else "")
         per_batch = ", ".join(
             f"{b}: {n} nodes (E[accept] {self.expected_accept_length[b]:.2f}, "
             f"x{self.expected_speedup[b]:.2f})" for b, n in self.nodes_by_batch.items())
-        return (f"tree of {self.heads_tree.num_nodes} heads nodes{branch}, depth "
+        lookup = (f"; with a lookup continuation {self.lookup_nodes_by_batch}"
+                  if self.lookup_nodes_by_batch is not None else "")
+        return (f"tree of {self.heads_tree.num_nodes} heads nodes{chain}, depth "
                 f"{self.tree.max_depth}, at batch {b1}: E[accept] "
                 f"{self.expected_accept_length[b1]:.2f}, expected x{self.expected_speedup[b1]:.2f}"
-                f" vs vanilla; nodes_by_batch {{{per_batch}}}")
+                f" vs vanilla; nodes_by_batch {{{per_batch}}}{lookup}")
 
 
-def _branch_node(path: Path, branch_rank: int | None) -> bool:
-    return branch_rank is not None and all(r == branch_rank for r in path)
-
-
-def node_probabilities(a: torch.Tensor, paths: Sequence[Path], branch_rank: int | None = None,
-                       ngram_acceptance: float = DEFAULT_NGRAM_ACCEPTANCE) -> list[float]:
+def node_probabilities(a: torch.Tensor, paths: Sequence[Path], lookup_depth: int = 0,
+                       lookup_acceptance: float = DEFAULT_LOOKUP_ACCEPTANCE) -> list[float]:
     """Each node's chance to be on the accepted path: a heads node's path probability
-    under per-rank accuracies ``a``, ``ngram_acceptance ** depth`` for a node of the
-    prompt-lookup branch (the paths whose every rank is ``branch_rank``)."""
-    return [ngram_acceptance ** len(p) if _branch_node(p, branch_rank) else _path_prob(a, p)
-            for p in paths]
+    under per-rank accuracies ``a``; with ``lookup_depth`` (a request whose prompt
+    lookup found a continuation that deep), ``lookup_acceptance ** depth`` for the
+    top-1 chain's nodes down to that depth, which hold the continuation (their
+    siblings, the heads' candidates one rank down, keep the heads' pricing)."""
+    return [lookup_acceptance ** len(p) if len(p) <= lookup_depth and not any(p)
+            else _path_prob(a, p) for p in paths]
 
 
-def prefix_value(a: torch.Tensor, paths: Sequence[Path], branch_rank: int | None = None,
-                 ngram_acceptance: float = DEFAULT_NGRAM_ACCEPTANCE) -> float:
+def prefix_value(a: torch.Tensor, paths: Sequence[Path], lookup_depth: int = 0,
+                 lookup_acceptance: float = DEFAULT_LOOKUP_ACCEPTANCE) -> float:
     """Expected tokens per step of a tree's nodes ``paths``: 1 + the sum of
     :func:`node_probabilities`."""
-    return 1.0 + sum(node_probabilities(a, paths, branch_rank, ngram_acceptance))
+    return 1.0 + sum(node_probabilities(a, paths, lookup_depth, lookup_acceptance))
 
 
 def step_cost(curves: Any, batch_size: int, paths: Sequence[Path]) -> float:
@@ -360,29 +368,45 @@ def step_cost(curves: Any, batch_size: int, paths: Sequence[Path]) -> float:
     return float(verify) + float(draft)
 
 
+def _best_prefixes(paths: Sequence[Path], curves: Any, value: Callable[[Sequence[Path]], float]
+                   ) -> tuple[dict[int, int], dict[int, float], dict[int, float]]:
+    """Per measured batch size: the BFS prefix of ``paths`` with the most expected
+    tokens (``value``) per unit of step time, 0 when none beats a plain step; with
+    its expected accepted length and speedup."""
+    table: dict[int, int] = {}
+    lengths: dict[int, float] = {}
+    speeds: dict[int, float] = {}
+    for b in curves.batch_sizes:
+        pick, pick_len, pick_speed = 0, 1.0, 1.0
+        for n in range(1, len(paths) + 1):
+            length = value(paths[:n])
+            speed = length / step_cost(curves, b, paths[:n])
+            if speed > pick_speed + 1e-9:
+                pick, pick_len, pick_speed = n, length, speed
+        table[b], lengths[b], speeds[b] = pick, pick_len, pick_speed
+    return table, lengths, speeds
+
+
 def fit_engine_tree(per_rank: Accuracies, curves: Any, max_nodes: int, *, num_heads: int | None = None,
-                    ngram_nodes: int = 0, ngram_acceptance: float = DEFAULT_NGRAM_ACCEPTANCE
+                    ngram_nodes: int = 0, lookup_acceptance: float = DEFAULT_LOOKUP_ACCEPTANCE
                     ) -> EngineTreeFit:
     """The tree and its size per batch size for this machine (``tree: "auto"``).
 
     ``curves``: :class:`medusa_vllm.core.cost_curve.CostCurves` measured by the running
     engine; ``per_rank``: the heads' per-rank accuracies; ``max_nodes``: the engine's
-    node budget (its ``num_speculative_tokens``), the prompt-lookup branch included.
+    node budget (its ``num_speculative_tokens``), the lookup chain included.
 
     1. At the smallest measured batch size, every greedy tree of 1..``max_nodes -
        ngram_nodes`` heads nodes (:func:`tree_from_accuracies`) and every top-1 chain
-       is priced *with* the ``ngram_nodes``-node branch beside it
-       (:func:`~medusa_vllm.core.tree.with_chain_branch`): E[tokens per step]
-       (:func:`prefix_value`, the branch at the assumed ``ngram_acceptance``) over
-       :func:`step_cost`; the best one is the engine's tree.
-    2. Per measured batch size, the BFS prefix of that tree with the best ratio,
-       or 0 (plain decoding) when none beats vanilla. A prefix may cut the
-       prompt-lookup branch like any other nodes: the fit decides how many nodes
-       each source gets per batch size (the branch's nodes sit last in each BFS
-       level, so a prefix keeps its shallow nodes longest).
-
-    ``node_prior`` of the result: each node's acceptance probability as priced here
-    (the running engine refines it, :mod:`medusa_vllm.core.online_fit`).
+       is priced: E[tokens per step] (:func:`prefix_value`) over :func:`step_cost`;
+       the best one, plus the top-1 chain down to ``ngram_nodes``
+       (:func:`~medusa_vllm.core.tree.with_lookup_chain`), is the engine's tree.
+    2. Per measured batch size, the BFS prefix of that tree with the best ratio, or
+       0 (plain decoding) when none beats vanilla: priced with the heads' statistics
+       for requests without a lookup continuation (``nodes_by_batch``) and with the
+       lookup chain at the assumed ``lookup_acceptance`` for requests with one
+       (``lookup_nodes_by_batch``): the fit decides, per batch size, how many nodes
+       each kind of request drafts.
     """
     a = check_accuracies(per_rank)
     if num_heads is not None:
@@ -393,44 +417,28 @@ def fit_engine_tree(per_rank: Accuracies, curves: Any, max_nodes: int, *, num_he
     budget = max_nodes - ngram_nodes
     if budget < 1:
         raise ValueError(f"max_nodes={max_nodes} leaves no heads node beside the "
-                         f"{ngram_nodes}-node n-gram branch; raise max_nodes")
+                         f"{ngram_nodes}-deep lookup chain; raise max_nodes")
     sizes = curves.batch_sizes
     if not sizes:
         raise ValueError("cost curves: no batch size was measured")
     b1 = sizes[0]
-
-    def engine(tree: MedusaTree) -> MedusaTree:
-        return with_chain_branch(tree, ngram_nodes, heads) if ngram_nodes else tree
-
-    def branch_rank(tree: MedusaTree) -> int | None:
-        return tree.topk if ngram_nodes else None
-
     order = greedy_paths(a, budget)
     candidates = [MedusaTree(order[:n]) for n in range(1, len(order) + 1)]
     candidates += [MedusaTree.chain(d) for d in range(1, min(heads, budget) + 1)]
     best, best_speed = None, -math.inf
     for cand in candidates:
-        full = engine(cand)
-        speed = prefix_value(a, full.medusa_choices, branch_rank(cand), ngram_acceptance) / \
-            step_cost(curves, b1, full.medusa_choices)
+        speed = prefix_value(a, cand.medusa_choices) / step_cost(curves, b1, cand.medusa_choices)
         if speed > best_speed + 1e-12:
             best, best_speed = cand, speed
     assert best is not None
-    tree = engine(best)
-    rank = branch_rank(best)
+    tree = with_lookup_chain(best, ngram_nodes, heads) if ngram_nodes else best
     paths = tree.medusa_choices
-    table: dict[int, int] = {}
-    lengths: dict[int, float] = {}
-    speeds: dict[int, float] = {}
-    for b in sizes:
-        pick, pick_len, pick_speed = 0, 1.0, 1.0
-        for n in range(1, len(paths) + 1):
-            length = prefix_value(a, paths[:n], rank, ngram_acceptance)
-            speed = length / step_cost(curves, b, paths[:n])
-            if speed > pick_speed + 1e-9:
-                pick, pick_len, pick_speed = n, length, speed
-        table[b], lengths[b], speeds[b] = pick, pick_len, pick_speed
-    return EngineTreeFit(heads_tree=best, tree=tree, nodes_by_batch=table,
-                         expected_accept_length=lengths, expected_speedup=speeds,
-                         ngram_nodes=ngram_nodes,
-                         node_prior=node_probabilities(a, paths, rank, ngram_acceptance))
+    table, lengths, speeds = _best_prefixes(paths, curves, lambda p: prefix_value(a, p))
+    fit = EngineTreeFit(heads_tree=best, tree=tree, nodes_by_batch=table,
+                        expected_accept_length=lengths, expected_speedup=speeds,
+                        ngram_nodes=ngram_nodes, node_prior=node_probabilities(a, paths))
+    if ngram_nodes:
+        fit.lookup_nodes_by_batch = _best_prefixes(
+            paths, curves, lambda p: prefix_value(a, p, ngram_nodes, lookup_acceptance))[0]
+        fit.lookup_prior = node_probabilities(a, paths, ngram_nodes, lookup_acceptance)
+    return fit

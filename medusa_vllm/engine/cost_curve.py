@@ -298,7 +298,9 @@ def fit_tree_at_startup(runner: MedusaTreeRunnerMixin) -> EngineTreeFit | None:
             fit, source = _fit(cfg, curves, runner.drafter.heads.config.num_heads)
             result = {"tree": fit.heads_tree.to_list(), "nodes_by_batch": fit.nodes_by_batch,
                       "describe": fit.describe(), "source": source,
-                      "node_prior": fit.node_prior}
+                      "node_prior": fit.node_prior,
+                      "lookup_nodes_by_batch": fit.lookup_nodes_by_batch,
+                      "lookup_prior": fit.lookup_prior}
         except (ValueError, MedusaConfigError) as exc:
             result = {"error": f"{type(exc).__name__}: {exc}"}
     result = _broadcast(group, result)
@@ -325,11 +327,19 @@ def fit_tree_at_startup(runner: MedusaTreeRunnerMixin) -> EngineTreeFit | None:
     extra[ADDITIONAL_CONFIG_KEY] = fitted.to_dict()
     runner.reload_medusa_config()
     online = ""
+    drafter = runner.drafter
+    lookup_table = result.get("lookup_nodes_by_batch")
+    if cfg.nodes_by_batch == "auto" and lookup_table is not None:
+        lookup_table = {int(b): int(n) for b, n in lookup_table.items()}
+        drafter.lookup_nodes_by_batch = lookup_table
     if cfg.nodes_by_batch == "auto" and cfg.online_fit:
-        drafter = runner.drafter
         drafter.online_fit = OnlineNodeFit(
             paths=drafter.tree.medusa_choices, prior=np.asarray(result["node_prior"]),
             curves=curves, table=update["nodes_by_batch"])
+        if lookup_table is not None:  # requests with a lookup continuation: their own counts
+            drafter.lookup_fit = OnlineNodeFit(
+                paths=drafter.tree.medusa_choices, prior=np.asarray(result["lookup_prior"]),
+                curves=curves, table=lookup_table)
         online = "; refitted while serving from the acceptance observed (online_fit)"
     if rank0:
         logger.info(
@@ -340,4 +350,4 @@ def fit_tree_at_startup(runner: MedusaTreeRunnerMixin) -> EngineTreeFit | None:
     return EngineTreeFit(
         heads_tree=MedusaTree(result["tree"]), tree=runner.drafter.tree,
         nodes_by_batch={int(b): int(n) for b, n in result["nodes_by_batch"].items()},
-        ngram_nodes=cfg.ngram_nodes)
+        ngram_nodes=cfg.ngram_nodes, lookup_nodes_by_batch=lookup_table)

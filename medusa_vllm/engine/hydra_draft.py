@@ -10,8 +10,9 @@ candidate of its rank among its own parent's top-k. ``D`` small head calls per s
 for a tree ``D`` deep (the top-1 chain of 2: 2 rows; the 64-node tree: a few dozen).
 
 :func:`draft_tree` is the pure function (any tree, any batch); :func:`hydra_nodes`
-is what :class:`medusa_vllm.engine.proposer.MedusaTreeProposer` calls, with the
-prompt-lookup branch (``ngram_nodes``) filled as the Medusa path fills it. Pure
+is what :class:`medusa_vllm.engine.proposer.MedusaTreeProposer` calls; a prompt-lookup
+continuation (``ngram_nodes``) overrides the top-1 chain, whose children are then
+drafted from it. Pure
 torch: nothing here imports vLLM.
 """
 
@@ -21,13 +22,12 @@ import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from medusa_vllm.core.hydra import HydraHeads
 from medusa_vllm.core.tree import MedusaTree
 
-__all__ = ["DepthStep", "branch_overrides", "depth_steps", "draft_tree", "hydra_nodes"]
+__all__ = ["DepthStep", "depth_steps", "draft_tree", "hydra_nodes", "lookup_overrides"]
 
 
 @dataclass(frozen=True)
@@ -124,34 +124,31 @@ def draft_tree(heads: HydraHeads, hidden: torch.Tensor, root_tokens: torch.Tenso
     return tokens
 
 
-def branch_overrides(tree: MedusaTree, rank: int, drafts: torch.Tensor) -> torch.Tensor:
-    """``[B, N + 1]`` overrides for :func:`draft_tree` filling the prompt-lookup branch:
-    the node at depth ``d`` whose rank is ``rank`` takes ``drafts[:, d - 1]`` (``-1``,
-    or past the end of ``drafts [B, L]``: no override, the heads' top-1 under its parent)."""
-    out = torch.full((drafts.shape[0], tree.num_nodes + 1), -1, dtype=torch.long)
+def lookup_overrides(tree: MedusaTree, lookup: torch.Tensor) -> torch.Tensor:
+    """``[B, N + 1]`` overrides for :func:`draft_tree` putting a prompt-lookup
+    continuation on the top-1 chain: the node ``(0,) * d`` takes ``lookup[:, d - 1]``
+    (``-1``, or past the end of ``lookup [B, L]``: no override, the heads' top-1
+    under its parent). The chain's children are then drafted from the lookup path."""
+    out = torch.full((lookup.shape[0], tree.num_nodes + 1), -1, dtype=torch.long)
     for i, path in enumerate(tree.paths):
-        if path and path[-1] == rank and len(path) <= drafts.shape[1]:
-            out[:, i] = drafts[:, len(path) - 1].to(torch.long)
+        if path and not any(path) and len(path) <= lookup.shape[1]:
+            out[:, i] = lookup[:, len(path) - 1].to(torch.long)
     return out
 
 
 def hydra_nodes(heads: HydraHeads, hidden: torch.Tensor, root_tokens: Sequence[int] | None,
-                rows: Sequence[int], tree: MedusaTree, topk: int, branch_rank: int | None,
-                ngram_drafts: np.ndarray | None) -> torch.Tensor:
+                rows: Sequence[int], tree: MedusaTree, topk: int,
+                lookup: torch.Tensor | None = None) -> torch.Tensor:
     """The proposer's Hydra drafts: ``[len(rows), N]`` node tokens (root excluded).
 
     ``hidden [len(rows), H]`` are the drafted requests' hidden states, ``root_tokens``
-    the token each request of the batch just sampled (indexed by ``rows``),
-    ``branch_rank`` the prompt-lookup branch's rank (``None``: no branch in this tree)
-    and ``ngram_drafts [batch, ngram_nodes]`` its tokens (``-1`` = none).
+    the token each request of the batch just sampled (indexed by ``rows``), ``lookup
+    [len(rows), L]`` a prompt-lookup continuation per drafted request (``-1`` = none),
+    put on the top-1 chain (:func:`lookup_overrides`).
     """
     if root_tokens is None:
         raise ValueError("Hydra heads need each request's root token (the token the backbone "
                          "just sampled): pass root_tokens to propose_tree")
     roots = torch.tensor([int(root_tokens[i]) for i in rows], dtype=torch.long)
-    overrides = None
-    if branch_rank is not None:
-        drafts = (torch.from_numpy(np.asarray(ngram_drafts)[list(rows)]) if ngram_drafts is not None
-                  else torch.full((len(rows), 0), -1, dtype=torch.long))
-        overrides = branch_overrides(tree, branch_rank, drafts)
+    overrides = lookup_overrides(tree, lookup) if lookup is not None else None
     return draft_tree(heads, hidden, roots, tree, topk=topk, overrides=overrides)[:, 1:]

@@ -53,11 +53,15 @@ Options (defaults in brackets):
   (``tree="auto"``, ``nodes_by_batch="auto"``), refit it while serving from the
   acceptance each tree node actually gets (:mod:`medusa_vllm.core.online_fit`):
   the heads' shipped statistics are a prior, the requests served decide.
-- ``ngram_nodes`` [0]: length of a prompt-lookup branch added to the tree: a
-  chain under the root holding the continuation of the longest n-gram match in
-  the request's own prompt and output (vLLM's ``ngram`` method's matcher),
-  verified in the same pass as the heads' nodes; where no n-gram matches, the
-  branch repeats the heads' top-1 path. At most the number of heads; 0 = off.
+- ``ngram_nodes`` [0]: prompt lookup in the tree, up to that many tokens deep:
+  for a request whose recent tokens match an n-gram earlier in its own prompt
+  and output (vLLM's ``ngram`` method's matcher), the continuation takes the
+  tree's top-1 chain and the heads' candidates move one rank down beside it,
+  verified in the same pass; requests without a match draft the heads' tree
+  as usual. Each kind of request drafts its own number of nodes (with
+  ``tree="auto"``, fitted and refitted per batch size). The tree gains the top-1
+  chain down to that depth if it lacks it. At most the number of heads; 0 = off;
+  not with ``tree="beam:..."``.
 - ``ngram_min`` [2] / ``ngram_max`` [5]: the n-gram lengths matched (as vLLM's
   ``prompt_lookup_min`` / ``prompt_lookup_max``).
 - ``cost_curve`` [``$MEDUSA_VLLM_COST_CURVE``, else ``"auto"``]: how ``tree="auto"``
@@ -118,7 +122,7 @@ from medusa_vllm.core.tree import (
     MedusaTree,
     budget_nodes_by_batch,
     normalize_choices,
-    with_chain_branch,
+    with_lookup_chain,
 )
 from medusa_vllm.core.tree_fit import read_per_rank_accuracy
 
@@ -160,7 +164,7 @@ _EXPECTED = {
     "posterior_threshold": "a number in the open interval (0, 1)",
     "posterior_alpha": "a number >= 0",
     "max_nodes": "an integer >= 1, or null for no cap",
-    "ngram_nodes": "an integer >= 0 (0: no prompt-lookup branch), at most the number of heads",
+    "ngram_nodes": "an integer >= 0 (0: no prompt lookup), at most the number of heads",
     "ngram_min": "an integer >= 1",
     "ngram_max": "an integer >= 1, at least ngram_min",
     "online_fit": "true or false",
@@ -566,12 +570,16 @@ class MedusaTreeConfig(BaseModel):
 
     def engine_tree(self, num_heads: int | None = None) -> MedusaTree:
         """The tree the engine drafts and verifies: :meth:`load_tree` (the heads'
-        nodes) plus, with ``ngram_nodes``, the prompt-lookup chain under the root
-        at rank :attr:`MedusaTree.topk` of the heads' tree
-        (:func:`~medusa_vllm.core.tree.with_chain_branch`)."""
+        nodes) plus, with ``ngram_nodes``, the top-1 chain down to that depth where
+        prompt-lookup continuations go (:func:`~medusa_vllm.core.tree.with_lookup_chain`)."""
         tree = self.load_tree(num_heads)
         if not self.ngram_nodes:
             return tree
+        if self.beam is not None:
+            raise MedusaConfigError(
+                f"ngram_nodes: prompt lookup does not combine with tree={self.tree!r} (beam "
+                f"drafts lay out whole paths, not ranks); use ngram_nodes=0 with beam trees, "
+                f"or a static tree (e.g. tree='auto') with prompt lookup")
         if num_heads is None:
             num_heads = self.heads_info().num_heads
         if self.ngram_nodes > num_heads:
@@ -580,7 +588,7 @@ class MedusaTreeConfig(BaseModel):
                 f"{self.heads} (a tree is at most as deep as the heads); use ngram_nodes <= "
                 f"{num_heads}"
             )
-        return with_chain_branch(tree, self.ngram_nodes, num_heads)
+        return with_lookup_chain(tree, self.ngram_nodes, num_heads)
 
     @property
     def beam(self) -> tuple[int, int | None] | None:
@@ -592,11 +600,10 @@ class MedusaTreeConfig(BaseModel):
     @property
     def num_speculative_tokens(self) -> int:
         """vLLM's ``num_speculative_tokens``: the number of tree nodes (the
-        prompt-lookup branch included)."""
+        top-1 chain prompt lookup fills included)."""
         if self.fit_max_nodes is not None:  # tree="auto": the budget the start-up fit fills
             return self.fit_max_nodes
-        heads_nodes = len(self.tree) if isinstance(self.tree, list) else self.load_tree().num_nodes
-        return heads_nodes + self.ngram_nodes
+        return self.engine_tree().num_nodes
 
     def check_backbone(
         self, hidden_size: int, vocab_size: int, model: str = "the backbone"

@@ -40,7 +40,12 @@ import torch
 from medusa_vllm.core.beam import beam_node_tokens, beam_search
 from medusa_vllm.core.hydra import HydraHeads
 from medusa_vllm.core.online_fit import OnlineNodeFit
-from medusa_vllm.core.tree import MedusaTree, nodes_for_batch
+from medusa_vllm.core.tree import (
+    MedusaTree,
+    lookup_candidates,
+    nodes_for_batch,
+    under_lookup_chain,
+)
 from medusa_vllm.engine.adaptive import (
     DEFAULT_NODE_COST,
     AdaptiveDepth,
@@ -90,10 +95,20 @@ class MedusaTreeProposer:
         self.vllm_config = vllm_config
         self.config: MedusaTreeConfig = MedusaTreeConfig.from_vllm_config(vllm_config)
         self.tree: MedusaTree = self.config.engine_tree()
-        # rank of the prompt-lookup branch's nodes (one past the heads' top-k), if any
-        self.ngram_rank: int | None = (
-            self.config.load_tree().topk if self.config.ngram_nodes else None
-        )
+        # prompt lookup (ngram_nodes): a request whose lookup found a continuation
+        # puts it on the top-1 chain, the heads' candidates one rank down beside it
+        self.lookup_depth: int = self.config.ngram_nodes
+        self._under_chain = torch.tensor(under_lookup_chain(self.tree.medusa_choices),
+                                         dtype=torch.bool)
+        # BFS prefix that holds the top-1 chain down to depth d (index d)
+        self._chain_prefix = [0] + [self.tree.medusa_choices.index((0,) * d) + 1
+                                    for d in range(1, self.lookup_depth + 1)]
+        # tree="auto" with ngram_nodes: the start-up fit's table for requests with a
+        # lookup continuation (and online_fit's refit of it); requests without one use
+        # nodes_by_batch / online_fit
+        self.lookup_nodes_by_batch: dict[int, int] | None = None
+        self.lookup_fit: OnlineNodeFit | None = None
+        self._looked_up: dict[str, bool] = {}  # per request: did its last draft carry a lookup
         self.nodes_by_batch: dict[int, int] | None = self.config.load_nodes_by_batch(self.tree)
         self.heads = None
         self.dtype = vllm_config.model_config.dtype
@@ -162,52 +177,104 @@ class MedusaTreeProposer:
         rows = [i for i, ok in enumerate(eligible) if ok]
         if not rows:
             return out
-        if self.online_fit is not None:  # the refitted table, and its probes
-            sizes = self.online_fit.sizes(len(eligible), len(rows))
-        else:
-            n = nodes_for_batch(self.nodes_by_batch, len(eligible), self.tree.num_nodes)
-            sizes = [n] * len(rows)
+        # per row: how deep its lookup continuation reaches (0: none)
+        reach = np.zeros(len(eligible), dtype=np.int64)
+        if self.lookup_depth and ngram_drafts is not None:
+            found = np.asarray(ngram_drafts)[:, : self.lookup_depth] >= 0
+            reach = np.cumprod(found, axis=1).sum(axis=1)
+        looked = [bool(reach[i]) for i in rows]
+        sizes = self._sizes(len(eligible), looked, reach[rows])
         if self.adaptive is not None and req_ids is not None:  # per request, at most n nodes
             sizes = [min(m, self.adaptive.nodes(req_ids[i])) for i, m in zip(rows, sizes)]
-        rows, sizes = [i for i, m in zip(rows, sizes) if m], [m for m in sizes if m]
+        if req_ids is not None and self.lookup_depth:
+            self._looked_up.update((req_ids[i], lk and m > 0) for i, lk, m in zip(rows, looked, sizes))
+        keep = [j for j, m in enumerate(sizes) if m]
+        rows, sizes = [rows[j] for j in keep], [sizes[j] for j in keep]
         if not rows:
             return out
         n = max(sizes)
         tree = self._prefix_tree(n)
         h = hidden_states[rows].to(self.dtype)
-        branch = self.ngram_rank is not None and tree.topk > self.ngram_rank
-        k = self.ngram_rank if branch else tree.topk
         if isinstance(self.heads, HydraHeads):  # Hydra: each depth reads its parents' paths
             from medusa_vllm.engine.hydra_draft import hydra_nodes
 
-            nodes = hydra_nodes(self.heads, h, root_tokens, rows, tree, k,
-                                self.ngram_rank if branch else None, ngram_drafts)
+            nodes = hydra_nodes(self.heads, h, root_tokens, rows, tree, tree.topk,
+                                self._lookup_rows(tree, rows, reach, ngram_drafts))
         elif self.beam_width is not None:  # chains of the beam's best paths
-            nodes = self._beam_nodes(h, tree, rows, branch, ngram_drafts)
+            nodes = self._beam_nodes(h, tree)
         else:
             # only the heads the (truncated) tree reaches: a depth-2 tree runs 2 of K heads
-            topk = self.heads.topk(h, k, tree.max_depth)  # [b, depth, k] full-vocab ids
-            if branch:  # the branch's rank is column k: prompt lookup, else the heads' top-1
-                topk = torch.cat([topk, self._ngram_fill(topk[:, :, 0], rows, ngram_drafts)
-                                  .unsqueeze(-1)], dim=-1)
-            nodes = tree.node_tokens(topk, torch.zeros(len(rows), dtype=torch.long))[:, 1:]
+            lookup = self.lookup_depth > 0 and bool(reach[rows].any())
+            topk = self.heads.topk(h, tree.topk + int(lookup), tree.max_depth)  # [b, D, k(+1)]
+            nodes = tree.node_tokens(topk[..., : tree.topk],
+                                     torch.zeros(len(rows), dtype=torch.long))[:, 1:]
+            if lookup:
+                nodes = self._lookup_nodes(tree, topk, nodes, rows, reach, ngram_drafts)
         for i, m, toks in zip(rows, sizes, nodes.tolist()):
             out[i] = toks[:m]
         return out
 
-    @staticmethod
-    def _ngram_fill(top1: torch.Tensor, rows: list[int],
-                    ngram_drafts: np.ndarray | None) -> torch.Tensor:
-        """``[b, depth]`` prompt-lookup tokens where found, else ``top1`` (the heads' best)."""
-        fill = top1.clone()
-        if ngram_drafts is not None:
-            found = torch.from_numpy(ngram_drafts[rows, : fill.shape[1]]).to(fill.device)
-            d = found.shape[1]
-            fill[:, :d] = torch.where(found >= 0, found.to(fill.dtype), fill[:, :d])
-        return fill
+    def _sizes(self, batch_size: int, looked: list[bool], reach: np.ndarray) -> list[int]:
+        """BFS nodes each drafting row drafts: rows with a lookup continuation
+        (``looked``) by the lookup table, the others by ``nodes_by_batch`` (with
+        ``tree: auto``, their online refits and probes)."""
+        plain = [j for j, lk in enumerate(looked) if not lk]
+        hits = [j for j, lk in enumerate(looked) if lk]
+        sizes = [0] * len(looked)
+        n = nodes_for_batch(self.nodes_by_batch, batch_size, self.tree.num_nodes)
+        if self.online_fit is not None:  # the refitted table, and its probes
+            for j, m in zip(plain, self.online_fit.sizes(batch_size, len(plain)) if plain else []):
+                sizes[j] = m
+        else:
+            for j in plain:
+                sizes[j] = n
+        if not hits:
+            return sizes
+        if self.lookup_fit is not None:
+            for j, m in zip(hits, self.lookup_fit.sizes(batch_size, len(hits))):
+                sizes[j] = m
+        elif self.lookup_nodes_by_batch is not None:
+            m = nodes_for_batch(self.lookup_nodes_by_batch, batch_size, self.tree.num_nodes)
+            for j in hits:
+                sizes[j] = m
+        else:  # as many nodes as the others, and at least the chain its continuation fills
+            for j in hits:
+                sizes[j] = max(n, self._chain_prefix[int(reach[j])]) if n else 0
+        return sizes
 
-    def _beam_nodes(self, h: torch.Tensor, tree: MedusaTree, rows: list[int], branch: bool,
-                    ngram_drafts: np.ndarray | None) -> torch.Tensor:
+    def _lookup_rows(self, tree: MedusaTree, rows: list[int], reach: np.ndarray,
+                     ngram_drafts: np.ndarray | None) -> torch.Tensor | None:
+        """``[len(rows), D]`` each drafted row's lookup continuation down to the depth
+        it reaches (``-1`` past it, and for rows without one); ``None`` if no row has one."""
+        if ngram_drafts is None or not self.lookup_depth or not reach[rows].any():
+            return None
+        d = tree.max_depth
+        found = np.full((len(rows), d), -1, dtype=np.int64)
+        width = min(d, self.lookup_depth)
+        found[:, :width] = np.asarray(ngram_drafts)[rows, :width]
+        found[np.arange(d)[None, :] >= reach[rows][:, None]] = -1
+        return torch.from_numpy(found)
+
+    def _lookup_nodes(self, tree: MedusaTree, topk: torch.Tensor, nodes: torch.Tensor,
+                      rows: list[int], reach: np.ndarray, ngram_drafts: np.ndarray | None
+                      ) -> torch.Tensor:
+        """``nodes [b, n]`` with, for each row whose lookup reaches depth ``d``, the
+        nodes under the top-1 chain down to depth ``d`` taken from the merged
+        candidates (:func:`~medusa_vllm.core.tree.lookup_candidates`): the chain holds
+        the lookup continuation, its siblings the heads' candidates one rank down."""
+        device = topk.device
+        lookup = self._lookup_rows(tree, rows, reach, ngram_drafts)
+        assert lookup is not None
+        lookup = lookup.to(device)
+        depth_reach = torch.from_numpy(reach[rows]).to(device)
+        merged = tree.node_tokens(lookup_candidates(topk, lookup),
+                                  torch.zeros(len(rows), dtype=torch.long))[:, 1:]
+        n = tree.num_nodes
+        depth = (tree.position_offsets[1:] - 1).to(device)  # 0-based depth of each node
+        use = self._under_chain[:n].to(device)[None, :] & (depth[None, :] < depth_reach[:, None])
+        return torch.where(use, merged, nodes)
+
+    def _beam_nodes(self, h: torch.Tensor, tree: MedusaTree) -> torch.Tensor:
         """``[b, n]`` node tokens of the beam tree's BFS prefix ``tree``: chain ``w`` =
         the ``w``-th best path of a width-W beam over the heads ``tree`` reaches
         (each head's top-W tokens suffice: heads are independent of the path)."""
@@ -220,9 +287,6 @@ class MedusaTreeProposer:
         if paths.shape[1] < width:  # fewer distinct paths than chains: repeat the best
             pad = paths[:, :1].expand(-1, width - paths.shape[1], -1)
             paths = torch.cat([paths, pad], dim=1)
-        if branch:  # chain W: prompt lookup, else the best path
-            paths = torch.cat([paths, self._ngram_fill(paths[:, 0], rows, ngram_drafts)
-                               .unsqueeze(1)], dim=1)
         n = tree.num_nodes
         return beam_node_tokens(paths, self._chain[:n], self._depth[:n])
 
@@ -237,22 +301,36 @@ class MedusaTreeProposer:
             if n:
                 self.adaptive.observe(req_id, self.adaptive.depth_of(int(n)), int(a))
 
-    def observe_nodes(self, num_draft_tokens: Sequence[int], accepted_nodes: torch.Tensor) -> None:
+    def observe_nodes(self, num_draft_tokens: Sequence[int], accepted_nodes: torch.Tensor,
+                      req_ids: Sequence[str] | None = None) -> None:
         """A verified step (online refit of ``nodes_by_batch``): the nodes each request
-        drafted and the node path it accepted (``[B, D+1]``, ``-1`` padded)."""
+        (``req_ids``) drafted and the node path it accepted (``[B, D+1]``, ``-1``
+        padded). Requests whose draft carried a prompt-lookup continuation count
+        toward the lookup table's refit, the others toward ``nodes_by_batch``'s."""
         fit = self.online_fit
         if fit is None:
             return
-        before = fit.table
-        fit.observe(num_draft_tokens, accepted_nodes.cpu().numpy())
-        if fit.table != before:
-            logger.info("medusa_tree: nodes_by_batch refitted from the acceptance this engine "
-                        "observed: %s", fit.describe())
+        nd = np.asarray(num_draft_tokens, dtype=np.int64)
+        acc = accepted_nodes.cpu().numpy()
+        looked = np.zeros(nd.size, dtype=bool)
+        if self.lookup_fit is not None and req_ids is not None:
+            looked = np.array([self._looked_up.get(r, False) for r in req_ids[: nd.size]],
+                              dtype=bool)
+        for part, mine in ((fit, ~looked), (self.lookup_fit, looked)):
+            if part is None or not mine.any():
+                continue
+            before = part.table
+            part.observe(np.where(mine, nd, 0), acc)
+            if part.table != before:
+                which = "with a lookup continuation" if part is self.lookup_fit else "plain"
+                logger.info("medusa_tree: nodes_by_batch (%s requests) refitted from the "
+                            "acceptance this engine observed: %s", which, part.describe())
 
     def forget(self, req_id: str) -> None:
-        """``req_id`` left the engine: drop its adaptive state."""
+        """``req_id`` left the engine: drop its per-request state."""
         if self.adaptive is not None:
             self.adaptive.drop(req_id)
+        self._looked_up.pop(req_id, None)
 
     def _prefix_tree(self, n: int) -> MedusaTree:
         """The tree's first ``n`` BFS nodes (cached per size)."""

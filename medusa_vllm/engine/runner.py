@@ -17,8 +17,8 @@ tokens in BFS order. The mixin changes exactly four things:
    picks the slots, the device hook :meth:`MedusaTreeRunnerMixin._copy_kv_slots` copies.
 4. ``propose_draft_token_ids``: the heads read the hidden state of each
    request's last accepted node (:class:`medusa_vllm.engine.proposer.MedusaTreeProposer`);
-   with ``ngram_nodes``, prompt lookup over the request's own tokens fills the
-   tree's n-gram branch (:mod:`medusa_vllm.engine.ngram`). With ``adaptive``, each
+   with ``ngram_nodes``, prompt lookup over the request's own tokens puts its
+   continuation on the tree's top-1 chain (:mod:`medusa_vllm.engine.ngram`). With ``adaptive``, each
    verified step's accepted lengths go back to the proposer's per-request policy
    (:meth:`MedusaTreeProposer.observe`), and a request's state is dropped when vLLM
    removes the request (:meth:`MedusaTreeRunnerMixin._on_request_state_removed`).
@@ -225,7 +225,7 @@ class MedusaTreeRunnerMixin(_RunnerBase):
         if proposer.adaptive is not None:  # per-request acceptance -> next drafting depth
             proposer.observe(self.input_batch.req_ids[: len(nd)], nd, res.num_accepted.tolist())
         if proposer.online_fit is not None:  # per-node acceptance -> nodes_by_batch
-            proposer.observe_nodes(nd, res.accepted_nodes)
+            proposer.observe_nodes(nd, res.accepted_nodes, self.input_batch.req_ids[: len(nd)])
         return SamplerOutput(
             sampled_token_ids=res.sampled_token_ids,
             logprobs_tensors=res.logprobs_tensors,

@@ -236,17 +236,32 @@ def test_nodes_for_batch_uses_the_entry_at_or_below_the_batch():
         budget_nodes_by_batch(16, 0)
 
 
-def test_chain_branch_sits_one_rank_past_the_heads_top_k():
-    from medusa_vllm.core.tree import with_chain_branch
+def test_lookup_chain_adds_the_top1_chain_the_tree_lacks():
+    from medusa_vllm.core.tree import under_lookup_chain, with_lookup_chain
 
     base = MedusaTree([[0], [1], [0, 0], [0, 2]])
-    tree = with_chain_branch(base, 2, num_heads=3)
-    assert base.topk == 3
-    assert tree.to_list() == [[0], [1], [3], [0, 0], [0, 2], [3, 3]]
-    # the branch is a chain under the root: node [3, 3]'s ancestors are [3] and the root
+    tree = with_lookup_chain(base, 3, num_heads=3)
+    assert tree.to_list() == [[0], [1], [0, 0], [0, 2], [0, 0, 0]]
     idx = {tuple(p): i + 1 for i, p in enumerate(tree.to_list())}
-    row = tree.tree_mask[idx[(3, 3)]]
-    assert row.nonzero().flatten().tolist() == [0, idx[(3,)], idx[(3, 3)]]
-    assert with_chain_branch(base, 0) == base
+    row = tree.tree_mask[idx[(0, 0, 0)]]
+    assert row.nonzero().flatten().tolist() == [0, idx[(0,)], idx[(0, 0)], idx[(0, 0, 0)]]
+    assert with_lookup_chain(base, 2) is base  # nothing to add
+    assert with_lookup_chain(base, 0) is base
     with pytest.raises(ValueError, match="exceeds the number of Medusa heads"):
-        with_chain_branch(base, 4, num_heads=3)
+        with_lookup_chain(base, 4, num_heads=3)
+    # parents on the top-1 chain (the root included): [0], [1], [0, 0], [0, 2], [0, 0, 0]
+    assert under_lookup_chain(tree.medusa_choices) == [True, True, True, True, True]
+    assert under_lookup_chain([(1,), (1, 0), (0, 1, 0)]) == [True, False, False]
+
+
+def test_lookup_candidates_put_the_lookup_first_without_duplicates():
+    from medusa_vllm.core.tree import lookup_candidates
+
+    topk = torch.tensor([[[10, 11, 12, 13], [20, 21, 22, 23]],
+                         [[30, 31, 32, 33], [40, 41, 42, 43]]])  # [B=2, D=2, k+1=4]
+    lookup = torch.tensor([[11, 99], [-1, 40]])
+    got = lookup_candidates(topk, lookup)
+    assert got.tolist() == [[[11, 10, 12], [99, 20, 21]],   # 11 moved first, 99 new
+                            [[30, 31, 32], [40, 41, 42]]]   # none: the heads' top-3; 40 already first
+    with pytest.raises(ValueError, match="at least 2 candidates"):
+        lookup_candidates(topk[..., :1], lookup)

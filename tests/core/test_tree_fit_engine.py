@@ -11,7 +11,6 @@ from medusa_vllm.core.cost_curve import CostCurves
 from medusa_vllm.core.tree import MedusaTree
 from medusa_vllm.core.tree_fit import (
     fit_engine_tree,
-    prefix_value,
     read_per_rank_accuracy,
     step_cost,
 )
@@ -74,34 +73,35 @@ def test_max_nodes_caps_the_tree():
     assert fit.tree.num_nodes <= 10
 
 
-def test_ngram_branch_is_priced_and_sized_by_the_fit():
+def test_lookup_chain_is_priced_and_sized_per_kind_of_request():
     curves = _curves({1: 0.01, 4: 0.05, 16: 0.4})
     fit = fit_engine_tree(WEAK, curves, max_nodes=12, ngram_nodes=3)
-    rank = fit.heads_tree.topk
-    branch = [(rank,) * d for d in (1, 2, 3)]
-    assert all(p in fit.tree.medusa_choices for p in branch)
-    assert fit.tree.num_nodes == fit.heads_tree.num_nodes + 3 <= 12
+    chain = [(0,) * d for d in (1, 2, 3)]
+    assert all(p in fit.tree.medusa_choices for p in chain)
+    assert set(fit.heads_tree.medusa_choices) <= set(fit.tree.medusa_choices)
+    assert fit.tree.num_nodes <= fit.heads_tree.num_nodes + 3 <= 12
     a = torch.tensor(WEAK, dtype=torch.float64)
     paths = fit.tree.medusa_choices
-    # per batch size, the best of every BFS prefix (the branch may be cut like any node)
-    for b, n in fit.nodes_by_batch.items():
-        speeds = [1.0] + [prefix_value(a, paths[:k], rank, 0.3) / step_cost(curves, b, paths[:k])
+    heads_prob = [float(torch.prod(a[torch.arange(len(p)), list(p)])) for p in paths]
+    lookup_prob = [0.6 ** len(p) if p in chain else q for p, q in zip(paths, heads_prob)]
+
+    def best_prefix(b, probs):  # brute force over every BFS prefix, 0 = plain decoding
+        speeds = [1.0] + [(1 + sum(probs[:k])) / step_cost(curves, b, paths[:k])
                           for k in range(1, len(paths) + 1)]
         best = max(range(len(speeds)), key=lambda k: (speeds[k], -k))
-        assert n == best, (b, n, best, speeds)
-    # the costliest batch size drafts less than the whole tree: the branch is cut there
-    assert fit.nodes_by_batch[16] < len(paths)
-    # each node's prior: the heads' path probability, 0.3 ** depth on the branch
-    assert fit.node_prior == pytest.approx(
-        [0.3 ** len(p) if p in branch else float(torch.prod(a[torch.arange(len(p)), list(p)]))
-         for p in paths])
-    # the branch's assumed acceptance counts in the expected length
-    with_branch = prefix_value(torch.tensor(WEAK, dtype=torch.float64), fit.tree.medusa_choices,
-                               rank, 0.3)
-    assert fit.expected_accept_length[1] == pytest.approx(with_branch)
-    # and its nodes in the cost: the budget left to the heads is max_nodes - 3
+        return best if speeds[best] > 1.0 + 1e-9 else 0
+
+    assert fit.node_prior == pytest.approx(heads_prob)
+    assert fit.lookup_prior == pytest.approx(lookup_prob)
+    assert fit.nodes_by_batch == {b: best_prefix(b, heads_prob) for b in (1, 4, 16)}
+    assert fit.lookup_nodes_by_batch == {b: best_prefix(b, lookup_prob) for b in (1, 4, 16)}
+    # a continuation is worth more than the weak heads' guesses: it drafts at least as much
+    assert all(fit.lookup_nodes_by_batch[b] >= fit.nodes_by_batch[b] for b in (1, 4, 16))
+    assert fit.expected_accept_length[1] == pytest.approx(1 + sum(heads_prob[:fit.nodes_by_batch[1]]))
+    # the chain's nodes count in the budget: max_nodes - 3 heads nodes at most
     with pytest.raises(ValueError, match="leaves no heads node"):
         fit_engine_tree(WEAK, curves, max_nodes=3, ngram_nodes=3)
+    assert fit_engine_tree(WEAK, curves, max_nodes=12).lookup_nodes_by_batch is None
 
 
 def test_step_cost_chain_point_tree_interpolation_and_draft():

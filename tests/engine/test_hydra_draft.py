@@ -17,8 +17,8 @@ import torch
 
 from medusa_vllm.checkpoints import load_heads, save_heads
 from medusa_vllm.core.hydra import HydraHeads, HydraHeadsConfig
-from medusa_vllm.core.tree import MedusaTree, with_chain_branch
-from medusa_vllm.engine.hydra_draft import branch_overrides, depth_steps, draft_tree
+from medusa_vllm.core.tree import MedusaTree, with_lookup_chain
+from medusa_vllm.engine.hydra_draft import depth_steps, draft_tree, lookup_overrides
 from medusa_vllm.engine.proposer import MedusaTreeProposer
 
 H, V = 16, 48
@@ -79,20 +79,19 @@ def test_children_of_different_parents_differ():
     assert (got[:, 3] != got[:, 4]).any()
 
 
-def test_overrides_and_the_branch_fallback_equal_brute_force():
+def test_lookup_overrides_on_the_top1_chain_equal_brute_force():
     heads = _random_heads(True)
-    base = MedusaTree.load("sparse-16", 4)
-    tree = with_chain_branch(base, 3, 4)
-    rank = base.topk
-    drafts = torch.tensor([[5, -1, 7], [-1, -1, -1]])
-    ov = branch_overrides(tree, rank, drafts)
+    tree = with_lookup_chain(MedusaTree.load("sparse-16", 4), 3, 4)
+    lookup = torch.tensor([[5, 7, -1], [-1, -1, -1]])
+    ov = lookup_overrides(tree, lookup)
     forced = {(b, i): int(ov[b, i]) for b in range(2) for i in range(tree.num_nodes + 1)
               if ov[b, i] >= 0}
-    assert sorted(forced.values()) == [5, 7]
+    # only the top-1 chain's nodes (0,) and (0, 0) of request 0 are forced
+    assert forced == {(0, tree.paths.index((0,))): 5, (0, tree.paths.index((0, 0))): 7}
     hidden = torch.randn(2, H, dtype=torch.float64)
     roots = torch.tensor([3, 9])
-    got = draft_tree(heads, hidden, roots, tree, topk=rank, overrides=ov)
-    assert got.tolist() == _brute_force(heads, hidden, roots, tree, forced, topk=rank)
+    got = draft_tree(heads, hidden, roots, tree, overrides=ov)
+    assert got.tolist() == _brute_force(heads, hidden, roots, tree, forced)
 
 
 def test_depth_steps_cover_every_node_once():
@@ -142,19 +141,21 @@ def test_proposer_drafts_hydra_trees_with_the_sampled_root(tmp_path):
         p.propose_tree(hidden, [True, True, True])
 
 
-def test_proposer_fills_the_ngram_branch_for_hydra(tmp_path):
+def test_proposer_puts_the_lookup_on_the_top1_chain_for_hydra(tmp_path):
     heads = _random_heads(False)
     save_heads(heads, tmp_path / "hydra")
     base = MedusaTree.load("sparse-8", 4)
-    p = _proposer(tmp_path / "hydra", base, ngram_nodes=2)
-    ngram = np.array([[6, 8], [-1, -1]])
-    hidden = torch.randn(2, H, dtype=torch.float64)
-    out = p.propose_tree(hidden, [True, True], ngram, root_tokens=[1, 2])
-    tree, rank = p.tree, base.topk
-    for b in range(2):
-        forced = {(0, i): int(ngram[b, len(path) - 1]) for i, path in enumerate(tree.paths)
-                  if path and path[-1] == rank and ngram[b, len(path) - 1] >= 0}
-        want = _brute_force(heads, hidden[b:b + 1], torch.tensor([b + 1]), tree, forced,
-                            topk=rank)[0][1:]
+    p = _proposer(tmp_path / "hydra", base, ngram_nodes=2, nodes_by_batch="off")
+    ngram = np.array([[6, 8], [-1, -1], [4, -1]])
+    hidden = torch.randn(3, H, dtype=torch.float64)
+    out = p.propose_tree(hidden, [True, True, True], ngram, root_tokens=[1, 2, 3])
+    tree = p.tree
+    assert tree == with_lookup_chain(base, 2, 4)
+    chain = [tree.paths.index((0,)), tree.paths.index((0, 0))]
+    for b in range(3):
+        forced = {(0, i): int(ngram[b, d]) for d, i in enumerate(chain)
+                  if ngram[b, : d + 1].min() >= 0}
+        want = _brute_force(heads, hidden[b:b + 1], torch.tensor([b + 1]), tree, forced)[0][1:]
         assert out[b] == want
-    assert [out[0][i - 1] for i, path in enumerate(tree.paths) if path and path[-1] == rank] == [6, 8]
+    assert [out[0][i - 1] for i in chain] == [6, 8]
+    assert out[2][chain[0] - 1] == 4

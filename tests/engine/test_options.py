@@ -287,14 +287,19 @@ def test_nodes_by_batch_auto_off_explicit_and_saved(heads_dir):
         MedusaTreeConfig.from_dict({"heads": heads_dir}).load_nodes_by_batch(MedusaTree([[0]]))
 
 
-def test_ngram_branch_options(heads_dir):
+def test_prompt_lookup_options(heads_dir):
     cfg = MedusaTreeConfig.from_dict({"heads": heads_dir, "tree": "chain-2", "ngram_nodes": 3})
     assert (cfg.ngram_nodes, cfg.ngram_min, cfg.ngram_max) == (3, 2, 5)
     assert cfg.load_tree().to_list() == [[0], [0, 0]]  # the heads' nodes
-    assert cfg.engine_tree().to_list() == [[0], [1], [0, 0], [1, 1], [1, 1, 1]]
-    assert cfg.num_speculative_tokens == 5
+    # the top-1 chain down to depth 3, where lookup continuations go
+    assert cfg.engine_tree().to_list() == [[0], [0, 0], [0, 0, 0]]
+    assert cfg.num_speculative_tokens == 3
     res = cfg.resolved()
-    assert res.tree == [[0], [0, 0]] and res.num_speculative_tokens == 5
+    assert res.tree == [[0], [0, 0]] and res.num_speculative_tokens == 3
+    wide = MedusaTreeConfig.from_dict({"heads": heads_dir, "tree": [[0], [1], [1, 0]],
+                                       "ngram_nodes": 2})
+    assert wide.engine_tree().to_list() == [[0], [1], [0, 0], [1, 0]]
+    assert wide.num_speculative_tokens == 4
     assert MedusaTreeConfig.from_dict(res.to_dict()).engine_tree() == cfg.engine_tree()
     off = MedusaTreeConfig.from_dict({"heads": heads_dir, "tree": "chain-2"})
     assert off.engine_tree() == off.load_tree() and off.num_speculative_tokens == 2

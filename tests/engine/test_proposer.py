@@ -160,38 +160,92 @@ def test_engine_gemm_heads_match_torch_heads(reduced):
     assert all(hasattr(m, "cpu_linear") for m in heads.modules() if isinstance(m, torch.nn.Linear))
 
 
-def test_ngram_branch_carries_prompt_lookup_tokens_else_the_heads_top1(setup):
-    """With ``ngram_nodes``, the tree gains a chain at rank ``topk`` of the heads'
-    tree; its nodes hold the prompt-lookup continuation where one was found and,
-    per depth where none was, the heads' top-1 token (brute force)."""
+def _ranked_tokens(ref: MedusaHeads, hidden: torch.Tensor) -> list[list[list[int]]]:
+    """``[B][K][vocab]``: each head's full-vocabulary tokens from best to worst."""
+    with torch.no_grad():
+        ranked = torch.argsort(ref(hidden), dim=-1, descending=True)  # [K, B, draft_vocab]
+    if ref.token_map is not None:
+        ranked = ref.token_map[ranked]
+    return ranked.movedim(0, 1).tolist()
+
+
+def _expected_lookup_drafts(ref, hidden, paths, ngram) -> list[list[int]]:
+    """Brute force of prompt lookup on the top-1 chain: a node whose parent is the root
+    or a top-1 chain node, at a depth the request's continuation reaches (no ``-1``
+    before it), takes rank ``path[-1]`` of [lookup token] + the head's ranking
+    without that token; every other node rank ``path[-1]`` of the head's ranking."""
+    ranked = _ranked_tokens(ref, hidden)
+    out = []
+    for b, row in enumerate(ngram):
+        reach = 0
+        while reach < len(row) and row[reach] >= 0:
+            reach += 1
+        drafts = []
+        for path in sorted(paths, key=lambda q: (len(q), q)):
+            d = len(path) - 1
+            cands = ranked[b][d]
+            if not any(path[:-1]) and d < reach:
+                cands = [int(row[d])] + [t for t in cands if t != row[d]]
+            drafts.append(cands[path[-1]])
+        out.append(drafts)
+    return out
+
+
+def test_prompt_lookup_takes_the_top1_chain_and_shifts_the_heads_beside_it(setup):
+    """With ``ngram_nodes``, the tree gains the top-1 chain to that depth; a request's
+    prompt-lookup continuation fills it down to the depth it reaches and the heads'
+    candidates move one rank down beside it (no token twice among siblings);
+    requests without a continuation draft the heads' tree unchanged (brute force)."""
     ref, heads_dir, lm = setup
-    heads_tree = MedusaTree([[0], [1], [0, 0], [0, 1]])
+    heads_tree = MedusaTree([[0], [1], [0, 0], [0, 1], [1, 0]])
     vcfg = _vllm_config(heads_dir, heads_tree)
     vcfg.additional_config["medusa"]["ngram_nodes"] = 3
     p = MedusaTreeProposer(vcfg)
     p.load_model(lm)
-    r = heads_tree.topk  # 2
-    assert p.ngram_rank == r
-    assert p.tree.to_list() == sorted(heads_tree.to_list() + [[r], [r, r], [r, r, r]],
-                                      key=lambda q: (len(q), q))
+    assert p.tree.to_list() == [[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]]
     torch.manual_seed(3)
-    hidden = torch.randn(4, H)
-    ngram = np.array([[7, 8, 9], [5, -1, -1], [-1, -1, -1], [11, 12, -1]])
-    got = p.propose_tree(hidden, [True, True, False, True], ngram)
-    heads_only = _expected_drafts(ref, hidden, heads_tree.to_list())
-    top1 = _expected_drafts(ref, hidden, [[0], [0, 0], [0, 0, 0]])  # heads' top-1 per depth
-    for b in (0, 1, 3):
-        by_path = dict(zip(map(tuple, p.tree.to_list()), got[b]))
-        assert [by_path[tuple(q)] for q in sorted(heads_tree.to_list(), key=lambda q: (len(q), q))] \
-            == heads_only[b]
-        branch = [by_path[(r,) * d] for d in (1, 2, 3)]
-        assert branch == [int(t) if t >= 0 else top1[b][d] for d, t in enumerate(ngram[b])]
+    hidden = torch.randn(5, H)
+    ranked = _ranked_tokens(ref, hidden)
+    # row 0: a 3-token continuation; row 1: one token, equal to head 0's second best;
+    # row 2: not drafted; row 3: none; row 4: stops after two tokens
+    ngram = np.array([[7, 8, 9], [ranked[1][0][1], -1, 5], [-1, -1, -1], [-1, -1, -1],
+                      [11, 12, -1]])
+    got = p.propose_tree(hidden, [True, True, False, True, True], ngram)
+    want = _expected_lookup_drafts(ref, hidden, p.tree.to_list(), ngram)
+    for b in (0, 1, 3, 4):
+        assert got[b] == want[b]
     assert got[2] == []
-    # no lookup at all: the branch is the heads' top-1 chain
-    plain = p.propose_tree(hidden, [True] * 4, None)
-    for b in range(4):
-        by_path = dict(zip(map(tuple, p.tree.to_list()), plain[b]))
-        assert [by_path[(r,) * d] for d in (1, 2, 3)] == top1[b]
+    by_path = dict(zip(map(tuple, p.tree.to_list()), got[0]))
+    assert [by_path[(0,) * d] for d in (1, 2, 3)] == [7, 8, 9]
+    assert by_path[(1,)] == ranked[0][0][0]  # the heads' best, one rank down
+    one = dict(zip(map(tuple, p.tree.to_list()), got[1]))
+    assert one[(0,)] == ranked[1][0][1] and one[(1,)] == ranked[1][0][0]  # no duplicate
+    assert got[3] == _expected_drafts(ref, hidden, p.tree.to_list())[3]
+    # no lookup at all: a plain Medusa tree
+    assert p.propose_tree(hidden, [True] * 5, None) == _expected_drafts(ref, hidden, p.tree.to_list())
+
+
+def test_requests_with_a_lookup_draft_by_their_own_table(setup):
+    _, heads_dir, lm = setup
+    vcfg = _vllm_config(heads_dir, MedusaTree.chain(1), nodes_by_batch={"1": 1, "3": 1, "4": 0})
+    vcfg.additional_config["medusa"]["ngram_nodes"] = 3
+    p = MedusaTreeProposer(vcfg)
+    p.load_model(lm)
+    assert p.tree.to_list() == [[0], [0, 0], [0, 0, 0]]
+    hidden = torch.randn(4, H)
+    ngram = np.array([[7, 8, 9], [-1, -1, -1], [4, 5, -1], [-1, -1, -1]])
+    # no table of their own: as many nodes as the others, at least their continuation
+    got = p.propose_tree(hidden[:3], [True] * 3, ngram[:3])
+    assert [len(g) for g in got] == [3, 1, 2]
+    # at batch 4 the table says plain decoding: nobody drafts
+    assert [len(g) for g in p.propose_tree(hidden, [True] * 4, ngram)] == [0, 0, 0, 0]
+    # the start-up fit's table for requests with a lookup continuation
+    p.lookup_nodes_by_batch = {1: 3, 4: 2}
+    assert [len(g) for g in p.propose_tree(hidden, [True] * 4, ngram, req_ids=list("abcd"))] \
+        == [2, 0, 2, 0]
+    assert p._looked_up == {"a": True, "b": False, "c": True, "d": False}
+    p.forget("a")
+    assert "a" not in p._looked_up
 
 
 # ------------------------------------------------------------------ policies
@@ -250,16 +304,10 @@ def test_beam_tree_truncated_by_the_batch_uses_a_shallower_beam(setup):
         assert got[b] == [want[b][0][0], want[b][1][0], want[b][0][1]]
 
 
-def test_beam_with_the_ngram_branch(setup):
-    ref, heads_dir, lm = setup
-    p = _policy_proposer(heads_dir, lm, tree="beam:2:2", ngram_nodes=2)
-    # chains 0, 1 (beam) and 2 (prompt lookup) of depth 2, BFS order
-    assert p.tree.to_list() == [[0], [1], [2], [0, 0], [1, 0], [2, 2]]
-    hidden = torch.randn(2, H)
-    got = p.propose_tree(hidden, [True, True], np.array([[7, -1], [-1, -1]]))
-    want = _brute_force_beam(ref, hidden, 2, 2)
-    assert got[0] == [want[0][0][0], want[0][1][0], 7, want[0][0][1], want[0][1][1], want[0][0][1]]
-    assert got[1][2::3] == want[1][0]  # no lookup: the branch repeats the best path
+def test_beam_trees_refuse_prompt_lookup(setup):
+    _, heads_dir, lm = setup
+    with pytest.raises(MedusaConfigError, match="ngram_nodes: prompt lookup does not combine"):
+        _policy_proposer(heads_dir, lm, tree="beam:2:2", ngram_nodes=2)
 
 
 def test_adaptive_drafts_per_request_and_forgets_finished_requests(setup):

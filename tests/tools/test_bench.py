@@ -101,7 +101,8 @@ def test_config_table_builds_every_engine(tmp_path):
     assert len(ng) == 4 and ng[0].speculative_config == {
         "method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 2, "prompt_lookup_max": 3}
     ours = configs.CONFIGS["medusa_tree_ngram"].variants(ctx)[0].speculative_config
-    # tree auto (the default): the start-up fit sizes the branch; an explicit tree: all of it
+    # tree auto (the default): the start-up fit sizes it; an explicit tree: all of it;
+    # lookup as deep as the default 4 tokens, capped at the 3 heads' depth
     assert ours["method"] == "medusa_tree" and ours["ngram_nodes"] == 3 and "nodes_by_batch" not in ours
     fixed = configs.BenchContext(model="m", heads="h", num_heads=3, vllm_heads="hv", tree="sparse-16")
     assert configs.CONFIGS["medusa_tree_ngram"].variants(fixed)[0].speculative_config[

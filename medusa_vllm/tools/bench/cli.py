@@ -143,7 +143,8 @@ def add_bench_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
                     "(default 1..K heads; quick 1)")
     ap.add_argument("--ngram-settings", default=None, help="vLLM ngram sweep K:MAX pairs "
                     "(default 2:3,2:5,4:3,4:5; quick 4:5)")
-    ap.add_argument("--ngram-nodes", type=int, default=3, help="nodes of our tree's prompt-lookup branch")
+    ap.add_argument("--ngram-nodes", type=int, default=4,
+                    help="how deep prompt lookup goes on our tree's top-1 chain (medusa_tree_ngram)")
     ap.add_argument("--cost-curve", default="", help="tree sizes for the verification cost curve, "
                     "e.g. 1,4,16,64 (offline, concurrency 1, greedy)")
     ap.add_argument("--http-sweep", choices=("best", "all"), default="best",

@@ -88,7 +88,7 @@ class BenchContext:
     # vLLM prompt lookup sweep: (num_speculative_tokens, prompt_lookup_max)
     ngram_settings: Sequence[tuple[int, int]] = ((2, 3), (2, 5), (4, 3), (4, 5))
     ngram_min: int = 2
-    ngram_nodes: int = 3  # our tree's prompt-lookup branch
+    ngram_nodes: int = 4  # how deep prompt lookup goes on our tree's top-1 chain (vLLM's k=4)
     cost_sizes: Sequence[int] = ()
     beam_widths: Sequence[int] = (2, 5)  # medusa_tree_beam's sweep
 
@@ -171,12 +171,13 @@ def _ours(ctx: BenchContext) -> list[Variant]:
 
 
 def _ours_ngram(ctx: BenchContext) -> list[Variant]:
-    # tree auto: the start-up fit prices the branch with the heads' nodes and sizes
-    # both per batch size (then refits from what is accepted); an explicit tree
-    # drafts the whole combined tree (a calibrated table was fitted without the branch)
+    # tree auto: the start-up fit sizes requests with and without a lookup continuation
+    # per batch size (then refits both from what is accepted); an explicit tree drafts
+    # the whole tree (a calibrated table was fitted without prompt lookup)
     table = {} if ctx.tree == "auto" else {"nodes_by_batch": "off"}
-    return [Variant(f"ngram_nodes={ctx.ngram_nodes}",
-                    ours(ctx, ngram_nodes=ctx.ngram_nodes, ngram_min=ctx.ngram_min, **table))]
+    depth = min(ctx.ngram_nodes, ctx.num_heads)  # a tree is at most as deep as the heads
+    return [Variant(f"ngram_nodes={depth}",
+                    ours(ctx, ngram_nodes=depth, ngram_min=ctx.ngram_min, **table))]
 
 
 def _ours_adaptive(ctx: BenchContext) -> list[Variant]:
