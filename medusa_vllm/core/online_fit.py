@@ -129,12 +129,14 @@ class OnlineNodeFit:
     def refit(self) -> dict[int, int]:
         """Recompute ``table`` from the current estimates (module doc) and return it."""
         gain = np.concatenate([[1.0], 1.0 + np.cumsum(self.probabilities())])
-        table = {}
+        # entries at batch sizes the curve has no cost for (the start-up fit's "not
+        # timed: no drafts" bound) stay as they are
+        table = {b: n for b, n in self.table.items() if b not in self._costs}
         for b, costs in self._costs.items():
             speed = gain / np.asarray(costs)
             best = int(np.argmax(speed))
             table[b] = best if speed[best] > 1.0 + 1e-9 else 0
-        self.table = table
+        self.table = dict(sorted(table.items()))
         self.refits += 1
         return table
 

@@ -244,6 +244,11 @@ def fit_nodes_by_batch(tree: MedusaTree, per_rank: Accuracies,
 # draft by this pricing; the running engine replaces it with what it observes
 # (:mod:`medusa_vllm.core.online_fit`).
 DEFAULT_LOOKUP_ACCEPTANCE = 0.6
+# The share of steps assumed to carry a lookup continuation when the tree's shape is
+# chosen (its size per batch size and kind of request is fitted and refitted apart).
+# The shape matters: where a tree step costs far more than a chain step (vLLM's causal
+# kernel), a heads' tree with a second depth-1 node makes every continuation a tree.
+LOOKUP_SHARE = 0.5
 
 
 def read_per_rank_accuracy(heads_dir: str | FsPath) -> tuple[list[list[float]], str] | None:
@@ -398,9 +403,11 @@ def fit_engine_tree(per_rank: Accuracies, curves: Any, max_nodes: int, *, num_he
 
     1. At the smallest measured batch size, every greedy tree of 1..``max_nodes -
        ngram_nodes`` heads nodes (:func:`tree_from_accuracies`) and every top-1 chain
-       is priced: E[tokens per step] (:func:`prefix_value`) over :func:`step_cost`;
-       the best one, plus the top-1 chain down to ``ngram_nodes``
-       (:func:`~medusa_vllm.core.tree.with_lookup_chain`), is the engine's tree.
+       is priced: E[tokens per step] (:func:`prefix_value`) over :func:`step_cost`
+       (with ``ngram_nodes``, averaged with its best prefix for a request with a
+       lookup continuation, at :data:`LOOKUP_SHARE`); the best one, plus the top-1
+       chain down to ``ngram_nodes`` (:func:`~medusa_vllm.core.tree.with_lookup_chain`),
+       is the engine's tree.
     2. Per measured batch size, the BFS prefix of that tree with the best ratio, or
        0 (plain decoding) when none beats vanilla: priced with the heads' statistics
        for requests without a lookup continuation (``nodes_by_batch``) and with the
@@ -425,9 +432,17 @@ def fit_engine_tree(per_rank: Accuracies, curves: Any, max_nodes: int, *, num_he
     order = greedy_paths(a, budget)
     candidates = [MedusaTree(order[:n]) for n in range(1, len(order) + 1)]
     candidates += [MedusaTree.chain(d) for d in range(1, min(heads, budget) + 1)]
+
+    def lookup_speed(paths: Sequence[Path]) -> float:  # its best BFS prefix, as drafted
+        return max([1.0] + [prefix_value(a, paths[:n], ngram_nodes, lookup_acceptance)
+                            / step_cost(curves, b1, paths[:n]) for n in range(1, len(paths) + 1)])
+
     best, best_speed = None, -math.inf
     for cand in candidates:
         speed = prefix_value(a, cand.medusa_choices) / step_cost(curves, b1, cand.medusa_choices)
+        if ngram_nodes:  # the tree serves both kinds of request: price it for both
+            both = with_lookup_chain(cand, ngram_nodes, heads).medusa_choices
+            speed = (1 - LOOKUP_SHARE) * speed + LOOKUP_SHARE * lookup_speed(both)
         if speed > best_speed + 1e-12:
             best, best_speed = cand, speed
     assert best is not None

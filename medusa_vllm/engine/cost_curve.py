@@ -263,20 +263,23 @@ def fit_tree_at_startup(runner: MedusaTreeRunnerMixin) -> EngineTreeFit | None:
     rank0 = group is None or group.rank_in_group == 0
     start = time.perf_counter()
     key = curve_key(runner)
+    num_heads = runner.drafter.heads.config.num_heads
+    points = measurement_points(num_heads, cfg.fit_max_nodes, token_budget=TOKEN_BUDGET,
+                                max_num_seqs=runner.scheduler_config.max_num_seqs,
+                                max_num_tokens=runner.max_num_tokens)
+    planned = sorted({p.batch_size for p in points})
     cached = None
     if rank0 and cfg.cost_curve != "remeasure":
         hit = read_cached(key)
-        cached = hit.to_dict() if hit is not None else None
+        # a curve cached by an engine with a smaller max_num_seqs lacks batch sizes this
+        # one runs: measure again (and cache the wider curve)
+        if hit is not None and set(planned) <= set(hit.batch_sizes):
+            cached = hit.to_dict()
     cached = _broadcast(group, cached)
     if cached is not None:
         curves = CostCurves.from_dict(cached)
         origin = f"cached in {cache_path(key)}"
     else:
-        num_heads = runner.drafter.heads.config.num_heads
-        sched = runner.scheduler_config
-        points = measurement_points(num_heads, cfg.fit_max_nodes, token_budget=TOKEN_BUDGET,
-                                    max_num_seqs=sched.max_num_seqs,
-                                    max_num_tokens=runner.max_num_tokens)
         if rank0:
             logger.info("medusa_tree: tree='auto': timing %d engine step shapes on %s for the "
                         "cost curve (at most %.0f s; cached afterwards)", len(points),
@@ -317,6 +320,15 @@ def fit_tree_at_startup(runner: MedusaTreeRunnerMixin) -> EngineTreeFit | None:
         runner.reload_medusa_config()
         return None
     update: dict[str, Any] = {"tree": result["tree"], "fit_max_nodes": None}
+    unmeasured = [b for b in planned if b not in curves.batch_sizes]
+    for table in (result["nodes_by_batch"], result.get("lookup_nodes_by_batch")):
+        if table is not None and unmeasured:
+            # past the largest batch size timed (the time bound cut the curve short), the
+            # fit knows nothing: nothing is drafted from the next planned size on (between
+            # the two, nodes_for_batch keeps the tokens per step of the last measured one)
+            table[unmeasured[0]] = 0
+    if unmeasured:
+        origin += f"; batch size {unmeasured[0]} and up were not timed: no drafts there"
     if cfg.nodes_by_batch == "auto":  # an explicit table (or "off") is the user's: kept
         update["nodes_by_batch"] = {int(b): int(n) for b, n in result["nodes_by_batch"].items()}
     # what was fitted and from what, for probes (`medusa-vllm calibrate` reads it back)

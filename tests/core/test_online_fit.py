@@ -89,3 +89,14 @@ def test_probes_one_level_past_the_table_for_a_few_rows():
 def test_prior_shape_is_checked():
     with pytest.raises(ValueError, match="expected 5 node probabilities"):
         _fit([0.5] * 4)
+
+
+def test_a_batch_size_the_curve_never_timed_keeps_its_no_drafts_bound():
+    # the start-up fit puts 0 at the first batch size it could not time (64 here): a
+    # refit, which only knows costs at 1 and 16, must not drop that bound
+    fit = OnlineNodeFit(paths=TREE.medusa_choices, prior=np.full(5, 0.9),
+                        curves=_curves({1: 0.05, 16: 0.1}), table={1: 5, 16: 5, 64: 0},
+                        refit_every=1)
+    fit.observe([5], np.array([[0, 1, 3, 5]]))
+    assert fit.refits == 1 and fit.table[1] > 0 and fit.table[16] > 0
+    assert fit.table[64] == 0

@@ -175,3 +175,38 @@ def test_reserve_and_the_ngram_branch_budget(stats_heads):
             _config(stats_heads)
         finally:
             del os.environ["MEDUSA_VLLM_COST_CURVE"]
+
+
+def test_a_cached_curve_narrower_than_this_engine_is_measured_again(
+        stats_heads, fake_clock, tmp_path, monkeypatch):
+    # an engine with max_num_seqs=4 times and caches batch sizes 1 and 4 only; one with
+    # max_num_seqs=16 must not extrapolate that curve to batch 16: it measures again
+    monkeypatch.setenv("MEDUSA_VLLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("MEDUSA_VLLM_COST_CURVE", raising=False)
+    narrow = FakeRunner(_config(stats_heads), fake_clock)
+    narrow.scheduler_config.max_num_seqs = 4
+    cc.fit_tree_at_startup(narrow)
+    assert {b for b, _, _ in narrow.calls} == {1, 4}
+    wide = FakeRunner(_config(stats_heads), fake_clock)
+    fit = cc.fit_tree_at_startup(wide)
+    assert {b for b, _, _ in wide.calls} == {1, 4, 16}
+    assert set(fit.nodes_by_batch) == {1, 4, 16}
+    again = FakeRunner(_config(stats_heads), fake_clock)
+    again.scheduler_config.max_num_seqs = 4
+    cc.fit_tree_at_startup(again)
+    assert again.calls == []  # the wider curve covers the narrower engine
+
+
+def test_no_drafts_from_the_first_batch_size_the_time_bound_left_untimed(
+        stats_heads, fake_clock, tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDUSA_VLLM_CACHE", str(tmp_path / "cache"))
+    measure = cc.measure_cost_curves
+    monkeypatch.setattr(cc, "measure_cost_curves",
+                        lambda runner, points, **kw: measure(runner, points, max_seconds=0.15))
+    runner = FakeRunner(_config(stats_heads, ngram_nodes=2), fake_clock)
+    fit = cc.fit_tree_at_startup(runner)
+    assert set(runner.drafter.online_fit.curves.batch_sizes) == {1}  # only batch 1 timed
+    assert fit.nodes_by_batch[4] == 0 and fit.lookup_nodes_by_batch[4] == 0
+    assert runner.medusa_config.nodes_by_batch[4] == 0
+    assert "batch size 4 and up were not timed" in runner.medusa_startup_fit["origin"]
+    assert not list((tmp_path / "cache").rglob("*.json"))  # an incomplete curve is not cached
