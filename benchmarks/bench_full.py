@@ -9,7 +9,7 @@ verification cost curve), each into its own folder under ``--out``.
 Full settings (the bench's defaults): configurations vanilla, vLLM's chain Medusa
 swept over num_speculative_tokens 1..K, vLLM's ngram (4 settings), vLLM's suffix
 (recorded unavailable without arctic_inference), ours (greedy, typical,
-rejection), ours with the n-gram branch and ours with adaptive head selection;
+rejection), ours with prompt lookup in the tree and ours with adaptive head selection;
 concurrency 1, 4, 16, 64; offline and over HTTP (swept configurations over HTTP
 at their best offline setting); 8 prompts (max(8, 2c) requests per level), 128
 tokens, 3 interleaved rounds; the dtype this CPU does best.

@@ -9,7 +9,7 @@ default heads hits 0.21, not 0.47), and then a draft that cannot pay for its
 step is drafted at every batch size. :class:`OnlineNodeFit` replaces the prior
 with what the engine observes:
 
-- per node of the engine's tree (BFS order, prompt-lookup branch included), how
+- per node of the engine's tree (BFS order, the prompt-lookup chain included), how
   many verified steps drafted it and how many of those accepted it (the node is
   on the accepted path). In greedy verification a node is accepted exactly when
   its tokens are the target's, whatever else was drafted, so the hit rate of a

@@ -16,8 +16,8 @@ calibrate`` (:mod:`medusa_vllm.tools.calibrate` measures, this module decides).
   E[tokens per step] / cost(n); :func:`fit_nodes_by_batch` picks, per batch size,
   how many of a tree's BFS-first nodes to draft (0 = plain decoding).
 - In the engine (``tree: "auto"``): :func:`read_per_rank_accuracy` reads the heads'
-  shipped statistics, :func:`fit_engine_tree` fits the tree, the prompt-lookup branch
-  and the size per batch to the curves the engine measured on its own machine
+  shipped statistics, :func:`fit_engine_tree` fits the tree (with the prompt-lookup
+  chain) and the size per batch and kind of request to the curves the engine measured on its own machine
   (:mod:`medusa_vllm.core.cost_curve`), drafting cost included (:func:`step_cost`).
 """
 

@@ -82,8 +82,8 @@ def draft_tree(heads: HydraHeads, hidden: torch.Tensor, root_tokens: torch.Tenso
         root_tokens: ``[B]`` the token the backbone produced from it (the tree's root).
         tree: the tree (BFS order).
         topk: candidates per parent (default: what the tree's ranks need). A node
-            whose rank is ``>= topk`` takes its parent's top-1 candidate (the
-            prompt-lookup branch's fallback) unless ``overrides`` sets it.
+            whose rank is ``>= topk`` takes its parent's top-1 candidate unless
+            ``overrides`` sets it.
         overrides: ``[B, N + 1]`` tokens forced at some nodes (``>= 0``), ``-1``
             elsewhere; children of a forced node read the forced token.
 

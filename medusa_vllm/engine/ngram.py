@@ -1,4 +1,4 @@
-"""Prompt lookup for the tree's n-gram branch: per request, the continuation of the
+"""Prompt lookup for the tree's top-1 chain: per request, the continuation of the
 longest n-gram of its recent tokens found earlier in its own prompt and output.
 
 The matcher is vLLM's own (``vllm.v1.spec_decode.ngram_proposer``, numba, the

@@ -69,7 +69,7 @@ Options (defaults in brackets):
   measure and cache it), ``"remeasure"`` (measure, overwrite the cache) or
   ``"off"`` (no measurement: the fallback tree above, with a warning).
 - ``fit_max_nodes`` [None]: set by :meth:`MedusaTreeConfig.resolved`, not by
-  users: the node budget (n-gram branch included, = vLLM's
+  users: the node budget (the prompt-lookup chain included, = vLLM's
   ``num_speculative_tokens``) of the tree the engine fits at start-up; ``None``
   = no start-up fit (the ``tree`` list is final).
 - ``tree="beam:W"`` / ``"beam:W:K"``: beam drafts (:mod:`medusa_vllm.core.beam`):
@@ -551,7 +551,7 @@ class MedusaTreeConfig(BaseModel):
 
     def _startup_fit_budget(self, fallback: MedusaTree, cap: int | None) -> int | None:
         """With ``tree="auto"``: the node budget of the tree the engine fits at start-up
-        (heads nodes + n-gram branch), or ``None`` with a warning that the fallback
+        (heads nodes + the prompt-lookup chain), or ``None`` with a warning that the fallback
         tree ``fallback`` was fitted elsewhere (fit off, or no statistics)."""
         if self.tree != "auto" or self.fit_max_nodes is not None:
             return self.fit_max_nodes

@@ -1,4 +1,4 @@
-"""Prompt lookup for the tree's n-gram branch (vLLM's own matcher, batched)."""
+"""Prompt lookup for the tree's top-1 chain (vLLM's own matcher, batched)."""
 
 from __future__ import annotations
 

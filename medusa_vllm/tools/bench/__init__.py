@@ -2,7 +2,7 @@
 
 Vanilla vLLM, vLLM's own speculators (chain Medusa with our heads swept over
 ``num_speculative_tokens``, prompt lookup, suffix decoding) and ours (greedy,
-typical, rejection sampling, with the n-gram branch), on the same backbone,
+typical, rejection sampling, with prompt lookup in the tree), on the same backbone,
 heads and prompts, at several concurrency levels, offline and through the
 OpenAI server, repeated in interleaved rounds with the spread reported.
 

@@ -212,7 +212,7 @@ CONFIGS: dict[str, BenchConfig] = {c.name: c for c in [
                 "ours: Medusa tree; greedy at temperature 0, typical and rejection sampling "
                 "per request (extra_args medusa_acceptance)"),
     BenchConfig("medusa_tree_ngram", "ours", ("greedy",), _ours_ngram,
-                "ours with the prompt-lookup branch in the tree"),
+                "ours with prompt lookup on the tree's top-1 chain"),
     BenchConfig("medusa_tree_adaptive", "ours", ("greedy",), _ours_adaptive,
                 "ours with adaptive head selection (per-request drafting depth)"),
     BenchConfig("medusa_tree_beam", "ours", ("greedy",), _ours_beam,

@@ -78,7 +78,7 @@ def add_bench_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--ignore-eos", action="store_true")
     ap.add_argument("--configs", default="vanilla,medusa,medusa_tree",
                     help="comma-separated: vanilla, medusa (vLLM's chain), medusa_tree, "
-                         "medusa_tree_ngram (ours + prompt-lookup branch), ngram (vLLM's)")
+                         "medusa_tree_ngram (ours + prompt lookup in the tree), ngram (vLLM's)")
     ap.add_argument("--ngram-nodes", type=int, default=3,
                     help="prompt-lookup tokens: our branch's nodes and vLLM's ngram k")
     ap.add_argument("--cost-curve", default="", help="tree sizes for the verification-cost curve, e.g. 1,4,16,32,64")
@@ -121,7 +121,7 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
                 sc = {"method": "medusa", "model": str(vllm_heads), "num_speculative_tokens": num_heads}
             elif name == "medusa_tree":
                 sc = {"method": "medusa_tree", "model": args.heads, "tree": args.tree}
-            elif name == "medusa_tree_ngram":  # ours with the prompt-lookup branch in the tree
+            elif name == "medusa_tree_ngram":  # ours with prompt lookup in the tree
                 # the whole tree: a calibrated nodes_by_batch table was fitted without the
                 # branch and would cut the combined tree to its first BFS nodes
                 sc = {"method": "medusa_tree", "model": args.heads, "tree": args.tree,
