@@ -39,6 +39,7 @@ def probe_trees(llm, args):
         return {"tree": runner.drafter.tree.to_list(),
                 "runner_tree": runner.medusa_tree.to_list(),
                 "nodes_by_batch": {str(b): n for b, n in (runner.drafter.nodes_by_batch or {}).items()},
+                "lookup_nodes_by_batch": runner.drafter.lookup_nodes_by_batch,
                 "num_spec_tokens": runner.num_spec_tokens}
     return llm.collective_rpc(read)
 
@@ -110,3 +111,29 @@ def test_tensor_parallel_ranks_adopt_the_same_tree(setup):
     assert len(lines) == 1 and "TP=2" in lines[0] and "measured now" in lines[0], lines
     assert len(ours.probe) == 2
     assert ours.probe[0] == ours.probe[1], ours.probe
+
+
+def test_prompt_lookup_with_the_fitted_tree_is_exact(setup):
+    """tree auto + prompt lookup on text that repeats itself: the fit gives requests with
+    a lookup continuation their own table, and greedy output stays vanilla's."""
+    import random
+
+    root, model, heads, cache, _, _, _ = setup
+    rng = random.Random(7)
+    prompts = []
+    for _ in range(8):
+        segment = [rng.randrange(3, 512) for _ in range(rng.randint(4, 8))]
+        prompts.append(segment * 3 + segment[: rng.randint(1, 3)])
+    sampling = {"temperature": 0.0, "max_tokens": 32, "ignore_eos": True}
+    vanilla = run_engine(EngineJob(llm=_llm(model), prompts=prompts, sampling=sampling))
+    spec = {"method": "medusa_tree", "model": str(heads), "tree": "auto", "ngram_nodes": 3}
+    ours = run_engine(EngineJob(llm=_llm(model, spec), prompts=prompts, sampling=sampling,
+                                probe=f"{__name__}:probe_trees"),
+                      env={"MEDUSA_VLLM_CACHE": str(cache), "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"},
+                      log=root / "lookup.log")
+    _compare(vanilla, ours)
+    (rank0,) = ours.probe
+    assert rank0["lookup_nodes_by_batch"] is not None
+    assert [0, 0, 0] in rank0["tree"]  # the top-1 chain down to the lookup depth
+    print("prompt lookup, tree auto:", ours.metrics, rank0)
+    assert ours.metrics["num_drafts"] > 0
