@@ -212,7 +212,8 @@ def measurement_points(
 ) -> list[MeasurementPoint]:
     """The points a start-up measurement times, batch size by batch size.
 
-    Per batch size ``b`` (at most ``max_num_seqs``): vanilla, top-1 chains of depth
+    Per batch size ``b`` (at most ``max_num_seqs``, and ``max_num_seqs`` itself when it
+    lies below the largest of ``batch_sizes``): vanilla, top-1 chains of depth
     1..``num_heads`` and trees of each of ``tree_sizes`` (at most ``max_nodes``)
     whose forward pass has at most ``token_budget`` query tokens (and at most
     ``max_num_tokens``, the engine's per-step limit; a point that needs more is
@@ -225,7 +226,10 @@ def measurement_points(
                          f"found {num_heads} and {max_nodes}")
     cap = token_budget if max_num_tokens is None else min(token_budget, max_num_tokens)
     points: list[MeasurementPoint] = []
-    for b in sorted({int(x) for x in batch_sizes}):
+    sizes = {int(x) for x in batch_sizes}
+    if max_num_seqs is not None and 1 <= max_num_seqs < max(sizes):
+        sizes.add(int(max_num_seqs))  # the engine's largest batch is timed, not extrapolated
+    for b in sorted(sizes):
         if b < 1 or (max_num_seqs is not None and b > max_num_seqs):
             continue
         if max_num_tokens is not None and b > max_num_tokens:

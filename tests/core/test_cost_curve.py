@@ -59,6 +59,8 @@ def test_measurement_points_respect_the_token_budget_and_the_engine_limits():
     assert all(p.tokens <= 256 for p in pts)
     assert {p.size for p in pts if p.kind == "draft" and p.batch_size == 1} == {1, 2, 3, 4}
     small = measurement_points(4, 8, max_num_seqs=8, max_num_tokens=64)
-    assert {p.batch_size for p in small} == {1, 4}
+    # the engine's own largest batch (8) is timed too, not extrapolated from 4
+    assert {p.batch_size for p in small} == {1, 4, 8}
+    assert {p.batch_size for p in measurement_points(4, 8, max_num_seqs=64)} == {1, 4, 16, 64}
     assert max(p.size for p in small if p.kind == "tree") == 8
     assert all(p.tokens <= 64 for p in small)

@@ -89,7 +89,7 @@ def test_first_start_measures_and_caches_second_start_reads_the_cache(setup):
     (rank0,) = ours.probe
     # the engine drafts and verifies what the fit picks from the curve it cached
     curves = CostCurves.from_dict(json.loads(files[0].read_text())["curves"])
-    assert curves.batch_sizes == [1, 4], curves  # max_num_seqs=8 in these engines
+    assert curves.batch_sizes == [1, 4, 8], curves  # max_num_seqs=8 in these engines
     fit = fit_engine_tree(PER_RANK, curves, DEFAULT_FIT_MAX_NODES, num_heads=3)
     assert rank0["tree"] == rank0["runner_tree"] == fit.tree.to_list()
     assert rank0["nodes_by_batch"] == {str(b): n for b, n in fit.nodes_by_batch.items()}
