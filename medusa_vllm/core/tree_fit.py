@@ -17,8 +17,9 @@ calibrate`` (:mod:`medusa_vllm.tools.calibrate` measures, this module decides).
   how many of a tree's BFS-first nodes to draft (0 = plain decoding).
 - In the engine (``tree: "auto"``): :func:`read_per_rank_accuracy` reads the heads'
   shipped statistics, :func:`fit_engine_tree` fits the tree (with the prompt-lookup
-  chain) and the size per batch and kind of request to the curves the engine measured on its own machine
-  (:mod:`medusa_vllm.core.cost_curve`), drafting cost included (:func:`step_cost`).
+  chain) and the size per batch and kind of request to the curves the engine
+  measured on its own machine (:mod:`medusa_vllm.core.cost_curve`), drafting cost
+  included (:func:`step_cost`).
 """
 
 from __future__ import annotations
@@ -245,9 +246,8 @@ def fit_nodes_by_batch(tree: MedusaTree, per_rank: Accuracies,
 # (:mod:`medusa_vllm.core.online_fit`).
 DEFAULT_LOOKUP_ACCEPTANCE = 0.6
 # The share of steps assumed to carry a lookup continuation when the tree's shape is
-# chosen (its size per batch size and kind of request is fitted and refitted apart).
-# The shape matters: where a tree step costs far more than a chain step (vLLM's causal
-# kernel), a heads' tree with a second depth-1 node makes every continuation a tree.
+# chosen: one shape serves both kinds of request, so it is priced for both (how many
+# of its nodes each kind drafts per batch size is fitted and refitted apart).
 LOOKUP_SHARE = 0.5
 
 

@@ -12,8 +12,7 @@ for a tree ``D`` deep (the top-1 chain of 2: 2 rows; the 64-node tree: a few doz
 :func:`draft_tree` is the pure function (any tree, any batch); :func:`hydra_nodes`
 is what :class:`medusa_vllm.engine.proposer.MedusaTreeProposer` calls; a prompt-lookup
 continuation (``ngram_nodes``) overrides the top-1 chain, whose children are then
-drafted from it. Pure
-torch: nothing here imports vLLM.
+drafted from it. Pure torch: nothing here imports vLLM.
 """
 
 from __future__ import annotations
