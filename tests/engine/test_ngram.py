@@ -39,3 +39,16 @@ def test_buffers_grow_with_the_batch():
     lookup = NgramLookup(min_n=1, max_n=2, k=1, max_model_len=64, max_num_seqs=1)
     buf, n = _buffer([[3, 4, 3], [8, 9, 8], [1, 2]])
     assert lookup.drafts(buf, n, [0, 1, 2]).tolist() == [[4], [9], [-1]]
+
+
+def test_the_matcher_runs_on_one_numba_thread_and_restores_the_count(monkeypatch):
+    import numba
+
+    lookup = NgramLookup(min_n=2, max_n=3, k=2, max_model_len=64, max_num_seqs=2)
+    calls = []
+    real = numba.set_num_threads
+    monkeypatch.setattr(numba, "set_num_threads", lambda n: (calls.append(n), real(n)))
+    before = numba.get_num_threads()
+    buf, n = _buffer([[1, 2, 3, 1, 2]])
+    assert lookup.drafts(buf, n, [0]).tolist() == [[3, 1]]
+    assert calls == [1, before] and numba.get_num_threads() == before
