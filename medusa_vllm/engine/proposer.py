@@ -322,9 +322,11 @@ class MedusaTreeProposer:
             before = part.table
             part.observe(np.where(mine, nd, 0), acc)
             if part.table != before:
-                which = "with a lookup continuation" if part is self.lookup_fit else "plain"
-                logger.info("medusa_tree: nodes_by_batch (%s requests) refitted from the "
-                            "acceptance this engine observed: %s", which, part.describe())
+                which = ("requests with a lookup continuation" if part is self.lookup_fit
+                         else "requests without one" if self.lookup_fit is not None
+                         else "all requests")
+                logger.info("medusa_tree: nodes_by_batch (%s) refitted from the acceptance "
+                            "this engine observed: %s", which, part.describe())
 
     def forget(self, req_id: str) -> None:
         """``req_id`` left the engine: drop its per-request state."""
