@@ -262,17 +262,14 @@ class MedusaTreeProposer:
         nodes under the top-1 chain down to depth ``d`` taken from the merged
         candidates (:func:`~medusa_vllm.core.tree.lookup_candidates`): the chain holds
         the lookup continuation, its siblings the heads' candidates one rank down."""
-        device = topk.device
         lookup = self._lookup_rows(tree, rows, reach, ngram_drafts)
         assert lookup is not None
-        lookup = lookup.to(device)
-        depth_reach = torch.from_numpy(reach[rows]).to(device)
-        merged = tree.node_tokens(lookup_candidates(topk, lookup),
+        # past a row's reach its lookup is -1 and the merged candidates are the heads'
+        # own, so only the nodes under the chain need choosing
+        merged = tree.node_tokens(lookup_candidates(topk, lookup.to(topk.device)),
                                   torch.zeros(len(rows), dtype=torch.long))[:, 1:]
-        n = tree.num_nodes
-        depth = (tree.position_offsets[1:] - 1).to(device)  # 0-based depth of each node
-        use = self._under_chain[:n].to(device)[None, :] & (depth[None, :] < depth_reach[:, None])
-        return torch.where(use, merged, nodes)
+        under = self._under_chain[: tree.num_nodes].to(topk.device)
+        return torch.where(under[None, :], merged, nodes)
 
     def _beam_nodes(self, h: torch.Tensor, tree: MedusaTree) -> torch.Tensor:
         """``[b, n]`` node tokens of the beam tree's BFS prefix ``tree``: chain ``w`` =
