@@ -44,9 +44,11 @@ from medusa_vllm.core.cost_curve import (
     read_cached,
     write_cached,
 )
+from medusa_vllm.core.hydra import HydraHeads
 from medusa_vllm.core.online_fit import OnlineNodeFit
 from medusa_vllm.core.tree import MedusaTree
 from medusa_vllm.core.tree_fit import EngineTreeFit, fit_engine_tree, read_per_rank_accuracy
+from medusa_vllm.engine.hydra_draft import draft_tree
 from medusa_vllm.engine.options import ADDITIONAL_CONFIG_KEY, MedusaConfigError, MedusaTreeConfig
 from medusa_vllm.engine.tree_plan import TreeBatch
 
@@ -168,12 +170,18 @@ class _StepTimer:
 
     def draft(self, b: int, depth: int) -> float:
         """Seconds of the heads drafting ``depth`` levels for ``b`` requests."""
-        topk = getattr(self.heads, "topk", None)
-        if topk is None:  # heads whose drafting is not per-head top-k (Hydra): not priced
-            return 0.0
         h = self.hidden[:b] if b <= self.hidden.shape[0] else self.hidden[:1].expand(b, -1)
+        if isinstance(self.heads, HydraHeads):
+            # Hydra drafts depth by depth, one head call per parent: timed on the top-1
+            # chain (one parent row per request and depth), as a chain of ``depth``
+            # prices it; wider trees add parent rows to the same ``depth`` calls
+            chain = MedusaTree.chain(depth)
+            roots = torch.zeros(h.shape[0], dtype=torch.long, device=h.device)
+            start = time.perf_counter()
+            draft_tree(self.heads, h, roots, chain)
+            return time.perf_counter() - start
         start = time.perf_counter()
-        topk(h, 1, depth)
+        self.heads.topk(h, 1, depth)
         return time.perf_counter() - start
 
 

@@ -210,3 +210,22 @@ def test_no_drafts_from_the_first_batch_size_the_time_bound_left_untimed(
     assert runner.medusa_config.nodes_by_batch[4] == 0
     assert "batch size 4 and up were not timed" in runner.medusa_startup_fit["origin"]
     assert not list((tmp_path / "cache").rglob("*.json"))  # an incomplete curve is not cached
+
+
+def test_hydra_heads_are_timed_drafting_a_chain_through_draft_tree(stats_heads, monkeypatch):
+    from medusa_vllm.core.hydra import HydraHeads, HydraHeadsConfig
+    from medusa_vllm.engine.hydra_draft import draft_tree
+
+    runner = FakeRunner(_config(stats_heads), [0.0])
+    runner.drafter.heads = HydraHeads(HydraHeadsConfig(hidden_size=16, vocab_size=32,
+                                                       num_heads=3)).eval()
+    calls = []
+
+    def recording(heads, hidden, roots, tree, **kw):
+        calls.append((hidden.shape[0], [tuple(p) for p in tree.paths], roots.tolist()))
+        return draft_tree(heads, hidden, roots, tree, **kw)  # runs for real
+
+    monkeypatch.setattr(cc, "draft_tree", recording)
+    timer = cc._StepTimer(runner, context=100)
+    assert timer.draft(4, 3) > 0.0
+    assert calls == [(4, [(), (0,), (0, 0), (0, 0, 0)], [0, 0, 0, 0])]
