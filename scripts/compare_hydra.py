@@ -2,14 +2,21 @@
 held-out rows: per-head top-1/top-5 and greedy decoding replayed from the heads'
 teacher-forced target ranks (:func:`medusa_vllm.core.tree_stats.simulate_acceptance`).
 
-    .venv/bin/python scripts/compare_hydra.py --model MODEL --data DISTILL.jsonl \
-        --work runs/hydra_cmp [--heldout 100] [--epochs 4] [--reference HEADS]
+    .venv/bin/python scripts/compare_hydra.py --model MODEL --work runs/hydra_cmp \
+        --data medusa_vllm/assets/distill/everyday-train-*.jsonl.xz \
+               medusa_vllm/assets/distill/corpus-train-00*.jsonl.xz \
+        --heldout-set everyday=medusa_vllm/assets/distill/everyday-heldout-*.jsonl.xz \
+        --heldout-set corpus=medusa_vllm/assets/distill/corpus-heldout-*.jsonl.xz \
+        --variants medusa,hydra,medusa-ft --reference medusa_vllm/assets/default_heads
 
-``--data`` is one JSONL of generated answers (``medusa-vllm distill``); its last
-``--heldout`` rows are held out (or pass ``--heldout-file``). Both runs share one hidden-state cache (Medusa-1,
-frozen backbone). ``--reference`` heads (e.g. the shipped ones, trained on other,
-larger data) are scored on the same held-out rows for context. Writes
-``WORK/compare.json`` and prints a table.
+``--data`` are the training files (JSON lines, optionally compressed: the committed
+store's files as they are). Held-out rows come from ``--heldout-set NAME=FILE[,FILE..]``
+(repeatable, each set scored on its own), or else the last ``--heldout`` rows of a single
+``--data`` file. Every variant shares one hidden-state cache (Medusa-1, frozen
+backbone) and the same steps per epoch: ``medusa`` and ``hydra`` from scratch,
+``medusa-ft`` continues ``--reference`` (the shipped heads, trained on other, larger
+data) for ``--ft-epochs`` at ``--ft-lr``. ``--reference`` heads are also scored on the
+same held-out rows. Writes ``WORK/compare.json`` and prints a table.
 
 ``--tiny`` runs the same A/B on the tiny random Llama of the tests instead (seconds of
 CPU per run, not minutes of backbone passes): both head types distilled by
@@ -38,11 +45,11 @@ def split(data: Path, work: Path, heldout: int) -> tuple[Path, Path]:
     return train, held
 
 
-def train_one(args, head_type: str, train: Path, held: Path, steps: int) -> Path:
+def train_one(args, variant: str, train: list[Path], steps: int) -> Path:
     from medusa_vllm.training import TrainConfig
     from medusa_vllm.training.trainer import train as run
 
-    out = args.work / head_type
+    out = args.work / variant
     if (out / "heads" / "config.json").is_file() and not args.retrain:
         return out / "heads"
     out.mkdir(parents=True, exist_ok=True)
@@ -50,20 +57,26 @@ def train_one(args, head_type: str, train: Path, held: Path, steps: int) -> Path
     shared.mkdir(exist_ok=True)
     if not (out / "cache").exists():
         os.symlink(shared.resolve(), out / "cache")
+    fine_tune = variant == "medusa-ft"
+    if fine_tune and args.reference is None:
+        raise SystemExit("variant medusa-ft continues the --reference heads: pass --reference")
     cfg = TrainConfig(
-        model=str(args.model), output=str(out), data=[str(train)],
-        head_type=head_type, num_heads=4, num_layers=args.num_layers, draft_vocab_size=4096,
-        seq_len=args.seq_len, batch_size=8, max_steps=steps, lr=args.lr, cache_hidden="disk",
+        model=str(args.model), output=str(out), data=[str(p) for p in train],
+        head_type="hydra" if variant == "hydra" else "medusa", num_heads=4,
+        num_layers=args.num_layers, draft_vocab_size=4096,
+        heads_init=str(args.reference) if fine_tune else None,
+        seq_len=args.seq_len, batch_size=8, max_steps=steps,
+        lr=args.ft_lr if fine_tune else args.lr, cache_hidden="disk",
         save_steps=0, log_steps=10, overwrite=True, eval_fraction=0.0, seed=0,
     )
     t0 = time.time()
     run(cfg)
-    print(f"{head_type}: trained {steps} steps in {time.time() - t0:.0f} s", flush=True)
+    print(f"{variant}: trained {steps} steps in {time.time() - t0:.0f} s", flush=True)
     return out / "heads"
 
 
-def heldout_batches(args, held: Path):
-    """The held-out rows' batches and backbone hidden states, computed once for every
+def heldout_batches(args, sets: dict[str, list[Path]]) -> dict[str, list]:
+    """Each held-out set's batches and backbone hidden states, computed once for every
     heads set scored."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -73,14 +86,19 @@ def heldout_batches(args, held: Path):
 
     tok = AutoTokenizer.from_pretrained(str(args.model))
     lm = AutoModelForCausalLM.from_pretrained(str(args.model), dtype=torch.float32).eval()
-    enc = encode_file(str(held), tok, seq_len=args.seq_len, num_heads=4,
-                      vocab_size=lm.config.vocab_size)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    out = []
+    out: dict[str, list] = {}
     with torch.inference_mode():
-        for i in range(0, len(enc), 8):
-            b = collate(enc, range(i, min(len(enc), i + 8)), pad)
-            out.append((b, backbone_hidden(lm, b.input_ids, b.attention_mask)))
+        for name, files in sets.items():
+            out[name] = []
+            for f in files:
+                enc = encode_file(str(f), tok, seq_len=args.seq_len, num_heads=4,
+                                  vocab_size=lm.config.vocab_size)
+                for i in range(0, len(enc), 8):
+                    b = collate(enc, range(i, min(len(enc), i + 8)), pad)
+                    out[name].append((b, backbone_hidden(lm, b.input_ids, b.attention_mask)))
+            print(f"held-out {name}: {sum(int(b.input_ids.numel()) for b, _ in out[name])} "
+                  f"padded tokens in {len(out[name])} batches", flush=True)
     return out
 
 
@@ -154,7 +172,7 @@ def tiny_ab(args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", type=Path, default=None)
-    p.add_argument("--data", type=Path, default=None)
+    p.add_argument("--data", type=Path, nargs="+", default=None, help="training files")
     p.add_argument("--tiny", action="store_true", help="the A/B on the tests' tiny random Llama")
     p.add_argument("--tiny-steps", type=int, default=400)
     p.add_argument("--tiny-sequences", type=int, default=512)
@@ -162,12 +180,18 @@ def main() -> None:
     p.add_argument("--heldout", type=int, default=100)
     p.add_argument("--heldout-file", type=Path, default=None,
                    help="held-out rows in their own file (then --data is all training rows)")
+    p.add_argument("--heldout-set", action="append", default=[],
+                   help="NAME=FILE[,FILE...]: a held-out set scored on its own (repeatable)")
+    p.add_argument("--variants", default="medusa,hydra",
+                   help="comma-separated: medusa, hydra (from scratch), medusa-ft "
+                        "(continues --reference)")
+    p.add_argument("--ft-epochs", type=float, default=2.0)
+    p.add_argument("--ft-lr", type=float, default=3e-4)
     p.add_argument("--epochs", type=float, default=4.0)
     p.add_argument("--num-layers", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=768)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--reference", type=Path, default=None)
-    p.add_argument("--only", choices=("medusa", "hydra"), default=None)
     p.add_argument("--retrain", action="store_true")
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -178,34 +202,64 @@ def main() -> None:
     else:
         results = real_ab(args)
     (args.work / "compare.json").write_text(json.dumps(results, indent=1) + "\n")
-    print(f"{'heads':<10} {'top-1 per head':<30} {'top-5 per head':<30} replayed " + " ".join(
-        results[next(k for k in ("medusa", "hydra") if k in results)]["replayed"]))
-    for name in ("medusa", "hydra", "reference"):
-        if name in results:
-            r = results[name]
-            print(f"{name:<10} {' '.join(f'{x:.3f}' for x in r['top1']):<30} "
-                  f"{' '.join(f'{x:.3f}' for x in r['top5']):<30} "
-                  + " ".join(f"{v:.3f}" for v in r["replayed"].values()))
+    print_table(results)
+
+
+def print_table(results: dict) -> None:
+    names = [k for k in results if isinstance(results[k], dict) and k not in
+             ("steps", "heldout_files")]
+    for name in names:
+        r = results[name]
+        per_set = r if "top1" not in r else {"heldout": r}
+        for set_name, x in per_set.items():
+            print(f"{name:<10} {set_name:<9} top-1 {' '.join(f'{v:.3f}' for v in x['top1'])}"
+                  f"  top-5 {' '.join(f'{v:.3f}' for v in x['top5'])}  replayed "
+                  + " ".join(f"{k} {v:.3f}" for k, v in x["replayed"].items()))
+
+
+def count_rows(path: Path) -> int:
+    from medusa_vllm.training.data import read_file
+
+    return len(read_file(path))
 
 
 def real_ab(args) -> dict:
-    if args.heldout_file:
-        train, held = args.data, args.heldout_file
-        args.heldout = sum(1 for x in held.read_text().splitlines() if x.strip())
+    if args.heldout_set:
+        train = args.data
+        sets = {}
+        for spec in args.heldout_set:
+            name, _, files = spec.partition("=")
+            if not name or not files:
+                raise SystemExit(f"--heldout-set {spec!r}: expected NAME=FILE[,FILE...]")
+            sets[name] = [Path(f) for f in files.split(",")]
+    elif args.heldout_file:
+        train, sets = args.data, {"heldout": [args.heldout_file]}
     else:
-        train, held = split(args.data, args.work, args.heldout)
-    n_train = sum(1 for x in train.read_text().splitlines() if x.strip())
-    steps = max(1, round(args.epochs * n_train / 8))
-    results = {"train_rows": n_train, "heldout_rows": args.heldout, "steps": steps,
-               "epochs": args.epochs}
-    trained = {t: train_one(args, t, train, held, steps) for t in ("medusa", "hydra")
-               if not args.only or t == args.only}
-    batches = heldout_batches(args, held)
-    for head_type, heads_dir in trained.items():
-        results[head_type] = score(heads_dir, batches)
-        print(json.dumps(results[head_type]), flush=True)
+        if len(args.data) != 1:
+            raise SystemExit("with several --data files, name the held-out rows: --heldout-set")
+        t, h = split(args.data[0], args.work, args.heldout)
+        train, sets = [t], {"heldout": [h]}
+    held_files = {p.resolve() for files in sets.values() for p in files}
+    overlap = [str(p) for p in train if p.resolve() in held_files]
+    if overlap:
+        raise SystemExit(f"files both trained on and held out: {overlap}")
+    n_train = sum(count_rows(p) for p in train)
+    steps_per_epoch = n_train / 8
+    variants = args.variants.split(",")
+    steps = {v: max(1, round((args.ft_epochs if v == "medusa-ft" else args.epochs)
+                             * steps_per_epoch)) for v in variants}
+    results = {"train_rows": n_train, "train_files": [str(p) for p in train],
+               "heldout_files": {k: [str(p) for p in v] for k, v in sets.items()},
+               "steps": steps, "epochs": args.epochs, "ft_epochs": args.ft_epochs,
+               "lr": args.lr, "ft_lr": args.ft_lr}
+    trained = {v: train_one(args, v, train, steps[v]) for v in variants}
+    batches = heldout_batches(args, sets)
+    named = dict(trained)
     if args.reference:
-        results["reference"] = score(args.reference, batches)
+        named["reference"] = args.reference
+    for name, heads_dir in named.items():
+        results[name] = {k: score(heads_dir, b) for k, b in batches.items()}
+        print(name, json.dumps(results[name]), flush=True)
     return results
 
 
