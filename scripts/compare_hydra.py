@@ -119,7 +119,10 @@ def score(heads_dir: Path, batches) -> dict:
     cum = acc.cumulative
     out = {"heads": str(heads_dir), "positions": acc.totals.tolist(),
            "top1": [round(float(c[0]), 4) for c in cum],
-           "top5": [round(float(c[4]), 4) for c in cum], "replayed": {}}
+           "top5": [round(float(c[4]), 4) for c in cum],
+           "per_rank_accuracy": [[float(x) for x in r[:10]] for r in acc.per_rank.tolist()],
+           "topk_cumulative": [[float(x) for x in c[:10]] for c in cum.tolist()],
+           "replayed": {}}
     for spec in TREES:
         tree = MedusaTree.load(spec, heads.config.num_heads)
         out["replayed"][spec] = round(simulate_acceptance(tree, acc.ranks).mean_accepted_length, 4)
@@ -186,6 +189,8 @@ def main() -> None:
                    help="comma-separated: medusa, hydra (from scratch), medusa-ft "
                         "(continues --reference)")
     p.add_argument("--ft-epochs", type=float, default=2.0)
+    p.add_argument("--bf16", action="store_true",
+                   help="also score each variant saved in bfloat16 (as heads ship)")
     p.add_argument("--ft-lr", type=float, default=3e-4)
     p.add_argument("--epochs", type=float, default=4.0)
     p.add_argument("--num-layers", type=int, default=2)
@@ -257,10 +262,25 @@ def real_ab(args) -> dict:
     named = dict(trained)
     if args.reference:
         named["reference"] = args.reference
+    if args.bf16:
+        for v in variants:
+            named[f"{v}-bf16"] = export_bf16(trained[v])
     for name, heads_dir in named.items():
         results[name] = {k: score(heads_dir, b) for k, b in batches.items()}
         print(name, json.dumps(results[name]), flush=True)
     return results
+
+
+def export_bf16(heads_dir: Path) -> Path:
+    """The heads as they would ship: saved in bfloat16 beside the float32 ones."""
+    import torch
+
+    from medusa_vllm.checkpoints import load_heads, save_heads
+
+    out = heads_dir.parent / "heads-bf16"
+    save_heads(load_heads(heads_dir, dtype=torch.float32), out, dtype=torch.bfloat16,
+               overwrite=True)
+    return out
 
 
 if __name__ == "__main__":
