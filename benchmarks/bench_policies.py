@@ -63,7 +63,7 @@ def main() -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     info = default_model_info()
-    heads = info["heads"]
+    heads = info["medusa_heads"]  # beam paths and the recorded policy figures: Medusa heads
     if args.what == "beam":
         prompts = bench_prompts(args.num_prompts, seed=1234)
         configs = [("static " + name, {"tree": tree}) for name, tree in STATIC[:1]] + [

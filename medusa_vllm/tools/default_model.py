@@ -95,8 +95,16 @@ def model_cache_dir() -> Path:
 
 
 def default_heads_dir() -> Path:
-    """Folder of the Medusa heads shipped for the default model (may not exist yet)."""
+    """Folder of the draft heads shipped for the default model: the fastest set
+    measured on it (Hydra heads since session 14, ``docs/default-heads.md``)."""
     return Path(__file__).resolve().parents[1] / "assets" / "default_heads"
+
+
+def default_medusa_heads_dir() -> Path:
+    """Folder of the plain Medusa heads shipped for the default model: what needs heads
+    whose depths are independent (vLLM's built-in ``method: "medusa"`` baseline, beam
+    trees) when the default heads are Hydra heads."""
+    return Path(__file__).resolve().parents[1] / "assets" / "default_medusa_heads"
 
 
 def gguf_installed() -> bool:
@@ -322,8 +330,10 @@ def default_model_dir(build: bool = True) -> Path:
 
 
 def default_model_info(build: bool = True) -> dict[str, str]:
-    """``{"model": DIR, "heads": DIR}`` for the embedded default model."""
-    return {"model": str(default_model_dir(build=build)), "heads": str(default_heads_dir())}
+    """``{"model": DIR, "heads": DIR, "medusa_heads": DIR}`` for the embedded default
+    model: its default heads and its plain Medusa heads."""
+    return {"model": str(default_model_dir(build=build)), "heads": str(default_heads_dir()),
+            "medusa_heads": str(default_medusa_heads_dir())}
 
 
 def runtime_dtype(override: str | None = None) -> tuple[str, str]:

@@ -134,15 +134,17 @@ def test_read_per_rank_accuracy_sources(tmp_path):
         read_per_rank_accuracy(tmp_path)
 
 
-def test_shipped_curves_reproduce_the_shipped_pick():
+@pytest.mark.parametrize("which", ["default", "medusa"])
+def test_shipped_curves_reproduce_the_shipped_pick(which):
     """The shipped tree was fitted elsewhere from its own curves; fed those same curves,
     the engine's fit picks it again (same model, same decision)."""
-    from medusa_vllm.tools.default_model import default_heads_dir
+    from medusa_vllm.tools.default_model import default_heads_dir, default_medusa_heads_dir
 
-    heads = default_heads_dir()
+    heads = default_heads_dir() if which == "default" else default_medusa_heads_dir()
     saved = json.loads((heads / "medusa_tree.json").read_text())
     per_rank, _ = read_per_rank_accuracy(heads)
-    curves = CostCurves(vanilla_s={1: 0.05, 8: 0.1}, tree=saved["cost_curves_relative"],
+    vanilla = {int(b): 0.05 for b in saved["cost_curves_relative"]}
+    curves = CostCurves(vanilla_s=vanilla, tree=saved["cost_curves_relative"],
                         chain=saved["chain_cost_curves_relative"])
     fit = fit_engine_tree(per_rank, curves, max_nodes=64)
     assert fit.tree.to_list() == saved["medusa_choices"]

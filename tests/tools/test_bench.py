@@ -93,7 +93,8 @@ def test_everyday_and_file_prompts(tmp_path):
 
 # ------------------------------------------------------------------ configs
 def test_config_table_builds_every_engine(tmp_path):
-    ctx = configs.BenchContext(model="m", heads="h", num_heads=3, vllm_heads="hv")
+    ctx = configs.BenchContext(model="m", heads="h", num_heads=3, vllm_heads="hv",
+                               medusa_heads="hm", medusa_num_heads=3)
     ks = configs.CONFIGS["vllm_medusa"].variants(ctx)
     assert [v.label for v in ks] == ["k=1", "k=2", "k=3"]  # default sweep 1..K
     assert ks[2].speculative_config == {"method": "medusa", "model": "hv", "num_speculative_tokens": 3}
@@ -109,10 +110,13 @@ def test_config_table_builds_every_engine(tmp_path):
         "nodes_by_batch"] == "off"
     assert configs.CONFIGS["medusa_tree"].modes == ("greedy", "typical", "rejection")
     assert configs.CONFIGS["medusa_tree_adaptive"].variants(ctx)[0].speculative_config["adaptive"] is True
-    assert [v.speculative_config["tree"] for v in configs.CONFIGS["medusa_tree_beam"].variants(ctx)] == [
-        "beam:2", "beam:5"]
+    beams = configs.CONFIGS["medusa_tree_beam"].variants(ctx)
+    assert [v.speculative_config["tree"] for v in beams] == ["beam:2", "beam:5"]
+    assert {v.speculative_config["model"] for v in beams} == {"hm"}  # beams need Medusa heads
+    assert configs.CONFIGS["medusa_tree"].variants(ctx)[0].speculative_config["model"] == "h"
     with pytest.raises(ValueError, match=r"outside 1\.\.3"):
-        configs.CONFIGS["vllm_medusa"].variants(configs.BenchContext("m", "h", 3, medusa_ks=[4]))
+        configs.CONFIGS["vllm_medusa"].variants(configs.BenchContext(
+            "m", "h", 3, medusa_ks=[4], medusa_heads="hm", medusa_num_heads=3))
     extra = configs.config_from_json('beam4={"method": "medusa_tree", "tree": "beam:4", '
                                      '"bench_modes": ["greedy", "rejection"]}')
     assert extra.family == "ours" and extra.modes == ("greedy", "rejection")
@@ -139,6 +143,29 @@ def test_suffix_is_recorded_unavailable_with_its_reason(monkeypatch, tmp_path, h
     assert [s.config.name for s in plan.slots] == ["vanilla"]
     (u,) = plan.unavailable
     assert u["config"] == "vllm_suffix" and u["status"] == "unavailable" and "arctic_inference" in u["reason"]
+
+
+def test_hydra_heads_need_medusa_heads_for_vllms_medusa_and_beams(tmp_path, heads):
+    hydra = tmp_path / "hydra"
+    hydra.mkdir()
+    cfg = json.loads((tmp_path / "heads" / "config.json").read_text())
+    (hydra / "config.json").write_text(json.dumps(
+        {**cfg, "head_type": "hydra", "architectures": ["HydraHeads"]}))
+    argv = ["--model", "m", "--heads", str(hydra), "--prompts", "everyday", "--quick",
+            "--configs", "vanilla,vllm_medusa,medusa_tree,medusa_tree_beam", "--out", str(tmp_path)]
+    plan = cli.make_plan(parse(*argv))
+    assert [s.config.name for s in plan.slots] == ["vanilla", "medusa_tree"]
+    assert {u["config"] for u in plan.unavailable} == {"vllm_medusa", "medusa_tree_beam"}
+    assert all("hydra heads" in u["reason"] and "--medusa-heads" in u["reason"]
+               for u in plan.unavailable)
+    plan = cli.make_plan(parse(*argv, "--medusa-heads", heads))
+    names = {s.config.name: s for s in plan.slots}
+    assert set(names) == {"vanilla", "vllm_medusa", "medusa_tree", "medusa_tree_beam"}
+    assert names["medusa_tree"].variant.speculative_config["model"] == str(hydra)
+    assert names["medusa_tree_beam"].variant.speculative_config["model"] == heads
+    assert plan.settings["ctx"].medusa_heads == heads and plan.header["medusa_heads"] == heads
+    with pytest.raises(SystemExit, match="plain Medusa heads"):
+        cli.make_plan(parse(*argv, "--medusa-heads", str(hydra)))
 
 
 # ------------------------------------------------------------------ schedule

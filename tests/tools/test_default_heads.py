@@ -19,37 +19,51 @@ from medusa_vllm.core.tree_fit import expected_accept_length
 from medusa_vllm.engine.options import MedusaTreeConfig
 from medusa_vllm.tools import default_model as DM
 
-HEADS = DM.default_heads_dir()
+HEADS = DM.default_heads_dir()  # Hydra heads (session 14)
+MEDUSA_HEADS = DM.default_medusa_heads_dir()  # plain Medusa heads
+SHIPPED = pytest.mark.parametrize("heads_dir", [HEADS, MEDUSA_HEADS], ids=["default", "medusa"])
 
 
-def test_shipped_heads_are_complete_small_and_fit_the_default_model():
-    names = {p.name for p in HEADS.iterdir()}
+@SHIPPED
+def test_shipped_heads_are_complete_small_and_fit_the_default_model(heads_dir):
+    from medusa_vllm.core.hydra import HydraHeads
+    from medusa_vllm.engine.hydra_draft import draft_tree
+
+    names = {p.name for p in heads_dir.iterdir()}
     assert {"config.json", "model.safetensors", "medusa_tree.json", "accuracies.json", "README.md"} <= names
-    size = sum(p.stat().st_size for p in HEADS.iterdir())
+    size = sum(p.stat().st_size for p in heads_dir.iterdir())
     assert size < 60e6, f"{size / 1e6:.1f} MB"
-    heads = load_heads(HEADS, dtype=torch.float32)
+    heads = load_heads(heads_dir, dtype=torch.float32)
     cfg = heads.config
     assert (cfg.hidden_size, cfg.vocab_size) == (576, 49152)  # SmolLM2-135M-Instruct
     assert cfg.num_heads >= 3
     x = torch.randn(2, 576)
-    top = heads.topk(x, 5)
-    assert top.shape == (2, cfg.num_heads, 5) and int(top.min()) >= 0 and int(top.max()) < 49152
+    if isinstance(heads, HydraHeads):
+        assert heads_dir == HEADS
+        tree = MedusaTree.load("sparse-16", cfg.num_heads)
+        nodes = draft_tree(heads, x, torch.tensor([11, 42]), tree)
+        assert nodes.shape == (2, tree.num_nodes + 1) and int(nodes.max()) < 49152
+    else:
+        top = heads.topk(x, 5)
+        assert top.shape == (2, cfg.num_heads, 5) and int(top.min()) >= 0 and int(top.max()) < 49152
+    assert json.loads((MEDUSA_HEADS / "config.json").read_text()).get("head_type", "medusa") == "medusa"
 
 
-def test_shipped_tree_and_accuracies_are_consistent():
-    heads_cfg = json.loads((HEADS / "config.json").read_text())
-    acc = torch.tensor(json.loads((HEADS / "accuracies.json").read_text()))
+@SHIPPED
+def test_shipped_tree_and_accuracies_are_consistent(heads_dir):
+    heads_cfg = json.loads((heads_dir / "config.json").read_text())
+    acc = torch.tensor(json.loads((heads_dir / "accuracies.json").read_text()))
     assert acc.shape[0] == heads_cfg["num_heads"] and acc.shape[1] >= 5
     assert bool((acc[:, 1:] >= acc[:, :-1]).all()), "cumulative top-k accuracy must not decrease"
     assert bool((acc[1:, 0] <= acc[:-1, 0] + 0.02).all()), "later heads should not beat earlier ones"
-    info = json.loads((HEADS / "medusa_tree.json").read_text())
-    tree = MedusaTree.load(HEADS / "medusa_tree.json", heads_cfg["num_heads"])
+    info = json.loads((heads_dir / "medusa_tree.json").read_text())
+    tree = MedusaTree.load(heads_dir / "medusa_tree.json", heads_cfg["num_heads"])
     assert tree.num_nodes == info["num_nodes"]
     per_rank = torch.cat([acc[:, :1], acc[:, 1:] - acc[:, :-1]], 1)
     # the saved expected accepted length is the one the paper's formula gives for this tree
     assert expected_accept_length(per_rank[:, : tree.topk], tree.medusa_choices) == pytest.approx(
         info["expected_accept_length"], abs=0.02)
-    cfg = MedusaTreeConfig.from_dict({"heads": str(HEADS)})  # tree "auto"
+    cfg = MedusaTreeConfig.from_dict({"heads": str(heads_dir)})  # tree "auto"
     assert cfg.load_tree() == tree
     table = cfg.load_nodes_by_batch(tree)
     assert table is not None and table[1] == tree.num_nodes
@@ -112,12 +126,12 @@ def test_shipped_heads_convert_for_vllms_builtin_medusa(tmp_path):
     from medusa_vllm.checkpoints import MedusaCheckpointError, convert
 
     with pytest.raises(MedusaCheckpointError, match="expand"):
-        convert(HEADS, tmp_path / "plain", layout="vllm")
-    out = convert(HEADS, tmp_path / "vllm", layout="vllm", expand_vocab=True)
+        convert(MEDUSA_HEADS, tmp_path / "plain", layout="vllm")
+    out = convert(MEDUSA_HEADS, tmp_path / "vllm", layout="vllm", expand_vocab=True)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architectures"] == ["MedusaModel"] and cfg["vocab_size"] == 49152
     full = load_heads(out)
-    ours = load_heads(HEADS)
+    ours = load_heads(MEDUSA_HEADS)
     x = torch.randn(4, 576, dtype=ours.dtype)
     with torch.no_grad():
         torch.testing.assert_close(full(x)[..., ours.token_map], ours(x))

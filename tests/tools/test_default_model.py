@@ -55,8 +55,11 @@ def test_cache_dir_default(monkeypatch):
 def test_heads_dir_and_info_without_build(cache):
     heads = DM.default_heads_dir()
     assert heads.parts[-3:] == ("medusa_vllm", "assets", "default_heads")
+    medusa = DM.default_medusa_heads_dir()
+    assert medusa.parts[-3:] == ("medusa_vllm", "assets", "default_medusa_heads")
     info = DM.default_model_info(build=False)
-    assert info == {"model": str(DM.model_cache_dir()), "heads": str(heads)}
+    assert info == {"model": str(DM.model_cache_dir()), "heads": str(heads),
+                    "medusa_heads": str(medusa)}
 
 
 def test_missing_wheel_error_names_pip_command(monkeypatch):
@@ -132,6 +135,7 @@ def test_default_model_main_prints_json(cache, fake_gguf, monkeypatch, capsys):
     info = json.loads(capsys.readouterr().out)
     dtype, why = DM.runtime_dtype()
     assert info == {"model": str(DM.model_cache_dir()), "heads": str(DM.default_heads_dir()),
+                    "medusa_heads": str(DM.default_medusa_heads_dir()),
                     "dtype": dtype, "dtype_reason": why}
     assert DM.default_model_main(["--dtype", "bfloat16"]) == 0
     info = json.loads(capsys.readouterr().out)

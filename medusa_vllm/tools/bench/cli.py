@@ -117,7 +117,12 @@ def _ngram_settings(text: str) -> list[tuple[int, int]]:
 
 def add_bench_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--model", help="backbone folder (default: the embedded default model)")
-    ap.add_argument("--heads", help="Medusa heads folder, our layout (default: the shipped heads)")
+    ap.add_argument("--heads", help="heads folder, our layout, Medusa or Hydra (default: the "
+                    "shipped heads)")
+    ap.add_argument("--medusa-heads", default=None,
+                    help="plain Medusa heads for vLLM's built-in Medusa and beam trees (default: "
+                    "--heads if they are Medusa heads; with the shipped Hydra heads, the shipped "
+                    "Medusa heads)")
     ap.add_argument("--tree", default="auto", help="our tree (medusa_tree's 'tree' option)")
     ap.add_argument("--dtype", default=None, help="default: the dtype this CPU does best "
                     "(bfloat16 with AMX or AVX-512-BF16, else float32)")
@@ -212,6 +217,7 @@ def build_header(args: argparse.Namespace, env: Mapping[str, str], num_heads: in
         "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
         "load_average": " ".join(f"{x:.1f}" for x in os.getloadavg()),
         "model": args.model, "heads": args.heads, "num_heads": num_heads, "tree": args.tree,
+        "medusa_heads": getattr(args, "medusa_heads", None),
         "prompts": f"{args.prompts} ({args.num_prompts} distinct)", "max_tokens": args.max_tokens,
         "ignore_eos": args.ignore_eos, "temperature": args.temperature, "repeats": args.repeats,
         "concurrency": args.concurrency, "transports": args.transports, "quick": args.quick,
@@ -269,16 +275,29 @@ def make_plan(args: argparse.Namespace) -> Plan:
 
         info = default_model_info()
         args.model = args.model or info["model"]
-        args.heads = args.heads or info["heads"]
+        if args.heads is None:
+            args.heads = info["heads"]
+            args.medusa_heads = args.medusa_heads or info["medusa_heads"]
     if args.dtype is None:
         args.dtype, args.dtype_reason = preferred_dtype(), "this CPU's best: preferred_dtype()"
     else:
         args.dtype_reason = "--dtype"
     from medusa_vllm.checkpoints import read_heads_info
 
-    num_heads = read_heads_info(args.heads).num_heads
+    heads_info = read_heads_info(args.heads)
+    num_heads = heads_info.num_heads
+    if args.medusa_heads is None and heads_info.head_type == "medusa":
+        args.medusa_heads = args.heads
+    medusa_num_heads = 0
+    if args.medusa_heads:
+        medusa_info = read_heads_info(args.medusa_heads)
+        if medusa_info.head_type != "medusa":
+            raise SystemExit(f"--medusa-heads {args.medusa_heads}: {medusa_info.head_type} heads; "
+                             "vLLM's Medusa and beam trees need plain Medusa heads")
+        medusa_num_heads = medusa_info.num_heads
     out_dir = Path(args.out)
     ctx = BenchContext(model=args.model, heads=args.heads, num_heads=num_heads, tree=args.tree,
+                       medusa_heads=args.medusa_heads or "", medusa_num_heads=medusa_num_heads,
                        medusa_ks=_int_list(args.medusa_ks, "--medusa-ks"),
                        ngram_settings=_ngram_settings(args.ngram_settings), ngram_nodes=args.ngram_nodes)
     env = {"VLLM_CONFIGURE_LOGGING": "1"}
@@ -295,6 +314,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
     unavailable: list[dict[str, Any]] = []
     for cfg in configs:
         reason = cfg.available()
+        if not reason and cfg.needs_medusa_heads and not ctx.medusa_heads:
+            reason = (f"the heads ({args.heads}) are {heads_info.head_type} heads; this "
+                      "configuration needs plain Medusa heads: pass --medusa-heads DIR")
         if reason:
             unavailable.append(unavailable_record(config=cfg.name, family=cfg.family, reason=reason))
             continue
@@ -330,7 +352,7 @@ def _prepare_vllm_heads(plan: Plan) -> None:
 
     # vLLM 0.32's Medusa needs full-vocabulary LM layers: a reduced draft vocabulary
     # is expanded (zero rows elsewhere), the same top-1 proposals as our heads
-    convert(plan.args.heads, ctx.vllm_heads, layout="vllm", overwrite=True,
+    convert(ctx.medusa_heads, ctx.vllm_heads, layout="vllm", overwrite=True,
             lm_head_weight=load_backbone_lm_head(plan.args.model), expand_vocab=True)
 
 

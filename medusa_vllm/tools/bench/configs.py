@@ -83,7 +83,11 @@ class BenchContext:
     heads: str
     num_heads: int
     tree: str = "auto"
-    vllm_heads: str = ""  # our heads converted to vLLM's Medusa layout (filled when needed)
+    vllm_heads: str = ""  # the Medusa heads converted to vLLM's Medusa layout (when needed)
+    # plain Medusa heads for what needs independent depths (vLLM's Medusa, beam trees):
+    # ``heads`` themselves unless they are Hydra heads; "" = none
+    medusa_heads: str = ""
+    medusa_num_heads: int = 0
     medusa_ks: Sequence[int] = ()  # vLLM Medusa's num_speculative_tokens sweep (default 1..K)
     # vLLM prompt lookup sweep: (num_speculative_tokens, prompt_lookup_max)
     ngram_settings: Sequence[tuple[int, int]] = ((2, 3), (2, 5), (4, 3), (4, 5))
@@ -112,6 +116,7 @@ class BenchConfig:
     # None: runs here; else the reason it cannot (recorded, not skipped silently)
     available: Callable[[], str | None] = lambda: None
     needs_vllm_heads: bool = False  # the heads must be converted to vLLM's layout first
+    needs_medusa_heads: bool = False  # needs plain Medusa heads (ctx.medusa_heads)
     offline_only: bool = False  # cost-curve entries: offline, concurrency 1
 
     def __post_init__(self) -> None:
@@ -125,7 +130,7 @@ class BenchConfig:
 def ours(ctx: BenchContext, **options: Any) -> dict[str, Any]:
     """``speculative_config`` of ``medusa_tree`` with the run's heads and tree,
     plus engine ``options`` (``ngram_nodes``, ``nodes_by_batch``, ``tree``, ...)."""
-    return {"method": "medusa_tree", "model": ctx.heads, "tree": ctx.tree, **options}
+    return {"method": "medusa_tree", "model": ctx.heads, "tree": ctx.tree} | options
 
 
 def suffix_unavailable() -> str | None:
@@ -145,11 +150,11 @@ def _vanilla(ctx: BenchContext) -> list[Variant]:
 
 
 def _vllm_medusa(ctx: BenchContext) -> list[Variant]:
-    ks = list(ctx.medusa_ks) or list(range(1, ctx.num_heads + 1))
-    bad = [k for k in ks if not 1 <= k <= ctx.num_heads]
+    ks = list(ctx.medusa_ks) or list(range(1, ctx.medusa_num_heads + 1))
+    bad = [k for k in ks if not 1 <= k <= ctx.medusa_num_heads]
     if bad:
-        raise ValueError(f"bench: vLLM Medusa num_speculative_tokens {bad} outside 1..{ctx.num_heads} "
-                         "(the heads' count)")
+        raise ValueError(f"bench: vLLM Medusa num_speculative_tokens {bad} outside "
+                         f"1..{ctx.medusa_num_heads} (the Medusa heads' count)")
     return [Variant(f"k={k}", {"method": "medusa", "model": ctx.vllm_heads, "num_speculative_tokens": k})
             for k in ks]
 
@@ -185,7 +190,9 @@ def _ours_adaptive(ctx: BenchContext) -> list[Variant]:
 
 
 def _ours_beam(ctx: BenchContext) -> list[Variant]:
-    return [Variant(f"W={w}", ours(ctx, tree=f"beam:{w}")) for w in ctx.beam_widths]
+    # beam paths need independent depths: the plain Medusa heads
+    return [Variant(f"W={w}", ours(ctx, model=ctx.medusa_heads, tree=f"beam:{w}"))
+            for w in ctx.beam_widths]
 
 
 def cost_curve_config(n: int) -> BenchConfig:
@@ -202,8 +209,8 @@ def cost_curve_config(n: int) -> BenchConfig:
 CONFIGS: dict[str, BenchConfig] = {c.name: c for c in [
     BenchConfig("vanilla", "vanilla", ("greedy", "sample"), _vanilla, "vLLM, no speculation"),
     BenchConfig("vllm_medusa", "vllm", ("greedy", "sample"), _vllm_medusa,
-                "vLLM's built-in chain Medusa (method medusa), our heads in vLLM's layout",
-                needs_vllm_heads=True),
+                "vLLM's built-in chain Medusa (method medusa), the Medusa heads in vLLM's layout",
+                needs_vllm_heads=True, needs_medusa_heads=True),
     BenchConfig("vllm_ngram", "vllm", ("greedy", "sample"), _vllm_ngram,
                 "vLLM's prompt lookup (method ngram)"),
     BenchConfig("vllm_suffix", "vllm", ("greedy", "sample"), _vllm_suffix,
@@ -216,7 +223,8 @@ CONFIGS: dict[str, BenchConfig] = {c.name: c for c in [
     BenchConfig("medusa_tree_adaptive", "ours", ("greedy",), _ours_adaptive,
                 "ours with adaptive head selection (per-request drafting depth)"),
     BenchConfig("medusa_tree_beam", "ours", ("greedy",), _ours_beam,
-                "ours with beam drafts (tree beam:W: the W best paths of a beam search over the heads)"),
+                "ours with beam drafts (tree beam:W: the W best paths of a beam search over the "
+                "Medusa heads)", needs_medusa_heads=True),
 ]}
 
 DEFAULT_CONFIGS = ("vanilla", "vllm_medusa", "vllm_ngram", "vllm_suffix", "medusa_tree",

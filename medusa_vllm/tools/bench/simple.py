@@ -68,7 +68,11 @@ def run_config(config: Mapping[str, Any], **options: Any) -> dict:
 
 def add_bench_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--model")
-    ap.add_argument("--heads", help="Medusa heads folder (our layout); default: the shipped default heads")
+    ap.add_argument("--heads", help="heads folder (our layout, Medusa or Hydra); default: the "
+                    "shipped default heads")
+    ap.add_argument("--medusa-heads", default=None,
+                    help="plain Medusa heads for vLLM's built-in Medusa (default: --heads if they "
+                    "are Medusa heads; with the shipped Hydra heads, the shipped Medusa heads)")
     ap.add_argument("--tree", default="auto")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--num-prompts", type=int, default=16)
@@ -96,7 +100,9 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
 
         info = default_model_info()
         args.model = args.model or info["model"]
-        args.heads = args.heads or info["heads"]
+        if args.heads is None:
+            args.heads = info["heads"]
+            args.medusa_heads = args.medusa_heads or info["medusa_heads"]
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     vllm_heads = out_dir / "heads_vllm_layout"
@@ -105,10 +111,16 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
     if "medusa" in configs:
         from medusa_vllm.checkpoints import convert, load_backbone_lm_head, read_heads_info
 
-        num_heads = read_heads_info(args.heads).num_heads
+        medusa_heads = args.medusa_heads or args.heads
+        info = read_heads_info(medusa_heads)
+        if info.head_type != "medusa":
+            raise SystemExit(f"bench: configuration 'medusa' (vLLM's built-in Medusa) needs plain "
+                             f"Medusa heads; {medusa_heads} holds {info.head_type} heads: pass "
+                             "--medusa-heads DIR")
+        num_heads = info.num_heads
         # vLLM 0.32's Medusa needs full-vocabulary LM layers: a reduced draft
         # vocabulary is expanded (zero rows elsewhere), the same top-1 proposals
-        convert(args.heads, vllm_heads, layout="vllm", overwrite=True,
+        convert(medusa_heads, vllm_heads, layout="vllm", overwrite=True,
                 lm_head_weight=load_backbone_lm_head(args.model), expand_vocab=True)
 
     base = {"model": args.model, "dtype": args.dtype, "max_model_len": args.max_model_len,

@@ -79,7 +79,7 @@ def _pairs(text: str) -> list[tuple[float, float]]:
 
 def add_translation_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--model", help="backbone (default: the embedded default model)")
-    ap.add_argument("--heads", help="Medusa heads folder (default: the shipped default heads)")
+    ap.add_argument("--heads", help="Medusa heads folder (default: the shipped Medusa heads)")
     ap.add_argument("--dtype", default="float32",
                     help="engine dtype (default float32: every greedy row is checked token for token "
                          "against vanilla, which holds exactly only in float32; in bfloat16 outputs may "
@@ -297,7 +297,9 @@ def translation_main(args: argparse.Namespace) -> int:
 
         info = default_model_info()
         args.model = args.model or info["model"]
-        args.heads = args.heads or info["heads"]
+        # seed 003's rows are Medusa rows (k heads, beam paths over independent heads):
+        # the shipped plain Medusa heads, not the default Hydra heads
+        args.heads = args.heads or info["medusa_heads"]
     num_heads = read_heads_info(args.heads).num_heads
     engines, rows = build_plan(_plan_options(args, args.heads, num_heads))
     out = Path(args.out)

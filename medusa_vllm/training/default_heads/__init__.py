@@ -1,6 +1,8 @@
 """Reproducible recipe for the Medusa heads shipped with the default model.
 
-Builds ``medusa_vllm/assets/default_heads/`` (heads + calibrated tree + accuracies)
+Builds ``medusa_vllm/assets/default_medusa_heads/`` (plain Medusa heads + calibrated
+tree + accuracies; the default Hydra heads in ``assets/default_heads/`` come from
+``scripts/compare_hydra.py`` and ``scripts/ship_heads.py``)
 for SmolLM2-135M-Instruct with the project's own pipeline, offline
 (``scripts/train_default_heads.py`` is its command line):
 

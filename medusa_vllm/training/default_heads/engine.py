@@ -102,14 +102,14 @@ def proposer_cost(llm: Any, args: dict[str, Any]) -> dict:
 
 def stage_cost(r: Recipe, w: Work, model: Path, force: bool) -> None:
     """Proposer cost (heads + top-k + tree build) vs a vanilla decode step, batch 1."""
-    from medusa_vllm.tools.default_model import default_heads_dir
+    from medusa_vllm.tools.default_model import default_medusa_heads_dir
     from medusa_vllm.tools.engine_proc import EngineJob, engine_kwargs, run_engine
 
     out = w / "proposer_cost.json"
     if out.is_file() and not force:
         say("cost: cached")
         return
-    heads = default_heads_dir()
+    heads = default_medusa_heads_dir()
     job = EngineJob(llm=engine_kwargs(model, max_num_seqs=1), prompts=[],
                     probe=f"{__name__}:proposer_cost",
                     probe_args={"model": str(model), "heads": str(heads),
@@ -138,12 +138,12 @@ def stage_accept(r: Recipe, w: Work, model: Path, force: bool) -> None:
     from medusa_vllm.core.tree_fit import tree_from_accuracies
     from medusa_vllm.core.tree_stats import simulate_acceptance
     from medusa_vllm.tools.bench import run_config
-    from medusa_vllm.tools.default_model import default_heads_dir
+    from medusa_vllm.tools.default_model import default_medusa_heads_dir
 
     out = w / "accept.json"
     results = json.loads(out.read_text()) if out.is_file() and not force else {}
     prompts = accept_prompts(r, w)
-    heads = str(default_heads_dir())
+    heads = str(default_medusa_heads_dir())
     base = {"model": str(model), "prompts": prompts, "max_tokens": r.accept_max_tokens,
             "max_model_len": 1024, "batch_size": 1, "dtype": "float32", "ignore_eos": False}
     per_rank = json.loads((w.medusa1 / "eval.json").read_text())["per_rank"]
@@ -197,9 +197,9 @@ def stage_accept(r: Recipe, w: Work, model: Path, force: bool) -> None:
 def accept_trees(r: Recipe, big: list) -> dict:
     """The trees the accept stage's configurations verify at batch 1."""
     from medusa_vllm.core.tree import MedusaTree, nodes_for_batch
-    from medusa_vllm.tools.default_model import default_heads_dir
+    from medusa_vllm.tools.default_model import default_medusa_heads_dir
 
-    spec = json.loads((default_heads_dir() / TREE_FILE).read_text())
+    spec = json.loads((default_medusa_heads_dir() / TREE_FILE).read_text())
     shipped = MedusaTree(spec["medusa_choices"])
     table = {int(b): n for b, n in spec.get("nodes_by_batch", {}).items()} or None
     shipped = shipped.truncate(nodes_for_batch(table, 1, shipped.num_nodes))
@@ -213,9 +213,9 @@ def accept_ranks(model: Path, prompts: list[str], outputs: list[list[int]]) -> l
     from transformers import AutoTokenizer
 
     from medusa_vllm.tools.calibrate import measure_target_ranks
-    from medusa_vllm.tools.default_model import default_heads_dir
+    from medusa_vllm.tools.default_model import default_medusa_heads_dir
     from medusa_vllm.tools.engine_proc import chat_prompt
 
     tok = AutoTokenizer.from_pretrained(str(model))
     ids = [tok(chat_prompt(tok, [{"role": "user", "content": p}]) or p).input_ids for p in prompts]
-    return measure_target_ranks(str(model), str(default_heads_dir()), ids, outputs)
+    return measure_target_ranks(str(model), str(default_medusa_heads_dir()), ids, outputs)

@@ -22,9 +22,9 @@ def stage_export(r: Recipe, w: Work, model: Path, force: bool) -> None:
 
     from medusa_vllm.checkpoints import load_heads, save_heads
     from medusa_vllm.core.tree import MedusaTree
-    from medusa_vllm.tools.default_model import default_heads_dir
+    from medusa_vllm.tools.default_model import default_medusa_heads_dir
 
-    dst = default_heads_dir()
+    dst = default_medusa_heads_dir()
     src = w.medusa1 / "heads"
     fp32 = load_heads(src, dtype=torch.float32)
     fp32.config.base_model_name_or_path = "SmolLM2-135M-Instruct (medusa_vllm.tools.default_model)"

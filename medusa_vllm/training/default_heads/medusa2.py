@@ -40,10 +40,10 @@ def ppl_sets(r: Recipe, w: Work, model: Path) -> dict[str, list[tuple[list[int],
 
 def m1_heads_dir(w: Work) -> Path:
     """The Medusa-1 heads Medusa-2 starts from: this work folder's, else the shipped ones."""
-    from medusa_vllm.tools.default_model import default_heads_dir
+    from medusa_vllm.tools.default_model import default_medusa_heads_dir
 
     own = w.medusa1 / "heads"
-    return own if (own / "model.safetensors").is_file() else Path(default_heads_dir())
+    return own if (own / "model.safetensors").is_file() else Path(default_medusa_heads_dir())
 
 
 def compare_heads(r: Recipe, w: Work, runs: dict[str, tuple[Path, Path]]) -> dict:
