@@ -7,7 +7,7 @@ teacher-forced target ranks (:func:`medusa_vllm.core.tree_stats.simulate_accepta
                medusa_vllm/assets/distill/corpus-train-00*.jsonl.xz \
         --heldout-set everyday=medusa_vllm/assets/distill/everyday-heldout-*.jsonl.xz \
         --heldout-set corpus=medusa_vllm/assets/distill/corpus-heldout-*.jsonl.xz \
-        --variants medusa,hydra,medusa-ft --reference medusa_vllm/assets/default_heads
+        --variants medusa,hydra,medusa-ft --reference medusa_vllm/assets/default_medusa_heads
 
 ``--data`` are the training files (JSON lines, optionally compressed: the committed
 store's files as they are). Held-out rows come from ``--heldout-set NAME=FILE[,FILE..]``
