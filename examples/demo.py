@@ -30,7 +30,9 @@ def main() -> int:
     print("[demo] preparing the embedded default model (SmolLM2-135M-Instruct; converted once, then cached)")
     info = default_model_info()
     args.model = args.model or info["model"]
-    args.heads = args.heads or info["heads"]
+    if args.heads is None:
+        args.heads = info["heads"]  # Hydra heads; vLLM's own Medusa gets the plain Medusa heads
+        args.medusa_heads = args.medusa_heads or info["medusa_heads"]
     if not (Path(args.heads) / "config.json").exists():
         # Fallback until trained heads ship for the default model: a tiny random Llama and
         # heads self-distilled on it for a few seconds (correctness, not real speed).
@@ -43,9 +45,11 @@ def main() -> int:
         args.model = str(build_tiny_llama(tiny / "model", vocab=512, hidden=64, layers=2))
         args.heads = str(tiny / "heads") if (tiny / "heads" / "config.json").exists() else \
             str(distill_tiny_heads(args.model, tiny / "heads"))
+        args.medusa_heads = None  # the tiny heads are Medusa heads
         args.tree = "sparse-16" if args.tree == "auto" else args.tree
         args.max_model_len = min(args.max_model_len, 512)
-    print(f"[demo] model {args.model}\n[demo] heads {args.heads} (tree: {args.tree})")
+    print(f"[demo] model {args.model}\n[demo] heads {args.heads} (tree: {args.tree})"
+          + (f"\n[demo] vLLM's Medusa: {args.medusa_heads}" if args.medusa_heads else ""))
     rows = run_bench(args)
     print_table(rows)
     plot(rows, Path(args.out))
