@@ -30,16 +30,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from medusa_vllm.core.cost_curve import CostCurves
 
-def _curves(path: Path) -> tuple[dict, dict, dict]:
+
+def _curves(path: Path) -> tuple[CostCurves, dict]:
+    """A cost curve the engine cached (``medusa_vllm.core.cost_curve``) and its key."""
     data = json.loads(path.read_text())
-    curves = data["curves"]
-
-    def table(name: str) -> dict[int, dict[int, float]]:
-        return {int(b): {int(n): float(c) for n, c in row.items()}
-                for b, row in curves.get(name, {}).items() if row}
-
-    return table("tree"), table("chain"), data["key"]
+    return CostCurves.from_dict(data["curves"]), data["key"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     heads = load_heads(src)
     num_heads = heads.config.num_heads
 
-    tree_curves, chain_curves, key = _curves(args.curve)
+    curves, key = _curves(args.curve)
+    tree_curves = {b: row for b, row in curves.tree.items() if row}
+    chain_curves = {b: row for b, row in curves.chain.items() if row}
     tree, exp_len, speed = fit_tree(per_rank, tree_curves[1], args.max_nodes, chain_curves.get(1))
     nodes_by_batch = fit_nodes_by_batch(tree, per_rank, tree_curves, chain_curves)
     nodes_by_batch[1] = tree.num_nodes
@@ -104,10 +103,8 @@ def main(argv: list[str] | None = None) -> int:
                     for name, x in b16.items()},
         "train_rows": results.get("train_rows"),
         "train_files": results.get("train_files"),
-        "cost_curves_relative": {str(b): {str(n): c for n, c in r.items()}
-                                 for b, r in tree_curves.items()},
-        "chain_cost_curves_relative": {str(b): {str(n): c for n, c in r.items()}
-                                       for b, r in chain_curves.items()},
+        "cost_curves_relative": CostCurves(tree=tree_curves).to_dict()["tree"],
+        "chain_cost_curves_relative": CostCurves(chain=chain_curves).to_dict()["chain"],
         "cost_curve_key": key,
     }
     tree.save(dst / TREE_FILE, **info)

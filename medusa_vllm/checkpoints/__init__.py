@@ -70,7 +70,7 @@ from medusa_vllm.checkpoints.conversion import (
 )
 from medusa_vllm.checkpoints.detect import detect_layout
 from medusa_vllm.checkpoints.errors import MedusaCheckpointError
-from medusa_vllm.checkpoints.info import HeadsInfo, read_heads_info
+from medusa_vllm.checkpoints.info import HeadsInfo, plain_medusa_heads, read_heads_info
 from medusa_vllm.checkpoints.load import check_compatible, load_heads
 from medusa_vllm.checkpoints.ours import FORMAT_VERSION
 from medusa_vllm.checkpoints.save import save_heads
@@ -90,6 +90,7 @@ __all__ = [
     "expand_draft_vocab",
     "load_backbone_lm_head",
     "load_heads",
+    "plain_medusa_heads",
     "read_heads_info",
     "save_heads",
 ]

@@ -12,7 +12,7 @@ from typing import Any
 from medusa_vllm.checkpoints.common import CONFIG_NAME
 from medusa_vllm.checkpoints.errors import MedusaCheckpointError
 
-__all__ = ["HeadsInfo", "read_heads_info"]
+__all__ = ["HeadsInfo", "plain_medusa_heads", "read_heads_info"]
 
 # config.json key for the number of heads: ours and vLLM's, FasterDecoding's,
 # TensorRT-LLM's (see medusa_vllm.checkpoints for the layouts).
@@ -106,3 +106,21 @@ def read_heads_info(heads: str | Path) -> HeadsInfo:
         hidden_size=positive_int(("hidden_size",), required=False),
         vocab_size=positive_int(("vocab_size",), required=False),
     )
+
+
+def plain_medusa_heads(heads: str | Path, medusa_heads: str | Path | None = None) -> str | None:
+    """The plain Medusa heads for what needs independent depths (vLLM's built-in
+    ``method: "medusa"``, beam trees): ``medusa_heads`` if given, else ``heads``
+    themselves if they are Medusa heads, else ``None`` (Hydra heads and no others).
+
+    Raises:
+        MedusaCheckpointError: ``medusa_heads`` are not Medusa heads.
+    """
+    if medusa_heads:
+        info = read_heads_info(medusa_heads)
+        if info.head_type != "medusa":
+            raise MedusaCheckpointError(
+                f"{medusa_heads}: {info.head_type} heads; vLLM's Medusa and beam trees need "
+                "plain Medusa heads")
+        return str(medusa_heads)
+    return str(heads) if read_heads_info(heads).head_type == "medusa" else None

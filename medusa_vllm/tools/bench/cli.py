@@ -282,19 +282,15 @@ def make_plan(args: argparse.Namespace) -> Plan:
         args.dtype, args.dtype_reason = preferred_dtype(), "this CPU's best: preferred_dtype()"
     else:
         args.dtype_reason = "--dtype"
-    from medusa_vllm.checkpoints import read_heads_info
+    from medusa_vllm.checkpoints import MedusaCheckpointError, plain_medusa_heads, read_heads_info
 
     heads_info = read_heads_info(args.heads)
     num_heads = heads_info.num_heads
-    if args.medusa_heads is None and heads_info.head_type == "medusa":
-        args.medusa_heads = args.heads
-    medusa_num_heads = 0
-    if args.medusa_heads:
-        medusa_info = read_heads_info(args.medusa_heads)
-        if medusa_info.head_type != "medusa":
-            raise SystemExit(f"--medusa-heads {args.medusa_heads}: {medusa_info.head_type} heads; "
-                             "vLLM's Medusa and beam trees need plain Medusa heads")
-        medusa_num_heads = medusa_info.num_heads
+    try:
+        args.medusa_heads = plain_medusa_heads(args.heads, args.medusa_heads)
+    except MedusaCheckpointError as exc:
+        raise SystemExit(f"--medusa-heads {exc}") from None
+    medusa_num_heads = read_heads_info(args.medusa_heads).num_heads if args.medusa_heads else 0
     out_dir = Path(args.out)
     ctx = BenchContext(model=args.model, heads=args.heads, num_heads=num_heads, tree=args.tree,
                        medusa_heads=args.medusa_heads or "", medusa_num_heads=medusa_num_heads,

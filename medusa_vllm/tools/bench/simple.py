@@ -109,15 +109,23 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
     configs = args.configs.split(",")
     num_heads = None
     if "medusa" in configs:
-        from medusa_vllm.checkpoints import convert, load_backbone_lm_head, read_heads_info
+        from medusa_vllm.checkpoints import (
+            MedusaCheckpointError,
+            convert,
+            load_backbone_lm_head,
+            plain_medusa_heads,
+            read_heads_info,
+        )
 
-        medusa_heads = args.medusa_heads or args.heads
-        info = read_heads_info(medusa_heads)
-        if info.head_type != "medusa":
+        try:
+            medusa_heads = plain_medusa_heads(args.heads, args.medusa_heads)
+        except MedusaCheckpointError as exc:
+            raise SystemExit(f"bench: --medusa-heads {exc}") from None
+        if medusa_heads is None:
             raise SystemExit(f"bench: configuration 'medusa' (vLLM's built-in Medusa) needs plain "
-                             f"Medusa heads; {medusa_heads} holds {info.head_type} heads: pass "
-                             "--medusa-heads DIR")
-        num_heads = info.num_heads
+                             f"Medusa heads; {args.heads} holds {read_heads_info(args.heads).head_type}"
+                             " heads: pass --medusa-heads DIR")
+        num_heads = read_heads_info(medusa_heads).num_heads
         # vLLM 0.32's Medusa needs full-vocabulary LM layers: a reduced draft
         # vocabulary is expanded (zero rows elsewhere), the same top-1 proposals
         convert(medusa_heads, vllm_heads, layout="vllm", overwrite=True,
