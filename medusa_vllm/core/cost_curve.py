@@ -51,7 +51,8 @@ __all__ = [
 
 CURVE_DIR = "cost_curves"  # under cache_root()
 # Bump when what a measurement times changes: older cached curves are then ignored.
-CURVE_FORMAT = 1
+# 2: several timed rounds, costs made monotone in size, the rounds' spread recorded.
+CURVE_FORMAT = 2
 DEFAULT_BATCH_SIZES = (1, 4, 16, 64)
 DEFAULT_TREE_SIZES = (2, 4, 8, 16, 32, 64)
 
@@ -102,7 +103,9 @@ class CostCurves:
     path); ``chain[b][d]``: a top-1 chain of depth ``d`` (vLLM's causal kernel);
     ``draft[b][d]``: the heads' drafting for a tree of depth ``d`` (added to either).
     ``context``: prefix tokens per request while timing; ``seconds``: how long the
-    measurement took; ``complete``: every planned point was timed.
+    measurement took; ``complete``: every planned point was timed; ``noise``: how far
+    the timed rounds of one point lay apart (the median over points of a point's median
+    round over its fastest one, minus 1; 0.0 when each point ran once).
     """
 
     vanilla_s: dict[int, float] = field(default_factory=dict)
@@ -112,6 +115,7 @@ class CostCurves:
     context: int = 0
     seconds: float = 0.0
     complete: bool = True  # False: the time bound stopped the measurement early
+    noise: float = 0.0
 
     def __post_init__(self) -> None:
         self.vanilla_s = {b: float(s) for b, s in _int_keys(self.vanilla_s).items()}
@@ -128,7 +132,8 @@ class CostCurves:
 
         return {"vanilla_s": {str(b): v for b, v in self.vanilla_s.items()},
                 "tree": s(self.tree), "chain": s(self.chain), "draft": s(self.draft),
-                "context": self.context, "seconds": self.seconds, "complete": self.complete}
+                "context": self.context, "seconds": self.seconds, "complete": self.complete,
+                "noise": self.noise}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> CostCurves:
@@ -137,6 +142,41 @@ class CostCurves:
         if unknown:
             raise ValueError(f"CostCurves: unknown field(s) {unknown}; expected {sorted(names)}")
         return cls(**dict(data))
+
+    def monotone(self) -> CostCurves:
+        """The curves made physically consistent. Timing noise only ever adds time, so a
+        pass timed faster than a smaller one of the same kind bounds the smaller one too:
+        each cost becomes the minimum over its own and every larger size (a timing of
+        ``tree 2:1.46 4:1.35`` becomes ``2:1.35 4:1.35``). A pass with drafts costs at
+        least a vanilla step: tree and chain costs below 1.0 become 1.0."""
+
+        def suffix_min(row: Mapping[int, float], floor: float) -> dict[int, float]:
+            out: dict[int, float] = {}
+            low = float("inf")
+            for n in sorted(row, reverse=True):
+                low = min(low, row[n])
+                out[n] = max(floor, low)
+            return dict(sorted(out.items()))
+
+        return dataclasses.replace(
+            self,
+            tree={b: suffix_min(r, 1.0) for b, r in self.tree.items()},
+            chain={b: suffix_min(r, 1.0) for b, r in self.chain.items()},
+            draft={b: suffix_min(r, 0.0) for b, r in self.draft.items()})
+
+    def merged(self, other: CostCurves) -> CostCurves:
+        """These curves with ``other``'s batch sizes added (``other`` wins where both
+        hold a batch size): an engine that runs larger batches than a cached curve covers
+        times only the missing ones and keeps the rest."""
+        def join(a: Mapping[int, dict[int, float]], b: Mapping[int, dict[int, float]]):
+            return {**{k: v for k, v in a.items() if k not in other.vanilla_s}, **b}
+
+        return CostCurves(
+            vanilla_s={**self.vanilla_s, **other.vanilla_s},
+            tree=join(self.tree, other.tree), chain=join(self.chain, other.chain),
+            draft=join(self.draft, other.draft), context=other.context,
+            seconds=self.seconds + other.seconds, complete=self.complete and other.complete,
+            noise=max(self.noise, other.noise))
 
     def describe(self) -> str:
         """Compact text of the curves, e.g. ``b1: tree 2:1.05 4:1.08 | chain 1:1.01``."""

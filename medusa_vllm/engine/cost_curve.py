@@ -13,8 +13,12 @@ After the worker has loaded the model and allocated the KV cache
    through vLLM's causal kernel), then the logits of every row and their argmax, as
    the verifier reads them; and the heads drafting to each depth. Batch sizes 1, 4,
    16, 64 (up to ``max_num_seqs``), at most :data:`TOKEN_BUDGET` query tokens per
-   forward pass, the minimum of :data:`REPEATS` rounds (small passes run once untimed
-   first), within :data:`MAX_SECONDS`; then caches it;
+   forward pass, the minimum of up to :data:`REPEATS` rounds (small passes run once
+   untimed first), within :data:`MAX_SECONDS`, made monotone in size (noise only adds
+   time); then caches it, unless the rounds lay more than :data:`NOISE_LIMIT` apart (a
+   busy machine's curve steers this engine only; ``$MEDUSA_VLLM_COST_CURVE_NOISE_LIMIT``
+   overrides the limit). A cached curve that lacks some of this engine's batch sizes
+   gets those timed and added;
 3. fits the tree and its size per batch size
    (:func:`medusa_vllm.core.tree_fit.fit_engine_tree`) from that curve and the
    heads' shipped acceptance statistics, logs one INFO line saying what it picked
@@ -29,6 +33,7 @@ adopt the same tree.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -58,12 +63,15 @@ if TYPE_CHECKING:
 __all__ = [
     "CONTEXT_TOKENS",
     "MAX_SECONDS",
+    "NOISE_LIMIT",
+    "NOISE_LIMIT_ENV",
     "REPEATS",
     "TOKEN_BUDGET",
     "WARMUP_TOKENS",
     "curve_key",
     "fit_tree_at_startup",
     "measure_cost_curves",
+    "noise_limit",
 ]
 
 logger = logging.getLogger("vllm.plugins.medusa_vllm")
@@ -71,8 +79,28 @@ logger = logging.getLogger("vllm.plugins.medusa_vllm")
 TOKEN_BUDGET = 128  # query tokens per timed forward pass; beyond, the fit extrapolates
 WARMUP_TOKENS = 64  # passes up to this size get one untimed run first (oneDNN primitives)
 CONTEXT_TOKENS = 256  # prefix tokens per request while timing (a chat turn's worth)
-REPEATS = 2  # timed rounds after the untimed one; each point keeps its minimum
+REPEATS = 4  # timed rounds (after the untimed one) while time remains; a point keeps its minimum
 MAX_SECONDS = 20.0  # measurement wall-clock bound (a busy machine gets a coarser curve)
+NOISE_LIMIT = 0.15  # rounds further apart than this (CostCurves.noise): used, never cached
+NOISE_LIMIT_ENV = "MEDUSA_VLLM_COST_CURVE_NOISE_LIMIT"  # overrides NOISE_LIMIT (e.g. "0.3")
+
+
+def noise_limit() -> float:
+    """How far apart a curve's rounds may lie and still be cached: the fraction in
+    ``$MEDUSA_VLLM_COST_CURVE_NOISE_LIMIT`` (for a machine that is never quiet, e.g. a
+    shared CI runner), else :data:`NOISE_LIMIT`."""
+    raw = os.environ.get(NOISE_LIMIT_ENV, "").strip()
+    if not raw:
+        return NOISE_LIMIT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0.0:  # also refuses nan
+        raise MedusaConfigError(
+            f"{NOISE_LIMIT_ENV}={raw!r}: expected a fraction >= 0 (e.g. 0.3 caches curves "
+            f"whose rounds lie up to 30 % apart); unset it for the default {NOISE_LIMIT}")
+    return value
 
 
 def _tp_group() -> Any:
@@ -189,9 +217,10 @@ class _StepTimer:
 def measure_cost_curves(runner: MedusaTreeRunnerMixin, points: list[MeasurementPoint], *,
                         context: int = CONTEXT_TOKENS, repeats: int = REPEATS,
                         max_seconds: float = MAX_SECONDS, group: Any = None) -> CostCurves:
-    """Time ``points`` on ``runner`` (see module doc): the minimum of ``repeats`` rounds
-    per point (small passes run once untimed first), each relative to its
-    batch size's vanilla step. Points run smallest pass first; once ``max_seconds``
+    """Time ``points`` on ``runner`` (see module doc): the minimum of up to ``repeats``
+    rounds per point (small passes run once untimed first), each relative to its
+    batch size's vanilla step, made monotone (:meth:`CostCurves.monotone`), with the
+    rounds' spread in ``noise``. Points run smallest pass first; once ``max_seconds``
     have gone, a point already timed is not timed again and one never timed is
     dropped (the fit extrapolates the curve there). On every TP rank alike (the
     passes hold collectives): rank 0 decides, for each point, whether it runs."""
@@ -207,7 +236,7 @@ def measure_cost_curves(runner: MedusaTreeRunnerMixin, points: list[MeasurementP
     # the heads and the passes by size
     rank = {"vanilla": 0, "draft": 1}
     order = sorted(points, key=lambda p: (p.batch_size, rank.get(p.kind, 2), p.tokens))
-    best: dict[MeasurementPoint, float] = {}
+    timed: dict[MeasurementPoint, list[float]] = {}
 
     def run(p: MeasurementPoint) -> float:
         if p.kind == "draft":
@@ -219,13 +248,16 @@ def measure_cost_curves(runner: MedusaTreeRunnerMixin, points: list[MeasurementP
             late = time.perf_counter() - start > max_seconds
             # late: nothing more is timed, except what the batch size of a point timed
             # already needs for a ratio (its vanilla step)
-            if _broadcast(group, late and (p in best or p.kind != "vanilla"
-                                           or p.batch_size not in {q.batch_size for q in best})):
+            if _broadcast(group, late and (p in timed or p.kind != "vanilla"
+                                           or p.batch_size not in {q.batch_size for q in timed})):
                 continue
             if rnd == 0 and p.tokens <= WARMUP_TOKENS:
                 run(p)  # untimed: first-use costs (oneDNN primitives); large passes need none
-            best[p] = min(best.get(p, float("inf")), run(p))
-    curves = CostCurves(context=context)
+            timed.setdefault(p, []).append(run(p))
+    best = {p: min(ts) for p, ts in timed.items()}
+    spreads = [float(np.median(ts)) / max(min(ts), 1e-12) - 1.0
+               for p, ts in timed.items() if len(ts) > 1 and p.kind != "draft"]
+    curves = CostCurves(context=context, noise=float(np.median(spreads)) if spreads else 0.0)
     for p, s in best.items():
         if p.kind == "vanilla":
             curves.vanilla_s[p.batch_size] = s
@@ -236,7 +268,7 @@ def measure_cost_curves(runner: MedusaTreeRunnerMixin, points: list[MeasurementP
         table.setdefault(p.batch_size, {})[p.size] = s / curves.vanilla_s[p.batch_size]
     curves.seconds = time.perf_counter() - start
     curves.complete = len(best) == len(points)
-    return curves
+    return curves.monotone()
 
 
 def _fit(cfg: MedusaTreeConfig, curves: CostCurves, num_heads: int) -> tuple[EngineTreeFit, str]:
@@ -267,6 +299,7 @@ def fit_tree_at_startup(runner: MedusaTreeRunnerMixin) -> EngineTreeFit | None:
             "medusa_tree: tree='auto' needs vLLM's num_speculative_tokens_per_batch_size, "
             "which this engine disabled (data parallelism?); pass an explicit tree (e.g. "
             "tree='sparse-16' or the medusa_choices the log of a single-replica run shows)")
+    limit = noise_limit()  # a bad value refuses before anything is timed
     group = _tp_group()
     rank0 = group is None or group.rank_in_group == 0
     start = time.perf_counter()
@@ -279,25 +312,35 @@ def fit_tree_at_startup(runner: MedusaTreeRunnerMixin) -> EngineTreeFit | None:
     cached = None
     if rank0 and cfg.cost_curve != "remeasure":
         hit = read_cached(key)
-        # a curve cached by an engine with a smaller max_num_seqs lacks batch sizes this
-        # one runs: measure again (and cache the wider curve)
-        if hit is not None and set(planned) <= set(hit.batch_sizes):
+        if hit is not None:
             cached = hit.to_dict()
     cached = _broadcast(group, cached)
-    if cached is not None:
-        curves = CostCurves.from_dict(cached)
+    # a curve cached by an engine with a smaller max_num_seqs lacks batch sizes this one
+    # runs: only those are timed, and the wider curve is cached
+    known = CostCurves.from_dict(cached) if cached is not None else None
+    missing = [p for p in points if known is None or p.batch_size not in known.batch_sizes]
+    if known is not None and not missing:
+        curves = known
         origin = f"cached in {cache_path(key)}"
     else:
         if rank0:
-            logger.info("medusa_tree: tree='auto': timing %d engine step shapes on %s for the "
-                        "cost curve (at most %.0f s; cached afterwards)", len(points),
-                        key.describe(), MAX_SECONDS)
-        measured = measure_cost_curves(runner, points, group=group)
+            sizes = sorted({p.batch_size for p in missing})
+            logger.info("medusa_tree: tree='auto': timing %d engine step shapes (batch sizes "
+                        "%s) on %s for the cost curve (at most %.0f s; cached afterwards)",
+                        len(missing), sizes, key.describe(), MAX_SECONDS)
+        measured = measure_cost_curves(runner, missing, group=group)
         curves = CostCurves.from_dict(_broadcast(group, measured.to_dict() if rank0 else None))
-        origin = f"measured now in {curves.seconds:.1f} s"
+        origin = f"measured now in {curves.seconds:.1f} s (rounds {curves.noise:.0%} apart)"
+        if known is not None:
+            curves = known.merged(curves)
+            origin += f", batch sizes {known.batch_sizes} from {cache_path(key)}"
         if not curves.complete:
             origin += (f"; only {len(curves.batch_sizes)} batch size(s) timed within "
                        f"{MAX_SECONDS:.0f} s, the machine is busy: not cached")
+        elif curves.noise > limit:
+            origin += (f"; rounds more than {limit:.0%} apart, the machine is busy: "
+                       f"not cached (the next start times it again; {NOISE_LIMIT_ENV} "
+                       "raises the limit)")
         elif rank0:
             try:
                 origin += f", cached in {write_cached(key, curves)}"

@@ -17,7 +17,7 @@ import torch
 from medusa_vllm.core.cost_curve import CURVE_DIR, MeasurementPoint, measurement_points
 from medusa_vllm.core.heads import MedusaHeads, MedusaHeadsConfig
 from medusa_vllm.engine import cost_curve as cc
-from medusa_vllm.engine.options import ADDITIONAL_CONFIG_KEY, MedusaTreeConfig
+from medusa_vllm.engine.options import ADDITIONAL_CONFIG_KEY, MedusaConfigError, MedusaTreeConfig
 
 PER_RANK = [[0.80, 0.10, 0.04], [0.70, 0.12, 0.05], [0.60, 0.12, 0.05]]
 
@@ -180,17 +180,23 @@ def test_reserve_and_the_ngram_branch_budget(stats_heads):
 def test_a_cached_curve_narrower_than_this_engine_is_measured_again(
         stats_heads, fake_clock, tmp_path, monkeypatch):
     # an engine with max_num_seqs=4 times and caches batch sizes 1 and 4 only; one with
-    # max_num_seqs=16 must not extrapolate that curve to batch 16: it measures again
+    # max_num_seqs=16 must not extrapolate that curve to batch 16: it times batch 16 and
+    # keeps the cached batch sizes 1 and 4 as they were
     monkeypatch.setenv("MEDUSA_VLLM_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("MEDUSA_VLLM_COST_CURVE", raising=False)
     narrow = FakeRunner(_config(stats_heads), fake_clock)
     narrow.scheduler_config.max_num_seqs = 4
     cc.fit_tree_at_startup(narrow)
     assert {b for b, _, _ in narrow.calls} == {1, 4}
+    narrow_curve = narrow.medusa_startup_fit["curves"]
     wide = FakeRunner(_config(stats_heads), fake_clock)
     fit = cc.fit_tree_at_startup(wide)
-    assert {b for b, _, _ in wide.calls} == {1, 4, 16}
+    assert {b for b, _, _ in wide.calls} == {16}
     assert set(fit.nodes_by_batch) == {1, 4, 16}
+    wide_curve = wide.medusa_startup_fit["curves"]
+    for table in ("vanilla_s", "tree", "chain"):
+        assert {b: v for b, v in wide_curve[table].items() if b != "16"} == narrow_curve[table]
+    assert wide_curve["chain"]["16"]
     again = FakeRunner(_config(stats_heads), fake_clock)
     again.scheduler_config.max_num_seqs = 4
     cc.fit_tree_at_startup(again)
@@ -229,3 +235,88 @@ def test_hydra_heads_are_timed_drafting_a_chain_through_draft_tree(stats_heads, 
     timer = cc._StepTimer(runner, context=100)
     assert timer.draft(4, 3) > 0.0
     assert calls == [(4, [(), (0,), (0, 0), (0, 0, 0)], [0, 0, 0, 0])]
+
+
+class NoisyRunner(FakeRunner):
+    """The fake runner on a busy machine: each pass of the first timed rounds takes an
+    extra ``spikes[i]`` seconds (one entry per call, then none)."""
+
+    def __init__(self, config, clock, spikes):
+        super().__init__(config, clock)
+        self.spikes = list(spikes)
+
+    def _dummy_run(self, num_tokens, **kw):
+        out = super()._dummy_run(num_tokens, **kw)
+        if self.spikes:
+            self.clock[0] += self.spikes.pop(0)
+        return out
+
+
+def test_a_spike_in_one_round_is_dropped_and_costs_are_monotone(stats_heads, fake_clock):
+    points = [MeasurementPoint(1, "vanilla", 0), MeasurementPoint(1, "tree", 2),
+              MeasurementPoint(1, "tree", 4)]
+    # calls: round 0 is warm-up + timed pass per point (vanilla, tree 2, tree 4), round 1
+    # one timed pass each. Round 0's timed 2-node tree pass is 8 ms slow, round 1's is
+    # quiet: the minimum over rounds drops the spike
+    spikes = [0, 0, 0, 0.008]
+    runner = NoisyRunner(_config(stats_heads), fake_clock, spikes)
+    curves = cc.measure_cost_curves(runner, points, repeats=2)
+    assert curves.tree[1][2] == pytest.approx(15.3 / 10.1)
+    # a spike in every round of the small tree: the larger tree, timed faster, bounds it
+    spikes = [0, 0, 0, 0.008, 0, 0, 0, 0.008]
+    runner = NoisyRunner(_config(stats_heads), fake_clock, spikes)
+    curves = cc.measure_cost_curves(runner, points, repeats=2)
+    assert curves.tree[1][2] == curves.tree[1][4] == pytest.approx(15.5 / 10.1)
+    assert curves.noise == 0.0  # one point of three spread: the median point's rounds agree
+
+
+def test_costs_below_a_vanilla_step_become_one_and_sizes_stay_ordered():
+    from medusa_vllm.core.cost_curve import CostCurves
+
+    raw = CostCurves(vanilla_s={1: 0.04}, tree={1: {2: 1.46, 4: 1.35, 8: 1.85}},
+                     chain={1: {1: 0.97, 2: 1.20, 3: 1.16}}, draft={1: {1: 0.02, 2: 0.01}})
+    fixed = raw.monotone()
+    assert fixed.tree[1] == {2: 1.35, 4: 1.35, 8: 1.85}
+    assert fixed.chain[1] == {1: 1.0, 2: 1.16, 3: 1.16}
+    assert fixed.draft[1] == {1: 0.01, 2: 0.01}
+    assert raw.tree[1][2] == 1.46  # a copy: the measurement itself is kept
+
+
+def test_a_noisy_curve_steers_this_engine_but_is_not_cached(
+        stats_heads, fake_clock, tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDUSA_VLLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("MEDUSA_VLLM_COST_CURVE", raising=False)
+    # a busy machine: half the passes, at random, 8 ms (about 50 %) slower
+    import random
+
+    rng = random.Random(0)
+    runner = NoisyRunner(_config(stats_heads), fake_clock,
+                         [rng.choice((0.0, 0.008)) for _ in range(10_000)])
+    fit = cc.fit_tree_at_startup(runner)
+    assert fit is not None and runner.medusa_startup_fit["curves"]["noise"] > cc.NOISE_LIMIT
+    assert "not cached" in runner.medusa_startup_fit["origin"]
+    assert not list((tmp_path / "cache").rglob("*.json"))
+    quiet = FakeRunner(_config(stats_heads), fake_clock)
+    cc.fit_tree_at_startup(quiet)
+    assert quiet.calls and quiet.medusa_startup_fit["curves"]["noise"] == 0.0
+    assert len(list((tmp_path / "cache").rglob("*.json"))) == 1
+
+
+def test_the_noise_limit_can_be_raised_for_a_machine_that_is_never_quiet(
+        stats_heads, fake_clock, tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDUSA_VLLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("MEDUSA_VLLM_COST_CURVE", raising=False)
+    import random
+
+    rng = random.Random(0)
+    delays = [rng.choice((0.0, 0.008)) for _ in range(10_000)]
+    monkeypatch.setenv(cc.NOISE_LIMIT_ENV, "5")
+    runner = NoisyRunner(_config(stats_heads), fake_clock, delays)
+    cc.fit_tree_at_startup(runner)
+    assert runner.medusa_startup_fit["curves"]["noise"] > cc.NOISE_LIMIT
+    assert "not cached" not in runner.medusa_startup_fit["origin"]
+    assert len(list((tmp_path / "cache").rglob("*.json"))) == 1
+    for bad in ("lots", "-0.1", "nan"):
+        monkeypatch.setenv(cc.NOISE_LIMIT_ENV, bad)
+        with pytest.raises(MedusaConfigError, match=cc.NOISE_LIMIT_ENV):
+            cc.fit_tree_at_startup(NoisyRunner(_config(stats_heads), fake_clock, delays))
