@@ -49,7 +49,7 @@ def train_one(args, variant: str, train: list[Path], steps: int) -> Path:
     from medusa_vllm.training import TrainConfig
     from medusa_vllm.training.trainer import train as run
 
-    out = args.work / variant
+    out = args.work / variant.replace(":", "-v")
     if (out / "heads" / "config.json").is_file() and not args.retrain:
         return out / "heads"
     out.mkdir(parents=True, exist_ok=True)
@@ -57,13 +57,14 @@ def train_one(args, variant: str, train: list[Path], steps: int) -> Path:
     shared.mkdir(exist_ok=True)
     if not (out / "cache").exists():
         os.symlink(shared.resolve(), out / "cache")
-    fine_tune = variant == "medusa-ft"
+    kind, vocab = parse_variant(variant)
+    fine_tune = kind == "medusa-ft"
     if fine_tune and args.reference is None:
         raise SystemExit("variant medusa-ft continues the --reference heads: pass --reference")
     cfg = TrainConfig(
         model=str(args.model), output=str(out), data=[str(p) for p in train],
-        head_type="hydra" if variant == "hydra" else "medusa", num_heads=4,
-        num_layers=args.num_layers, draft_vocab_size=4096,
+        head_type="hydra" if kind == "hydra" else "medusa", num_heads=4,
+        num_layers=args.num_layers, draft_vocab_size=vocab,
         heads_init=str(args.reference) if fine_tune else None,
         seq_len=args.seq_len, batch_size=8, max_steps=steps,
         lr=args.ft_lr if fine_tune else args.lr, cache_hidden="disk",
@@ -73,6 +74,19 @@ def train_one(args, variant: str, train: list[Path], steps: int) -> Path:
     run(cfg)
     print(f"{variant}: trained {steps} steps in {time.time() - t0:.0f} s", flush=True)
     return out / "heads"
+
+
+def parse_variant(variant: str) -> tuple[str, int]:
+    """``hydra`` or ``hydra:8192``: the head type and its draft vocabulary (4,096 unless
+    named)."""
+    kind, _, vocab = variant.partition(":")
+    if kind not in ("medusa", "hydra", "medusa-ft"):
+        raise SystemExit(f"--variants: unknown variant {kind!r}; expected medusa, hydra or "
+                         "medusa-ft, optionally with :DRAFT_VOCAB (e.g. hydra:8192)")
+    if vocab and not vocab.isdigit():
+        raise SystemExit(f"--variants {variant!r}: the draft vocabulary after ':' must be a "
+                         "number of tokens")
+    return kind, int(vocab) if vocab else 4096
 
 
 def heldout_batches(args, sets: dict[str, list[Path]]) -> dict[str, list]:
@@ -187,7 +201,8 @@ def main() -> None:
                    help="NAME=FILE[,FILE...]: a held-out set scored on its own (repeatable)")
     p.add_argument("--variants", default="medusa,hydra",
                    help="comma-separated: medusa, hydra (from scratch), medusa-ft "
-                        "(continues --reference)")
+                        "(continues --reference); ':N' sets a variant's draft vocabulary "
+                        "(default 4096), e.g. hydra:8192")
     p.add_argument("--ft-epochs", type=float, default=2.0)
     p.add_argument("--bf16", action="store_true",
                    help="also score each variant saved in bfloat16 (as heads ship)")
@@ -248,11 +263,12 @@ def real_ab(args) -> dict:
     overlap = [str(p) for p in train if p.resolve() in held_files]
     if overlap:
         raise SystemExit(f"files both trained on and held out: {overlap}")
+    kinds = {v: parse_variant(v)[0] for v in args.variants.split(",")}  # checked up front
+    variants = list(kinds)
     n_train = sum(count_rows(p) for p in train)
     steps_per_epoch = n_train / 8
-    variants = args.variants.split(",")
-    steps = {v: max(1, round((args.ft_epochs if v == "medusa-ft" else args.epochs)
-                             * steps_per_epoch)) for v in variants}
+    steps = {v: max(1, round((args.ft_epochs if kind == "medusa-ft" else args.epochs)
+                             * steps_per_epoch)) for v, kind in kinds.items()}
     results = {"train_rows": n_train, "train_files": [str(p) for p in train],
                "heldout_files": {k: [str(p) for p in v] for k, v in sets.items()},
                "steps": steps, "epochs": args.epochs, "ft_epochs": args.ft_epochs,
