@@ -219,9 +219,12 @@ class MedusaTreeRunnerMixin(_RunnerBase):
             self._acceptance_params(sm),
         )
         self._last_node = res.last_node
-        self._compact_kv(spec_decode_metadata.num_draft_tokens, res.accepted_nodes)
-        proposer = cast(MedusaTreeProposer, self.drafter)
         nd = spec_decode_metadata.num_draft_tokens
+        if not any(nd):  # nothing drafted: no KV to move, no acceptance to observe
+            return SamplerOutput(sampled_token_ids=res.sampled_token_ids,
+                                 logprobs_tensors=res.logprobs_tensors)
+        self._compact_kv(nd, res.accepted_nodes)
+        proposer = cast(MedusaTreeProposer, self.drafter)
         if proposer.adaptive is not None:  # per-request acceptance -> next drafting depth
             proposer.observe(self.input_batch.req_ids[: len(nd)], nd, res.num_accepted.tolist())
         if proposer.online_fit is not None:  # per-node acceptance -> nodes_by_batch

@@ -6,7 +6,8 @@ for every other request. Here those rows are regrouped into the padded
 ``[B, N+1, V]`` view the pure :mod:`medusa_vllm.core.acceptance` functions take,
 the accepted path is chosen per request, and the output is laid out the way
 vLLM's bookkeeping expects: ``sampled_token_ids [B, D+1]`` holding the
-accepted draft tokens then the bonus token, ``-1`` padded.
+accepted draft tokens then the bonus token, ``-1`` padded. A step in which no
+request drafted is vLLM's plain sampling, one column wide.
 
 Bonus tokens of greedy / typical / draft-less rows come from vLLM's own
 ``Sampler`` applied to the logits row of the last accepted node, so those
@@ -44,8 +45,9 @@ _SAMPLING_EPS = 1e-5  # vLLM's Sampler treats temperature below this as greedy
 class VerifyOutput:
     """Per-request verification result, rows aligned with the input batch."""
 
-    sampled_token_ids: torch.Tensor  # [B, D+1] int32: accepted drafts then bonus, -1 padded
-    accepted_nodes: torch.Tensor  # [B, D+1] long: root(0)..last accepted node, -1 padded
+    # [B, D+1] ([B, 1] in a step without drafts):
+    sampled_token_ids: torch.Tensor  # int32: accepted drafts then bonus, -1 padded
+    accepted_nodes: torch.Tensor  # long: root(0)..last accepted node, -1 padded
     num_accepted: torch.Tensor  # [B] long: accepted draft tokens
     last_node: torch.Tensor  # [B] long: node whose hidden state feeds the heads next
     logprobs_tensors: LogprobsTensors | None = None  # rows = B*(D+1)
@@ -103,6 +105,8 @@ class MedusaTreeVerifier:
                 f"a request carries {max(num_draft_tokens)} draft tokens but the Medusa tree "
                 f"has {tree.num_nodes} nodes; num_speculative_tokens must equal the tree size"
             )
+        if not any(num_draft_tokens):  # a step with no drafts: every request just decodes
+            return self._plain_decode(logits, sampling_metadata)
         # index math in numpy (this runs once per step on the critical path)
         counts_np = np.asarray(num_draft_tokens, dtype=np.int64) + 1
         starts_np = np.cumsum(counts_np) - counts_np
@@ -168,4 +172,30 @@ class MedusaTreeVerifier:
             num_accepted=res.num_accepted,
             last_node=res.last_node,
             logprobs_tensors=logprobs,
+        )
+
+    def _plain_decode(self, logits: torch.Tensor, sampling_metadata: SamplingMetadata) -> VerifyOutput:
+        """No request carries drafts (e.g. a batch size at which ``tree: auto`` drafts
+        nothing): ``logits`` holds one row per request and the step is vLLM's own
+        sampling of it, with the same tokens, seeded generators and logprobs as the
+        general path, without its tree bookkeeping; one column, as vLLM's rejection
+        sampler returns for a step without drafts (then vLLM's bookkeeping takes its
+        plain-decode path too)."""
+        b, device = logits.shape[0], logits.device
+        k = sampling_metadata.max_num_logprobs
+        # raw rows, read before the sampler scales them in place
+        lp = None if k is None else self.sampler.compute_logprobs(logits.to(torch.float32))
+        sampled = self.sampler(
+            logits=logits,
+            sampling_metadata=replace(sampling_metadata, max_num_logprobs=None),
+            predict_bonus_token=True,
+        ).sampled_token_ids.reshape(b, 1).to(torch.long)
+        zeros = torch.zeros(b, dtype=torch.long, device=device)
+        return VerifyOutput(
+            sampled_token_ids=sampled.to(torch.int32),
+            accepted_nodes=zeros.unsqueeze(1),  # the root only
+            num_accepted=zeros,
+            last_node=zeros.clone(),
+            logprobs_tensors=None if lp is None else self.sampler.gather_logprobs(
+                lp, k, sampled.reshape(-1)),
         )
