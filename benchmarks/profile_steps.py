@@ -1,0 +1,121 @@
+"""Where an engine step's time goes: cProfile over one batch of greedy requests.
+
+One in-process engine (float32, eager, the embedded default model and heads) runs
+``--requests`` everyday requests of ``--max-tokens`` tokens with ``--max-num-seqs``
+in flight (vLLM's continuous batching refills the batch as requests finish): once
+to warm up (and, for ``ours``, to let the online refit settle), then once under
+cProfile. Prints the wall time, the steps, and the time per step in the backbone's
+GEMMs, vLLM's attention kernel, the rest of the forward pass, the sampling or tree
+verification, the drafter, the input preparation and the scheduler; and writes the
+raw profile (``--out``, for ``python -m pstats``). Run two configurations one after
+the other (never at once: two cores) and compare, e.g.::
+
+    VLLM_CPU_OMP_THREADS_BIND=0,1 .venv/bin/python benchmarks/profile_steps.py vanilla
+    VLLM_CPU_OMP_THREADS_BIND=0,1 .venv/bin/python benchmarks/profile_steps.py ours
+
+This is a profile, not a benchmark: one run each, not interleaved (``medusa-vllm
+bench`` measures speed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import time
+from pathlib import Path
+
+# (label, substrings of "file:line(function)" whose cumulative time it takes); the
+# first four are disjoint parts of the forward pass, the rest of the step's Python
+GROUPS = (
+    ("GEMMs (onednn_mm)", ("_custom_ops.py", "(onednn_mm)")),
+    ("attention kernel", ("_custom_ops.py", "(cpu_attention_with_kv_cache)")),
+    ("forward pass, all", ("gpu_model_runner.py", "(_model_forward)")),
+    ("logits", ("", "(compute_logits)")),
+    ("sampling / verification", ("", "(_sample)")),
+    ("drafter (propose_draft_token_ids)", ("gpu_model_runner.py", "(propose_draft_token_ids)")),
+    ("input preparation", ("gpu_model_runner.py", "(_prepare_inputs)")),
+    ("attention metadata", ("gpu_model_runner.py", "(_build_attention_metadata)")),
+    ("scheduler", ("scheduler.py", "(schedule)")),
+    ("scheduler update", ("scheduler.py", "(update_from_output)")),
+)
+
+
+def speculative_config(which: str, heads: str) -> dict | None:
+    return {
+        "vanilla": None,
+        "ours": {"method": "medusa_tree", "model": heads, "tree": "auto"},
+        "ngram": {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 2,
+                  "prompt_lookup_max": 3},
+    }[which]
+
+
+def breakdown(stats: pstats.Stats, steps: int) -> list[tuple[str, float]]:
+    """``(label, ms per step)`` of :data:`GROUPS` (the outermost match of each)."""
+    out = []
+    for label, (where, func) in GROUPS:
+        best = 0.0
+        for (path, line, name), (_, _, _, cum, _) in stats.stats.items():
+            key = f"{Path(path).name}:{line}({name})"
+            if key.endswith(func) and where in key:
+                best = max(best, cum)
+        out.append((label, 1000.0 * best / max(steps, 1)))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("config", choices=("vanilla", "ours", "ngram"))
+    ap.add_argument("--requests", type=int, default=128)
+    ap.add_argument("--max-num-seqs", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--out", type=Path, default=None,
+                    help="raw profile (default runs/profile_<config>_<max-num-seqs>.pstats)")
+    args = ap.parse_args()
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+
+    from vllm import LLM, SamplingParams
+
+    from medusa_vllm.tools.bench.prompts import EVERYDAY_PROMPTS
+    from medusa_vllm.tools.default_model import default_heads_dir, default_model_dir
+    from medusa_vllm.tools.engine_proc import chat_prompt, engine_kwargs
+
+    llm = LLM(**engine_kwargs(default_model_dir(), dtype="float32", max_model_len=2048,
+                              max_num_seqs=args.max_num_seqs,
+                              speculative_config=speculative_config(args.config,
+                                                                    str(default_heads_dir()))))
+    tok = llm.get_tokenizer()
+    chats = [chat_prompt(tok, [{"role": "user", "content": p}]) for p in EVERYDAY_PROMPTS]
+    prompts = [chats[i % len(chats)] for i in range(args.requests)]
+    sampling = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    llm.generate(prompts, sampling, use_tqdm=False)  # warm-up (and the online refit)
+    steps = 0
+    step = llm.llm_engine.step
+
+    def counted():
+        nonlocal steps
+        steps += 1
+        return step()
+
+    llm.llm_engine.step = counted
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    llm.generate(prompts, sampling, use_tqdm=False)
+    prof.disable()
+    wall = time.perf_counter() - t0
+    out = args.out or Path("runs") / f"profile_{args.config}_{args.max_num_seqs}.pstats"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    prof.dump_stats(out)
+    stats = pstats.Stats(prof)
+    print(f"{args.config}: {args.requests} requests x {args.max_tokens} tokens, "
+          f"max_num_seqs {args.max_num_seqs}: {wall:.2f} s (profiled), {steps} engine steps, "
+          f"{1000 * wall / max(steps, 1):.1f} ms per step; profile in {out}")
+    for label, ms in breakdown(stats, steps):
+        print(f"  {label:36s} {ms:8.2f} ms/step")
+
+
+if __name__ == "__main__":
+    main()
