@@ -16,7 +16,10 @@ with what the engine observes:
   node measured under any prefix holds for every prefix that contains it;
 - ``p[i] = (hits[i] + w * prior[i]) / (drafted[i] + w)``: the shipped
   probability counts as ``w`` pseudo-steps, so a few steps do not swing the fit;
-- every ``refit_every`` observed steps, per measured batch size ``b``, the BFS
+- every ``refit_every`` observed steps, or sooner once ``refit_observations``
+  requests have drafted since the last refit (at batch 16, 8 steps instead of 32:
+  the start-up table's drafts, priced with the shipped statistics, stop sooner when
+  they do not pay), per measured batch size ``b``, the BFS
   prefix ``n`` with the most expected tokens per unit of step time,
   ``(1 + p[0] + ... + p[n-1]) / step_cost(curves, b, paths[:n])``, or 0 (plain
   decoding) when none beats a plain step;
@@ -47,11 +50,13 @@ __all__ = [
     "DEFAULT_PROBE_EVERY",
     "DEFAULT_PROBE_ROWS",
     "DEFAULT_REFIT_EVERY",
+    "DEFAULT_REFIT_OBSERVATIONS",
     "OnlineNodeFit",
 ]
 
 DEFAULT_PRIOR_WEIGHT = 16.0  # pseudo-steps the shipped acceptance counts for
 DEFAULT_REFIT_EVERY = 32  # observed steps between refits
+DEFAULT_REFIT_OBSERVATIONS = 128  # drafting requests between refits, if sooner than that
 DEFAULT_PROBE_EVERY = 16  # proposals between probes one tree level past the table
 DEFAULT_PROBE_ROWS = 2  # requests that draft the probe level
 
@@ -72,6 +77,7 @@ class OnlineNodeFit:
     table: dict[int, int]
     prior_weight: float = DEFAULT_PRIOR_WEIGHT
     refit_every: int = DEFAULT_REFIT_EVERY
+    refit_observations: int = DEFAULT_REFIT_OBSERVATIONS
     probe_every: int = DEFAULT_PROBE_EVERY
     probe_rows: int = DEFAULT_PROBE_ROWS
     drafted: np.ndarray = field(init=False)
@@ -79,6 +85,8 @@ class OnlineNodeFit:
     steps: int = 0
     proposals: int = 0
     refits: int = 0
+    # (steps, drafting requests) at the last refit
+    _refit_at: tuple[int, int] = field(default=(0, 0), init=False, repr=False)
 
     def __post_init__(self) -> None:
         n = len(self.paths)
@@ -105,7 +113,8 @@ class OnlineNodeFit:
     def observe(self, num_draft_tokens: Sequence[int], accepted_nodes: np.ndarray) -> None:
         """One verified step: request ``r`` drafted BFS nodes ``1..num_draft_tokens[r]``
         (node 0 is the root) and accepted the nodes in ``accepted_nodes[r]`` (the
-        path from the root, ``-1`` padded). Refits every ``refit_every`` steps."""
+        path from the root, ``-1`` padded). Refits every ``refit_every`` steps, or
+        once ``refit_observations`` requests have drafted since the last refit."""
         nd = np.asarray(num_draft_tokens, dtype=np.int64)
         if not nd.size or not nd.any():
             return
@@ -118,7 +127,9 @@ class OnlineNodeFit:
         if on_path.size:
             self.hits += np.bincount(on_path - 1, minlength=n)[:n]
         self.steps += 1
-        if self.steps % self.refit_every == 0:
+        steps, drafting = self._refit_at
+        if (self.steps - steps >= self.refit_every
+                or int(self.drafted[0]) - drafting >= self.refit_observations):
             self.refit()
 
     def probabilities(self) -> np.ndarray:
@@ -138,6 +149,7 @@ class OnlineNodeFit:
             table[b] = best if speed[best] > 1.0 + 1e-9 else 0
         self.table = dict(sorted(table.items()))
         self.refits += 1
+        self._refit_at = (self.steps, int(self.drafted[0]) if self.drafted.size else 0)
         return table
 
     def nodes(self, batch_size: int) -> tuple[int, int, int]:

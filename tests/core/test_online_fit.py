@@ -100,3 +100,23 @@ def test_a_batch_size_the_curve_never_timed_keeps_its_no_drafts_bound():
     fit.observe([5], np.array([[0, 1, 3, 5]]))
     assert fit.refits == 1 and fit.table[1] > 0 and fit.table[16] > 0
     assert fit.table[64] == 0
+
+
+@pytest.mark.parametrize(("batch", "first_refit_step"), [(1, 32), (4, 32), (16, 8), (64, 2)])
+def test_large_batches_refit_after_enough_drafting_requests_not_32_steps(batch, first_refit_step):
+    # the start-up table drafts everywhere; nothing drafted is ever accepted. A batch of
+    # 16 has seen 128 drafting requests after 8 steps: that is the first refit there
+    fit = _fit([0.9] * 5, slope={1: 0.05, 16: 0.1})
+    assert (fit.refit_every, fit.refit_observations) == (32, 128)
+    refits_before = fit.refits
+    for step in range(1, 40):
+        fit.observe([5] * batch, np.array([[0, -1]] * batch))
+        if fit.refits > refits_before:
+            break
+    assert step == first_refit_step, fit.describe()
+    # and the next refit is counted from there
+    for _ in range(first_refit_step - 1):
+        fit.observe([5] * batch, np.array([[0, -1]] * batch))
+    assert fit.refits == refits_before + 1
+    fit.observe([5] * batch, np.array([[0, -1]] * batch))
+    assert fit.refits == refits_before + 2
