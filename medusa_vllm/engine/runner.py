@@ -211,15 +211,15 @@ class MedusaTreeRunnerMixin(_RunnerBase):
             return super()._sample(logits, spec_decode_metadata)
         assert logits is not None, "medusa_tree: tree verification needs the step's logits"
         sm = self.input_batch.sampling_metadata
+        nd = spec_decode_metadata.num_draft_tokens
         res = self.medusa_verifier(
-            spec_decode_metadata.num_draft_tokens,
+            nd,
             spec_decode_metadata.draft_token_ids,
             logits,
             sm,
-            self._acceptance_params(sm),
+            self._acceptance_params(sm) if any(nd) else None,  # per request; only for trees
         )
         self._last_node = res.last_node
-        nd = spec_decode_metadata.num_draft_tokens
         if not any(nd):  # nothing drafted: no KV to move, no acceptance to observe
             return SamplerOutput(sampled_token_ids=res.sampled_token_ids,
                                  logprobs_tensors=res.logprobs_tensors)

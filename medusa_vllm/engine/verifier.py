@@ -50,7 +50,7 @@ class VerifyOutput:
     accepted_nodes: torch.Tensor  # long: root(0)..last accepted node, -1 padded
     num_accepted: torch.Tensor  # [B] long: accepted draft tokens
     last_node: torch.Tensor  # [B] long: node whose hidden state feeds the heads next
-    logprobs_tensors: LogprobsTensors | None = None  # rows = B*(D+1)
+    logprobs_tensors: LogprobsTensors | None = None  # rows = B*(D+1) (B without drafts)
 
 
 def _expand(x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -91,10 +91,11 @@ class MedusaTreeVerifier:
         draft_token_ids: torch.Tensor,
         logits: torch.Tensor,
         sampling_metadata: SamplingMetadata,
-        params: AcceptanceParams,
+        params: AcceptanceParams | None,
     ) -> VerifyOutput:
         """``logits``: ``[Σ(n_r+1), V]`` rows per request in order;
-        ``draft_token_ids``: flat ``[Σ n_r]`` drafts (tree nodes 1..n_r)."""
+        ``draft_token_ids``: flat ``[Σ n_r]`` drafts (tree nodes 1..n_r); ``params``:
+        each request's acceptance rule (may be ``None`` when no request drafted)."""
         device = logits.device
         tree = self.tree
         b = len(num_draft_tokens)
@@ -107,6 +108,9 @@ class MedusaTreeVerifier:
             )
         if not any(num_draft_tokens):  # a step with no drafts: every request just decodes
             return self._plain_decode(logits, sampling_metadata)
+        if params is None:
+            raise ValueError("tree verification needs the requests' AcceptanceParams "
+                             "(None is only for a step without drafts)")
         # index math in numpy (this runs once per step on the critical path)
         counts_np = np.asarray(num_draft_tokens, dtype=np.int64) + 1
         starts_np = np.cumsum(counts_np) - counts_np

@@ -43,9 +43,9 @@ def test_a_step_without_drafts_is_vllms_own_sampling(temperature, logprobs):
     logits = torch.randn(B, V) * 3
     tree = MedusaTree([(0,), (1,), (0, 0)])
     verifier = MedusaTreeVerifier(Sampler(), tree)
-    params = AcceptanceParams.make("greedy", torch.tensor(temperature), batch_size=B)
+    # the runner builds no per-request acceptance rules for a step without drafts
     got = verifier([0] * B, torch.empty(0, dtype=torch.long), logits.clone(),
-                   _metadata(temperature, 7, logprobs), params)
+                   _metadata(temperature, 7, logprobs), None)
     # vanilla: vLLM's sampler on the same rows with the same seeds
     want = Sampler()(logits.clone(), _metadata(temperature, 7, logprobs))
     assert got.sampled_token_ids.shape == (B, 1)
@@ -73,3 +73,10 @@ def test_a_step_with_one_draft_takes_the_tree_path():
     assert got.num_accepted.tolist() == [1] + [0] * (B - 1)
     assert got.sampled_token_ids[0, :2].tolist() == [draft, int(logits[1].argmax())]
     assert got.sampled_token_ids[1:, 0].tolist() == logits[2:].argmax(-1).tolist()
+
+
+def test_a_step_with_drafts_needs_the_acceptance_rules():
+    verifier = MedusaTreeVerifier(Sampler(), MedusaTree([(0,), (1,), (0, 0)]))
+    with pytest.raises(ValueError, match="AcceptanceParams"):
+        verifier([1] + [0] * (B - 1), torch.tensor([3]), torch.randn(B + 1, V),
+                 _metadata([0.0] * B, None, None), None)
