@@ -26,8 +26,9 @@ import pstats
 import time
 from pathlib import Path
 
-# (label, substrings of "file:line(function)" whose cumulative time it takes); the
-# first four are disjoint parts of the forward pass, the rest of the step's Python
+# (label, substrings of "file:line(function)" whose cumulative time it takes): the
+# GEMMs and the attention kernel are parts of the forward pass; logits and the rest
+# are the step's other parts, outside it
 GROUPS = (
     ("GEMMs (onednn_mm)", ("_custom_ops.py", "(onednn_mm)")),
     ("attention kernel", ("_custom_ops.py", "(cpu_attention_with_kv_cache)")),

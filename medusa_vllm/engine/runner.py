@@ -212,23 +212,23 @@ class MedusaTreeRunnerMixin(_RunnerBase):
         assert logits is not None, "medusa_tree: tree verification needs the step's logits"
         sm = self.input_batch.sampling_metadata
         nd = spec_decode_metadata.num_draft_tokens
+        drafted = any(nd)
         res = self.medusa_verifier(
             nd,
             spec_decode_metadata.draft_token_ids,
             logits,
             sm,
-            self._acceptance_params(sm) if any(nd) else None,  # per request; only for trees
+            self._acceptance_params(sm) if drafted else None,  # per request; only for trees
         )
         self._last_node = res.last_node
-        if not any(nd):  # nothing drafted: no KV to move, no acceptance to observe
-            return SamplerOutput(sampled_token_ids=res.sampled_token_ids,
-                                 logprobs_tensors=res.logprobs_tensors)
-        self._compact_kv(nd, res.accepted_nodes)
-        proposer = cast(MedusaTreeProposer, self.drafter)
-        if proposer.adaptive is not None:  # per-request acceptance -> next drafting depth
-            proposer.observe(self.input_batch.req_ids[: len(nd)], nd, res.num_accepted.tolist())
-        if proposer.online_fit is not None:  # per-node acceptance -> nodes_by_batch
-            proposer.observe_nodes(nd, res.accepted_nodes, self.input_batch.req_ids[: len(nd)])
+        if drafted:  # else no KV to move and no acceptance to observe
+            self._compact_kv(nd, res.accepted_nodes)
+            proposer = cast(MedusaTreeProposer, self.drafter)
+            if proposer.adaptive is not None:  # per-request acceptance -> next drafting depth
+                proposer.observe(self.input_batch.req_ids[: len(nd)], nd,
+                                 res.num_accepted.tolist())
+            if proposer.online_fit is not None:  # per-node acceptance -> nodes_by_batch
+                proposer.observe_nodes(nd, res.accepted_nodes, self.input_batch.req_ids[: len(nd)])
         return SamplerOutput(
             sampled_token_ids=res.sampled_token_ids,
             logprobs_tensors=res.logprobs_tensors,

@@ -149,12 +149,7 @@ class MedusaTreeVerifier:
 
         # Bonus tokens through vLLM's own sampler on the last accepted node's row.
         bonus_rows = row_index.gather(1, res.last_node.unsqueeze(1)).squeeze(1)
-        bonus_out = self.sampler(
-            logits=logits[bonus_rows],
-            sampling_metadata=replace(sampling_metadata, max_num_logprobs=None),
-            predict_bonus_token=True,
-        )
-        bonus = bonus_out.sampled_token_ids.reshape(b).to(torch.long)
+        bonus = self._sample_rows(logits[bonus_rows], sampling_metadata).reshape(b)
         keep_residual = rejection_rows.to(device) & (counts.to(device) > 1)
         bonus = torch.where(keep_residual, res.bonus_tokens, bonus)
 
@@ -178,6 +173,15 @@ class MedusaTreeVerifier:
             logprobs_tensors=logprobs,
         )
 
+    def _sample_rows(self, logits: torch.Tensor, sampling_metadata: SamplingMetadata) -> torch.Tensor:
+        """vLLM's sampler on one row per request (it may scale ``logits`` in place);
+        the sampled tokens, long. Logprobs are the caller's (from the raw rows)."""
+        return self.sampler(
+            logits=logits,
+            sampling_metadata=replace(sampling_metadata, max_num_logprobs=None),
+            predict_bonus_token=True,
+        ).sampled_token_ids.to(torch.long)
+
     def _plain_decode(self, logits: torch.Tensor, sampling_metadata: SamplingMetadata) -> VerifyOutput:
         """No request carries drafts (e.g. a batch size at which ``tree: auto`` drafts
         nothing): ``logits`` holds one row per request and the step is vLLM's own
@@ -189,11 +193,7 @@ class MedusaTreeVerifier:
         k = sampling_metadata.max_num_logprobs
         # raw rows, read before the sampler scales them in place
         lp = None if k is None else self.sampler.compute_logprobs(logits.to(torch.float32))
-        sampled = self.sampler(
-            logits=logits,
-            sampling_metadata=replace(sampling_metadata, max_num_logprobs=None),
-            predict_bonus_token=True,
-        ).sampled_token_ids.reshape(b, 1).to(torch.long)
+        sampled = self._sample_rows(logits, sampling_metadata).reshape(b, 1)
         zeros = torch.zeros(b, dtype=torch.long, device=device)
         return VerifyOutput(
             sampled_token_ids=sampled.to(torch.int32),
