@@ -14,8 +14,8 @@ store's files as they are). Held-out rows come from ``--heldout-set NAME=FILE[,F
 (repeatable, each set scored on its own), or else the last ``--heldout`` rows of a single
 ``--data`` file. Every variant shares one hidden-state cache (Medusa-1, frozen
 backbone) and the same steps per epoch: ``medusa`` and ``hydra`` from scratch,
-``medusa-ft`` continues ``--reference`` (the shipped heads, trained on other, larger
-data) for ``--ft-epochs`` at ``--ft-lr``. ``--reference`` heads are also scored on the
+``medusa-ft`` / ``hydra-ft`` continue ``--reference`` (the shipped heads of that type,
+trained on other, larger data) for ``--ft-epochs`` at ``--ft-lr``. ``--reference`` heads are also scored on the
 same held-out rows. Writes ``WORK/compare.json`` and prints a table.
 
 ``--tiny`` runs the same A/B on the tiny random Llama of the tests instead (seconds of
@@ -58,12 +58,12 @@ def train_one(args, variant: str, train: list[Path], steps: int) -> Path:
     if not (out / "cache").exists():
         os.symlink(shared.resolve(), out / "cache")
     kind, vocab = parse_variant(variant)
-    fine_tune = kind == "medusa-ft"
+    fine_tune = kind.endswith("-ft")
     if fine_tune and args.reference is None:
-        raise SystemExit("variant medusa-ft continues the --reference heads: pass --reference")
+        raise SystemExit(f"variant {kind} continues the --reference heads: pass --reference")
     cfg = TrainConfig(
         model=str(args.model), output=str(out), data=[str(p) for p in train],
-        head_type="hydra" if kind == "hydra" else "medusa", num_heads=4,
+        head_type="hydra" if kind.startswith("hydra") else "medusa", num_heads=4,
         num_layers=args.num_layers, draft_vocab_size=vocab,
         heads_init=str(args.reference) if fine_tune else None,
         seq_len=args.seq_len, batch_size=8, max_steps=steps,
@@ -80,9 +80,9 @@ def parse_variant(variant: str) -> tuple[str, int]:
     """``hydra`` or ``hydra:8192``: the head type and its draft vocabulary (4,096 unless
     named)."""
     kind, _, vocab = variant.partition(":")
-    if kind not in ("medusa", "hydra", "medusa-ft"):
-        raise SystemExit(f"--variants: unknown variant {kind!r}; expected medusa, hydra or "
-                         "medusa-ft, optionally with :DRAFT_VOCAB (e.g. hydra:8192)")
+    if kind not in ("medusa", "hydra", "medusa-ft", "hydra-ft"):
+        raise SystemExit(f"--variants: unknown variant {kind!r}; expected medusa, hydra, "
+                         "medusa-ft or hydra-ft, optionally with :DRAFT_VOCAB (e.g. hydra:8192)")
     if vocab and not vocab.isdigit():
         raise SystemExit(f"--variants {variant!r}: the draft vocabulary after ':' must be a "
                          "number of tokens")
@@ -200,8 +200,8 @@ def main() -> None:
     p.add_argument("--heldout-set", action="append", default=[],
                    help="NAME=FILE[,FILE...]: a held-out set scored on its own (repeatable)")
     p.add_argument("--variants", default="medusa,hydra",
-                   help="comma-separated: medusa, hydra (from scratch), medusa-ft "
-                        "(continues --reference); ':N' sets a variant's draft vocabulary "
+                   help="comma-separated: medusa, hydra (from scratch), medusa-ft, hydra-ft "
+                        "(continue --reference); ':N' sets a variant's draft vocabulary "
                         "(default 4096), e.g. hydra:8192")
     p.add_argument("--ft-epochs", type=float, default=2.0)
     p.add_argument("--bf16", action="store_true",
@@ -267,7 +267,7 @@ def real_ab(args) -> dict:
     variants = list(kinds)
     n_train = sum(count_rows(p) for p in train)
     steps_per_epoch = n_train / 8
-    steps = {v: max(1, round((args.ft_epochs if kind == "medusa-ft" else args.epochs)
+    steps = {v: max(1, round((args.ft_epochs if kind.endswith("-ft") else args.epochs)
                              * steps_per_epoch)) for v, kind in kinds.items()}
     results = {"train_rows": n_train, "train_files": [str(p) for p in train],
                "heldout_files": {k: [str(p) for p in v] for k, v in sets.items()},

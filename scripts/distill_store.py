@@ -10,6 +10,12 @@ missing):
   (:mod:`medusa_vllm.training.everyday`), part of them written by the backbone
   itself from topic seeds (the requests are kept in ``--work`` so a rerun answers
   the same ones), the rest from templates;
+* ``topics-heldout`` / ``topics-train``: everyday requests on common WordNet nouns,
+  templates chosen by the noun's kind (:mod:`medusa_vllm.training.topics`); no topic
+  shares a word with the benchmark's everyday prompts;
+* ``bench-everyday`` (only with ``--store`` elsewhere: never training data): the
+  benchmark's own everyday prompts (``medusa-vllm bench --prompts everyday``), answered
+  the same way, to score heads on exactly what the bench measures;
 * ``corpus-heldout`` / ``corpus-train``: the default-heads recipe's corpus prompts,
   drawn exactly as ``scripts/train_default_heads.py`` draws them (held-out split; the
   greedy train prompts ``train_prompts`` + the extra chunks, not the sampled set), so
@@ -90,6 +96,28 @@ def everyday_items(args, engine: ChunkedEngine, tok, split: str, n: int) -> list
             for r in reqs]
 
 
+def topic_items(tok, split: str, n: int, seed: int) -> list[StoreItem]:
+    import re
+
+    from medusa_vllm.tools.bench.prompts import EVERYDAY_PROMPTS
+    from medusa_vllm.training import everyday as ev
+    from medusa_vllm.training import topics as tp
+
+    topics = tp.load_wordnet_topics(ev.load_word_list(), tok)
+    bench_words = {w for p in EVERYDAY_PROMPTS for w in re.findall(r"[a-z]+", p.lower())}
+    reqs = tp.topic_requests(topics, n, seed=seed, split=split, exclude_words=bench_words,
+                             skip={ev.dedupe_key(p) for p in EVERYDAY_PROMPTS})
+    return [StoreItem(r.messages(), {k: v for k, v in r.to_dict().items() if k != "text"})
+            for r in reqs]
+
+
+def bench_items() -> list[StoreItem]:
+    from medusa_vllm.tools.bench.prompts import EVERYDAY_PROMPTS
+
+    return [StoreItem([{"role": "user", "content": p}], {"bench_index": i})
+            for i, p in enumerate(EVERYDAY_PROMPTS)]
+
+
 def corpus_items(split: str, recipe, n: int) -> list[StoreItem]:
     from medusa_vllm.training.prompts import build_prompt_records
 
@@ -118,6 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--everyday-train", type=int, default=0, metavar="N")
     ap.add_argument("--corpus-train", type=int, default=0, metavar="N",
                     help="the first N greedy train prompts of the recipe")
+    ap.add_argument("--topics-heldout", type=int, default=0, metavar="N")
+    ap.add_argument("--topics-train", type=int, default=0, metavar="N")
+    ap.add_argument("--bench-everyday", action="store_true",
+                    help="answer the bench's everyday prompts (an evaluation set: refused "
+                         "for the package's store, which is training data)")
     ap.add_argument("--written-fraction", type=float, default=0.5,
                     help="share of everyday requests the backbone writes (the rest: templates)")
     ap.add_argument("--writer-temperature", type=float, default=0.7)
@@ -132,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     from medusa_vllm.tools.default_model import default_model_dir
     from medusa_vllm.training.default_heads.recipe import Recipe
 
+    if args.bench_everyday and Path(args.store).resolve() == STORE_DIR.resolve():
+        ap.error("--bench-everyday writes the benchmark's own prompts: give another --store "
+                 "(the package's store is training data)")
     prepare_engine_env()
     recipe = Recipe()
     model = default_model_dir()
@@ -141,7 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     deadline = deadline_of(args.until)
     common = {"max_tokens": recipe.max_tokens, "chunk": args.chunk, "deadline": deadline, "log": log}
     plan = [("everyday", "heldout", args.everyday_heldout), ("corpus", "heldout", args.corpus_heldout),
-            ("everyday", "train", args.everyday_train), ("corpus", "train", args.corpus_train)]
+            ("everyday", "train", args.everyday_train), ("corpus", "train", args.corpus_train),
+            ("topics", "heldout", args.topics_heldout), ("topics", "train", args.topics_train),
+            ("bench", "everyday", 1 if args.bench_everyday else 0)]
     for source, split, n in plan:
         if n <= 0:
             continue
@@ -157,6 +195,17 @@ def main(argv: list[str] | None = None) -> int:
                 rec["writer"] = {"temperature": args.writer_temperature, "top_p": 0.95,
                                  "max_tokens": 48}
             src = "everyday requests: /usr/share/dict/words topics x request kinds"
+        elif source == "topics":
+            items = topic_items(tok, split, n, args.seed)
+            rec = {"builder": "medusa_vllm.training.topics.topic_requests", "split": split, "n": n,
+                   "seed": args.seed, "exclude": "words of medusa_vllm.tools.bench.prompts."
+                   "EVERYDAY_PROMPTS"}
+            src = ("everyday requests: WordNet nouns (wordnet-base) x request kinds, templates "
+                   "by the noun's lexicographer file")
+        elif source == "bench":
+            items, name = bench_items(), "bench-everyday"
+            rec = {"builder": "medusa_vllm.tools.bench.prompts.EVERYDAY_PROMPTS"}
+            src = "the bench's own everyday prompts (evaluation only)"
         else:
             items = corpus_items(split, recipe, n)
             rec = {"builder": "medusa_vllm.training.prompts.build_prompt_records", "split": split,

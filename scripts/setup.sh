@@ -47,6 +47,7 @@ fi
 if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   pkgs=$("$VENV/bin/python" -c "from medusa_vllm.training.corpora.common import APT_PACKAGES; print(' '.join(APT_PACKAGES))")
   pkgs="$pkgs wamerican"  # /usr/share/dict/words: topic seeds of medusa_vllm.training.everyday
+  pkgs="$pkgs wordnet-base"  # /usr/share/wordnet: noun topics of medusa_vllm.training.topics
   if ! dpkg -s $pkgs >/dev/null 2>&1; then
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $pkgs) \
       || echo "[setup] warning: could not install the corpora packages ($pkgs); prompt building needs them"
