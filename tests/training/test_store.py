@@ -124,10 +124,23 @@ def test_committed_store_matches_its_manifest():
     for e in entries:
         assert e.generator["model"] == "SmolLM2-135M-Instruct"
         assert e.generator["dtype"] == "float32"
-    for source in ("everyday", "corpus"):
-        held = {r["key"] for r in store.rows(f"{source}-heldout")}
-        train = {r["key"] for r in store.rows(f"{source}-train")}
-        assert not held & train
+    train = {r["key"] for name in counts if name.endswith("-train") for r in store.rows(name)}
+    for name in counts:
+        if name.endswith("-heldout"):
+            assert not {r["key"] for r in store.rows(name)} & train, name
+    # the WordNet-topic requests share no topic word with the bench's everyday prompts
+    if "topics-train" in counts:
+        import re
+
+        from medusa_vllm.tools.bench.prompts import EVERYDAY_PROMPTS
+
+        bench = {w for p in EVERYDAY_PROMPTS for w in re.findall(r"[a-z]+", p.lower())}
+        for name in ("topics-train", "topics-heldout"):
+            rows = list(store.rows(name))
+            assert rows and all(r["meta"]["source"].startswith("wordnet:") for r in rows)
+            assert not {w for r in rows for w in r["meta"]["topic"].split()} & bench
+        held_topics = {r["meta"]["topic"] for r in store.rows("topics-heldout")}
+        assert not held_topics & {r["meta"]["topic"] for r in store.rows("topics-train")}
 
 
 def test_generate_distill_data_reads_the_store_first(tmp_path, tiny, monkeypatch):
