@@ -63,6 +63,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CONTEXT_TOKENS",
     "MAX_SECONDS",
+    "MAX_SECONDS_ENV",
     "NOISE_LIMIT",
     "NOISE_LIMIT_ENV",
     "REPEATS",
@@ -70,6 +71,7 @@ __all__ = [
     "WARMUP_TOKENS",
     "curve_key",
     "fit_tree_at_startup",
+    "max_seconds",
     "measure_cost_curves",
     "noise_limit",
 ]
@@ -83,24 +85,37 @@ REPEATS = 4  # timed rounds (after the untimed one) while time remains; a point 
 MAX_SECONDS = 20.0  # measurement wall-clock bound (a busy machine gets a coarser curve)
 NOISE_LIMIT = 0.15  # rounds further apart than this (CostCurves.noise): used, never cached
 NOISE_LIMIT_ENV = "MEDUSA_VLLM_COST_CURVE_NOISE_LIMIT"  # overrides NOISE_LIMIT (e.g. "0.3")
+MAX_SECONDS_ENV = "MEDUSA_VLLM_COST_CURVE_MAX_SECONDS"  # overrides MAX_SECONDS (e.g. "60")
+
+
+def _env_number(name: str, default: float, example: str) -> float:
+    """The number >= 0 in ``$name``, else ``default``; anything else is refused."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0.0:  # also refuses nan
+        raise MedusaConfigError(f"{name}={raw!r}: expected a number >= 0 ({example}); unset it "
+                                f"for the default {default}")
+    return value
 
 
 def noise_limit() -> float:
     """How far apart a curve's rounds may lie and still be cached: the fraction in
     ``$MEDUSA_VLLM_COST_CURVE_NOISE_LIMIT`` (for a machine that is never quiet, e.g. a
     shared CI runner), else :data:`NOISE_LIMIT`."""
-    raw = os.environ.get(NOISE_LIMIT_ENV, "").strip()
-    if not raw:
-        return NOISE_LIMIT
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not value >= 0.0:  # also refuses nan
-        raise MedusaConfigError(
-            f"{NOISE_LIMIT_ENV}={raw!r}: expected a fraction >= 0 (e.g. 0.3 caches curves "
-            f"whose rounds lie up to 30 % apart); unset it for the default {NOISE_LIMIT}")
-    return value
+    return _env_number(NOISE_LIMIT_ENV, NOISE_LIMIT,
+                       "e.g. 0.3 caches curves whose rounds lie up to 30 % apart")
+
+
+def max_seconds() -> float:
+    """The measurement's wall-clock bound: ``$MEDUSA_VLLM_COST_CURVE_MAX_SECONDS`` (for a
+    machine where one batch size takes longer, e.g. TP over processes on a slow host),
+    else :data:`MAX_SECONDS`."""
+    return _env_number(MAX_SECONDS_ENV, MAX_SECONDS, "seconds, e.g. 60")
 
 
 def _tp_group() -> Any:
@@ -300,6 +315,7 @@ def fit_tree_at_startup(runner: MedusaTreeRunnerMixin) -> EngineTreeFit | None:
             "which this engine disabled (data parallelism?); pass an explicit tree (e.g. "
             "tree='sparse-16' or the medusa_choices the log of a single-replica run shows)")
     limit = noise_limit()  # a bad value refuses before anything is timed
+    budget = max_seconds()
     group = _tp_group()
     rank0 = group is None or group.rank_in_group == 0
     start = time.perf_counter()
@@ -327,8 +343,8 @@ def fit_tree_at_startup(runner: MedusaTreeRunnerMixin) -> EngineTreeFit | None:
             sizes = sorted({p.batch_size for p in missing})
             logger.info("medusa_tree: tree='auto': timing %d engine step shapes (batch sizes "
                         "%s) on %s for the cost curve (at most %.0f s; cached afterwards)",
-                        len(missing), sizes, key.describe(), MAX_SECONDS)
-        measured = measure_cost_curves(runner, missing, group=group)
+                        len(missing), sizes, key.describe(), budget)
+        measured = measure_cost_curves(runner, missing, max_seconds=budget, group=group)
         curves = CostCurves.from_dict(_broadcast(group, measured.to_dict() if rank0 else None))
         origin = f"measured now in {curves.seconds:.1f} s (rounds {curves.noise:.0%} apart)"
         if known is not None:
@@ -336,7 +352,7 @@ def fit_tree_at_startup(runner: MedusaTreeRunnerMixin) -> EngineTreeFit | None:
             origin += f", batch sizes {known.batch_sizes} from {cache_path(key)}"
         if not curves.complete:
             origin += (f"; only {len(curves.batch_sizes)} batch size(s) timed within "
-                       f"{MAX_SECONDS:.0f} s, the machine is busy: not cached")
+                       f"{budget:.0f} s, the machine is busy: not cached")
         elif curves.noise > limit:
             origin += (f"; rounds more than {limit:.0%} apart, the machine is busy: "
                        f"not cached (the next start times it again; {NOISE_LIMIT_ENV} "

@@ -320,3 +320,14 @@ def test_the_noise_limit_can_be_raised_for_a_machine_that_is_never_quiet(
         monkeypatch.setenv(cc.NOISE_LIMIT_ENV, bad)
         with pytest.raises(MedusaConfigError, match=cc.NOISE_LIMIT_ENV):
             cc.fit_tree_at_startup(NoisyRunner(_config(stats_heads), fake_clock, delays))
+
+
+def test_the_time_bound_can_be_raised_and_bad_values_are_refused(monkeypatch):
+    monkeypatch.delenv(cc.MAX_SECONDS_ENV, raising=False)
+    assert cc.max_seconds() == cc.MAX_SECONDS
+    monkeypatch.setenv(cc.MAX_SECONDS_ENV, "90")
+    assert cc.max_seconds() == 90.0
+    for bad in ("soon", "-1", "nan"):
+        monkeypatch.setenv(cc.MAX_SECONDS_ENV, bad)
+        with pytest.raises(MedusaConfigError, match=cc.MAX_SECONDS_ENV):
+            cc.max_seconds()
