@@ -223,7 +223,8 @@ def load_wordnet_topics(words: Iterable[str], tokenizer, root: str | Path = WORD
             continue
         p = line.split()
         lemma, nsyn = p[0], int(p[2])
-        group = GROUPS.get(lexfile.get(p[-nsyn], -1))  # the first sense is the most frequent
+        lex = lexfile.get(p[-nsyn], -1)  # the first sense is the most frequent
+        group = GROUPS.get(lex)
         parts = lemma.split("_")
         if group is None or len(parts) > 2 or not all(
                 x.isascii() and x.isalpha() and x.islower() and x in listed and len(x) >= 3
@@ -239,7 +240,7 @@ def load_wordnet_topics(words: Iterable[str], tokenizer, root: str | Path = WORD
             continue  # a rare compound ("peace pipe")
         if len(parts) == 1 and noun < MIN_TAGGED and ids[0][0] >= max_token_id:
             continue  # a rare word
-        out.append(Topic(" ".join(parts), group, lexfile[p[-nsyn]]))
+        out.append(Topic(" ".join(parts), group, lex))
     if not out:
         raise MissingWordNet(f"{root}: no usable topics")
     return sorted(out, key=lambda t: t.text)
