@@ -13,6 +13,11 @@ the other (never at once: two cores) and compare, e.g.::
     VLLM_CPU_OMP_THREADS_BIND=0,1 .venv/bin/python benchmarks/profile_steps.py vanilla
     VLLM_CPU_OMP_THREADS_BIND=0,1 .venv/bin/python benchmarks/profile_steps.py ours
 
+``--step-times`` replaces cProfile by a wall clock around each engine step and
+groups the steps that carry no prefill by batch size and drafted tokens per
+request: the mean step time of a drafted batch-16 step beside an undrafted one,
+without the profiler's overhead.
+
 This is a profile, not a benchmark: one run each, not interleaved (``medusa-vllm
 bench`` measures speed).
 """
@@ -21,9 +26,12 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import json
 import os
 import pstats
+import statistics
 import time
+from collections import defaultdict
 from pathlib import Path
 
 # (label, substrings of "file:line(function)" whose cumulative time it takes): the
@@ -65,6 +73,73 @@ def breakdown(stats: pstats.Stats, steps: int) -> list[tuple[str, float]]:
     return out
 
 
+# the model runner's parts of a step, timed by wall clock in --step-times
+RUNNER_PARTS = ("execute_model", "_prepare_inputs", "_build_attention_metadata", "_model_forward",
+                "sample_tokens", "_sample", "_compact_kv", "propose_draft_token_ids")
+
+
+def time_runner_parts(llm) -> dict[str, float]:
+    """Wrap the in-process model runner's :data:`RUNNER_PARTS` with wall clocks;
+    the returned dict accumulates seconds per part while the wrappers stay on."""
+    worker = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker
+    runner = worker.model_runner
+    totals = {name: 0.0 for name in RUNNER_PARTS}
+    totals["compute_logits"] = 0.0
+
+    def wrap(obj, name: str) -> None:
+        orig = getattr(obj, name, None)
+        if orig is None:
+            return
+
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return orig(*a, **k)
+            finally:
+                totals[name] += time.perf_counter() - t0
+
+        setattr(obj, name, timed)
+
+    for name in RUNNER_PARTS:
+        wrap(runner, name)
+    wrap(runner.model, "compute_logits")
+    return totals
+
+
+def time_steps(llm, run) -> dict[tuple[int, int], list[float]]:
+    """Run ``run()`` with a wall clock around each engine step; ``{(requests, drafted
+    tokens per request): [ms, ...]}`` over the steps that scheduled no prefill."""
+    core = llm.llm_engine.engine_core.engine_core  # in-process EngineCore
+    schedule, step_fn = core.scheduler.schedule, core.step_fn
+    last: list = []
+    times: dict[tuple[int, int], list[float]] = defaultdict(list)
+
+    def scheduled(*a, **k):
+        out = schedule(*a, **k)
+        last[:] = [out]
+        return out
+
+    def timed():
+        t0 = time.perf_counter()
+        result = step_fn()
+        ms = 1000 * (time.perf_counter() - t0)
+        if last:
+            so = last[0]
+            spec = {r: len(t) for r, t in so.scheduled_spec_decode_tokens.items()}
+            if all(n == 1 + spec.get(r, 0) for r, n in so.num_scheduled_tokens.items()):
+                reqs = len(so.num_scheduled_tokens)
+                drafted = round(sum(spec.values()) / max(reqs, 1))
+                times[(reqs, drafted)].append(ms)
+        return result
+
+    core.scheduler.schedule, core.step_fn = scheduled, timed
+    try:
+        run()
+    finally:
+        core.scheduler.schedule, core.step_fn = schedule, step_fn
+    return times
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("config", choices=("vanilla", "ours", "ngram"))
@@ -73,6 +148,12 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--out", type=Path, default=None,
                     help="raw profile (default runs/profile_<config>_<max-num-seqs>.pstats)")
+    ap.add_argument("--spec", default=None,
+                    help="ours with these extra medusa_tree options (JSON), e.g. "
+                         "'{\"tree\": \"chain-1\", \"nodes_by_batch\": \"off\"}'")
+    ap.add_argument("--dtype", default="float32", help="engine dtype (bfloat16 where the CPU has it)")
+    ap.add_argument("--step-times", action="store_true",
+                    help="time each engine step instead of profiling (see the module doc)")
     args = ap.parse_args()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
@@ -83,15 +164,35 @@ def main() -> None:
     from medusa_vllm.tools.default_model import default_heads_dir, default_model_dir
     from medusa_vllm.tools.engine_proc import chat_prompt, engine_kwargs
 
-    llm = LLM(**engine_kwargs(default_model_dir(), dtype="float32", max_model_len=2048,
+    spec = speculative_config(args.config, str(default_heads_dir()))
+    if args.spec:
+        if spec is None or spec.get("method") != "medusa_tree":
+            ap.error("--spec adds medusa_tree options: use it with 'ours'")
+        spec.update(json.loads(args.spec))
+    llm = LLM(**engine_kwargs(default_model_dir(), dtype=args.dtype, max_model_len=2048,
                               max_num_seqs=args.max_num_seqs,
-                              speculative_config=speculative_config(args.config,
-                                                                    str(default_heads_dir()))))
+                              speculative_config=spec))
     tok = llm.get_tokenizer()
     chats = [chat_prompt(tok, [{"role": "user", "content": p}]) for p in EVERYDAY_PROMPTS]
     prompts = [chats[i % len(chats)] for i in range(args.requests)]
     sampling = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     llm.generate(prompts, sampling, use_tqdm=False)  # warm-up (and the online refit)
+    if args.step_times:
+        parts = time_runner_parts(llm)
+        t0 = time.perf_counter()
+        times = time_steps(llm, lambda: llm.generate(prompts, sampling, use_tqdm=False))
+        print(f"{args.config} ({args.dtype}): {args.requests} requests x {args.max_tokens} "
+              f"tokens, max_num_seqs {args.max_num_seqs}: {time.perf_counter() - t0:.2f} s")
+        print("  requests  drafted/req  steps  mean ms  median ms")
+        for (reqs, drafted), ms in sorted(times.items()):
+            if len(ms) >= 3:
+                print(f"  {reqs:8d}  {drafted:11d}  {len(ms):5d}  {statistics.fmean(ms):7.1f}  "
+                      f"{statistics.median(ms):9.1f}")
+        nsteps = sum(len(ms) for ms in times.values())
+        print(f"  runner parts, ms per step over all {nsteps} decode steps and any prefill:")
+        for name, sec in parts.items():
+            print(f"    {name:28s} {1000 * sec / max(nsteps, 1):7.2f}")
+        return
     steps = 0
     step = llm.llm_engine.step
 

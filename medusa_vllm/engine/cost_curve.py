@@ -56,6 +56,7 @@ from medusa_vllm.core.tree_fit import EngineTreeFit, fit_engine_tree, read_per_r
 from medusa_vllm.engine.hydra_draft import draft_tree
 from medusa_vllm.engine.options import ADDITIONAL_CONFIG_KEY, MedusaConfigError, MedusaTreeConfig
 from medusa_vllm.engine.tree_plan import TreeBatch
+from medusa_vllm.engine.verifier import target_argmax
 
 if TYPE_CHECKING:
     from medusa_vllm.engine.runner import MedusaTreeRunnerMixin
@@ -205,7 +206,7 @@ class _StepTimer:
                                      profile_seq_lens=self.context + t)
             logits = r.model.compute_logits(hidden[: b * t])
             if logits is not None:
-                logits.argmax(dim=-1)
+                target_argmax(logits)
             return time.perf_counter() - start
         finally:
             r.uniform_decode_query_len = saved

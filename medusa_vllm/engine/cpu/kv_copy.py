@@ -16,7 +16,8 @@ through the tile layout learned from vLLM's own ``cpu_attn_reshape_and_cache``
 layout whose op runs on this host, never requantize, and need no stashed K/V.
 All sources are read before any destination is written, so overlapping moves
 (a destination that is another move's source) are safe. One gather and one
-scatter per layer, batched over all requests.
+scatter per layer, batched over all requests, through flat element offsets
+computed once per step for all layers of the same cache shape.
 """
 
 from __future__ import annotations
@@ -40,6 +41,39 @@ def _slots_1d(x: torch.Tensor, name: str) -> torch.Tensor:
     return t.to(torch.long)
 
 
+def _checked_slots(
+    src_slots: torch.Tensor, dst_slots: torch.Tensor, num_slots: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    src = _slots_1d(src_slots, "src_slots")
+    dst = _slots_1d(dst_slots, "dst_slots")
+    if src.numel() != dst.numel():
+        raise ValueError(f"src_slots ({src.numel()}) and dst_slots ({dst.numel()}) must have the same length")
+    if src.numel() and dst.unique().numel() != dst.numel():
+        raise ValueError(f"dst_slots: duplicate destinations in {dst.tolist()}")
+    if src.numel():
+        lo, hi = int(torch.minimum(src.min(), dst.min())), int(torch.maximum(src.max(), dst.max()))
+        if lo < 0 or hi >= num_slots:
+            raise ValueError(f"slots must be in [0, {num_slots}) for this cache, found range [{lo}, {hi}]")
+    return src, dst
+
+
+def element_index(
+    slots: torch.Tensor, kv_shape: torch.Size, layout: CacheTileLayout
+) -> torch.Tensor:
+    """Flat element offsets ``[len(slots) * kv_heads * 2 * head_size]`` of the K and V
+    of ``slots`` in a contiguous ``[num_blocks, kv_heads, block_size, 2*head_size]``
+    cache laid out as ``layout``: the same for every layer of that shape."""
+    _, h, bs, _ = kv_shape
+    offs = layout.slot_offsets().to(slots.device)  # [BS, 2D] within a tile
+    tile = (slots // bs).view(-1, 1, 1) * h + torch.arange(h, device=slots.device).view(1, -1, 1)
+    return (tile * layout.tile_numel + offs[slots % bs].unsqueeze(1)).reshape(-1)
+
+
+def _copy_elements(kv_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+    flat = kv_cache.view(-1)
+    flat.index_copy_(0, dst, flat.index_select(0, src))  # every source read before any write
+
+
 def compact_layer(
     kv_cache: torch.Tensor,
     src_slots: torch.Tensor,
@@ -51,28 +85,14 @@ def compact_layer(
     ``kv_cache``: ``[num_blocks, kv_heads, block_size, 2*head_size]`` (vLLM's CPU
     layer view). Every other slot is left bit-identical.
     """
-    src = _slots_1d(src_slots, "src_slots")
-    dst = _slots_1d(dst_slots, "dst_slots")
-    if src.numel() != dst.numel():
-        raise ValueError(f"src_slots ({src.numel()}) and dst_slots ({dst.numel()}) must have the same length")
+    tile_view(kv_cache, layout, "compact_layer")  # shape / dtype check
+    nb, _, bs, _ = kv_cache.shape
+    src, dst = _checked_slots(src_slots, dst_slots, nb * bs)
     if src.numel() == 0:
         return
-    if dst.unique().numel() != dst.numel():
-        raise ValueError(f"dst_slots: duplicate destinations in {dst.tolist()}")
-    tiles = tile_view(kv_cache, layout, "compact_layer")  # [num_blocks, kv_heads, tile]
-    nb, h, bs, _ = kv_cache.shape
-    lo, hi = int(torch.minimum(src.min(), dst.min())), int(torch.maximum(src.max(), dst.max()))
-    if lo < 0 or hi >= nb * bs:
-        raise ValueError(f"slots must be in [0, {nb * bs}) for this cache, found range [{lo}, {hi}]")
-    offs = layout.slot_offsets().to(kv_cache.device)  # [BS, 2D]
-    heads = torch.arange(h, device=kv_cache.device).view(1, -1, 1)
     src, dst = src.to(kv_cache.device), dst.to(kv_cache.device)
-
-    def index(slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return (slots // bs).view(-1, 1, 1), heads, offs[slots % bs].unsqueeze(1)
-
-    values = tiles[index(src)]  # [M, H, 2D], a copy: every source read before any write
-    tiles[index(dst)] = values
+    _copy_elements(kv_cache, element_index(src, kv_cache.shape, layout),
+                   element_index(dst, kv_cache.shape, layout))
 
 
 def _attention_layers(runner: CPUModelRunner, group_id: int | None) -> list[tuple[str, object]]:
@@ -115,6 +135,9 @@ def compact_kv(
         return 0
     seen: set[int] = set()
     touched = 0
+    # the slots are checked and turned into element offsets once per cache shape and
+    # layout (every layer of a model shares them), not once per layer
+    index: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, layer in _attention_layers(runner, group_id):
         kv = getattr(layer, "kv_cache", None)
         if not isinstance(kv, torch.Tensor) or kv.numel() == 0 or kv.data_ptr() in seen:
@@ -132,6 +155,12 @@ def compact_kv(
                 f"[blocks, kv_heads, block_size, 2*head_size] (CPU_ATTN) caches are supported"
             )
         layout = probe_cache_layout(isa, kv.dtype, kv.shape[2], kv.shape[3] // 2)
-        compact_layer(kv, src, dst, layout)
+        key = (id(layout), tuple(kv.shape), kv.device)
+        if key not in index:
+            tile_view(kv, layout, "compact_kv")  # shape / dtype check
+            s_, d_ = _checked_slots(src, dst, kv.shape[0] * kv.shape[2])
+            s_, d_ = s_.to(kv.device), d_.to(kv.device)
+            index[key] = (element_index(s_, kv.shape, layout), element_index(d_, kv.shape, layout))
+        _copy_elements(kv, *index[key])
         touched += 1
     return touched
