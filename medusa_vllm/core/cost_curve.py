@@ -52,7 +52,8 @@ __all__ = [
 CURVE_DIR = "cost_curves"  # under cache_root()
 # Bump when what a measurement times changes: older cached curves are then ignored.
 # 2: several timed rounds, costs made monotone in size, the rounds' spread recorded.
-CURVE_FORMAT = 2
+# 3: a vanilla step timed slower than a pass with drafts is bounded by it (monotone()).
+CURVE_FORMAT = 3
 DEFAULT_BATCH_SIZES = (1, 4, 16, 64)
 DEFAULT_TREE_SIZES = (2, 4, 8, 16, 32, 64)
 
@@ -147,8 +148,15 @@ class CostCurves:
         """The curves made physically consistent. Timing noise only ever adds time, so a
         pass timed faster than a smaller one of the same kind bounds the smaller one too:
         each cost becomes the minimum over its own and every larger size (a timing of
-        ``tree 2:1.46 4:1.35`` becomes ``2:1.35 4:1.35``). A pass with drafts costs at
-        least a vanilla step: tree and chain costs below 1.0 become 1.0."""
+        ``tree 2:1.46 4:1.35`` becomes ``2:1.35 4:1.35``). Likewise a vanilla step (one
+        token per request) costs at most any pass with drafts at its batch size: where a
+        pass was timed below the vanilla step, that pass's time becomes the vanilla step's
+        and every ratio of the batch size is taken against it (a chain timed at 0.97 of
+        vanilla becomes 1.0, and the trees beside it dearer by 1/0.97). Session 19: on an
+        AVX-512-BF16 EPYC the 1-token dummy pass took 28.2 ms, a 5-token one 25.7 ms and
+        a real decode step 25 ms; clamping every cost at 1.0 instead priced a 4-chain and
+        an 8-node tree alike at 1.00 and the fit drafted the tree, whose real steps cost
+        1.8x vanilla's (the chain's 1.3x)."""
 
         def suffix_min(row: Mapping[int, float], floor: float) -> dict[int, float]:
             out: dict[int, float] = {}
@@ -158,11 +166,20 @@ class CostCurves:
                 out[n] = max(floor, low)
             return dict(sorted(out.items()))
 
+        # per batch size, the cheapest pass with drafts relative to the vanilla step
+        scale = {b: min(1.0, *self.tree.get(b, {}).values(), *self.chain.get(b, {}).values())
+                 for b in self.vanilla_s}
+
+        def rescaled(table: Mapping[int, Mapping[int, float]], floor: float):
+            return {b: suffix_min({n: c / scale.get(b, 1.0) for n, c in r.items()}, floor)
+                    for b, r in table.items()}
+
         return dataclasses.replace(
             self,
-            tree={b: suffix_min(r, 1.0) for b, r in self.tree.items()},
-            chain={b: suffix_min(r, 1.0) for b, r in self.chain.items()},
-            draft={b: suffix_min(r, 0.0) for b, r in self.draft.items()})
+            vanilla_s={b: s * scale[b] for b, s in self.vanilla_s.items()},
+            tree=rescaled(self.tree, 1.0),
+            chain=rescaled(self.chain, 1.0),
+            draft=rescaled(self.draft, 0.0))
 
     def merged(self, other: CostCurves) -> CostCurves:
         """These curves with ``other``'s batch sizes added (``other`` wins where both

@@ -270,16 +270,25 @@ def test_a_spike_in_one_round_is_dropped_and_costs_are_monotone(stats_heads, fak
     assert curves.noise == 0.0  # one point of three spread: the median point's rounds agree
 
 
-def test_costs_below_a_vanilla_step_become_one_and_sizes_stay_ordered():
+def test_costs_stay_ordered_and_a_pass_faster_than_vanilla_bounds_the_vanilla_step():
     from medusa_vllm.core.cost_curve import CostCurves
 
-    raw = CostCurves(vanilla_s={1: 0.04}, tree={1: {2: 1.46, 4: 1.35, 8: 1.85}},
-                     chain={1: {1: 0.97, 2: 1.20, 3: 1.16}}, draft={1: {1: 0.02, 2: 0.01}})
+    raw = CostCurves(vanilla_s={1: 0.04, 4: 0.05}, tree={1: {2: 1.46, 4: 1.35, 8: 1.85},
+                                                         4: {2: 1.5}},
+                     chain={1: {1: 0.97, 2: 1.20, 3: 1.16}, 4: {1: 1.2}},
+                     draft={1: {1: 0.02, 2: 0.01}, 4: {1: 0.01}})
     fixed = raw.monotone()
-    assert fixed.tree[1] == {2: 1.35, 4: 1.35, 8: 1.85}
-    assert fixed.chain[1] == {1: 1.0, 2: 1.16, 3: 1.16}
-    assert fixed.draft[1] == {1: 0.01, 2: 0.01}
-    assert raw.tree[1][2] == 1.46  # a copy: the measurement itself is kept
+    # batch 1: the 1-chain was timed at 0.97 of the vanilla step, so the vanilla step
+    # takes its time and every ratio at batch 1 is against it: the chain costs 1.0, the
+    # trees keep their distance above it
+    assert fixed.vanilla_s[1] == pytest.approx(0.04 * 0.97)
+    assert fixed.chain[1] == pytest.approx({1: 1.0, 2: 1.16 / 0.97, 3: 1.16 / 0.97})
+    assert fixed.tree[1] == pytest.approx({2: 1.35 / 0.97, 4: 1.35 / 0.97, 8: 1.85 / 0.97})
+    assert fixed.draft[1] == pytest.approx({1: 0.01 / 0.97, 2: 0.01 / 0.97})
+    # batch 4: nothing below vanilla, nothing changes
+    assert (fixed.vanilla_s[4], fixed.tree[4], fixed.chain[4], fixed.draft[4]) == (
+        0.05, {2: 1.5}, {1: 1.2}, {1: 0.01})
+    assert raw.tree[1][2] == 1.46 and raw.vanilla_s[1] == 0.04  # a copy: the measurement is kept
 
 
 def test_a_noisy_curve_steers_this_engine_but_is_not_cached(
