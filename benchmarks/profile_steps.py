@@ -1,6 +1,6 @@
 """Where an engine step's time goes: cProfile over one batch of greedy requests.
 
-One in-process engine (float32, eager, the embedded default model and heads) runs
+One in-process engine (float32 unless ``--dtype``, eager, the embedded default model and heads) runs
 ``--requests`` everyday requests of ``--max-tokens`` tokens with ``--max-num-seqs``
 in flight (vLLM's continuous batching refills the batch as requests finish): once
 to warm up (and, for ``ours``, to let the online refit settle), then once under

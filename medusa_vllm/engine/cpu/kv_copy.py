@@ -70,6 +70,11 @@ def element_index(
 
 
 def _copy_elements(kv_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+    if not kv_cache.is_contiguous():  # vLLM's CPU_ATTN layer caches are (LBHNC, one layer)
+        raise NotImplementedError(
+            f"KV compaction: a layer cache with strides {kv_cache.stride()} is not contiguous; "
+            f"only vLLM's CPU_ATTN layout (one contiguous [blocks, kv_heads, block_size, "
+            f"2*head_size] tensor per layer) is supported")
     flat = kv_cache.view(-1)
     flat.index_copy_(0, dst, flat.index_select(0, src))  # every source read before any write
 
