@@ -48,9 +48,9 @@ def _checked_slots(
     dst = _slots_1d(dst_slots, "dst_slots")
     if src.numel() != dst.numel():
         raise ValueError(f"src_slots ({src.numel()}) and dst_slots ({dst.numel()}) must have the same length")
-    if src.numel() and dst.unique().numel() != dst.numel():
-        raise ValueError(f"dst_slots: duplicate destinations in {dst.tolist()}")
     if src.numel():
+        if dst.unique().numel() != dst.numel():
+            raise ValueError(f"dst_slots: duplicate destinations in {dst.tolist()}")
         lo, hi = int(torch.minimum(src.min(), dst.min())), int(torch.maximum(src.max(), dst.max()))
         if lo < 0 or hi >= num_slots:
             raise ValueError(f"slots must be in [0, {num_slots}) for this cache, found range [{lo}, {hi}]")
@@ -67,6 +67,20 @@ def element_index(
     offs = layout.slot_offsets().to(slots.device)  # [BS, 2D] within a tile
     tile = (slots // bs).view(-1, 1, 1) * h + torch.arange(h, device=slots.device).view(1, -1, 1)
     return (tile * layout.tile_numel + offs[slots % bs].unsqueeze(1)).reshape(-1)
+
+
+def _compaction_index(
+    kv_cache: torch.Tensor, src_slots: torch.Tensor, dst_slots: torch.Tensor,
+    layout: CacheTileLayout, where: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checked flat element offsets (sources, destinations) of a compaction in
+    ``kv_cache`` (and in every cache of its shape and layout)."""
+    tile_view(kv_cache, layout, where)  # shape / dtype check
+    nb, _, bs, _ = kv_cache.shape
+    src, dst = _checked_slots(src_slots, dst_slots, nb * bs)
+    src, dst = src.to(kv_cache.device), dst.to(kv_cache.device)
+    return (element_index(src, kv_cache.shape, layout),
+            element_index(dst, kv_cache.shape, layout))
 
 
 def _copy_elements(kv_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
@@ -90,14 +104,9 @@ def compact_layer(
     ``kv_cache``: ``[num_blocks, kv_heads, block_size, 2*head_size]`` (vLLM's CPU
     layer view). Every other slot is left bit-identical.
     """
-    tile_view(kv_cache, layout, "compact_layer")  # shape / dtype check
-    nb, _, bs, _ = kv_cache.shape
-    src, dst = _checked_slots(src_slots, dst_slots, nb * bs)
-    if src.numel() == 0:
-        return
-    src, dst = src.to(kv_cache.device), dst.to(kv_cache.device)
-    _copy_elements(kv_cache, element_index(src, kv_cache.shape, layout),
-                   element_index(dst, kv_cache.shape, layout))
+    src, dst = _compaction_index(kv_cache, src_slots, dst_slots, layout, "compact_layer")
+    if src.numel():
+        _copy_elements(kv_cache, src, dst)
 
 
 def _attention_layers(runner: CPUModelRunner, group_id: int | None) -> list[tuple[str, object]]:
@@ -162,10 +171,7 @@ def compact_kv(
         layout = probe_cache_layout(isa, kv.dtype, kv.shape[2], kv.shape[3] // 2)
         key = (id(layout), tuple(kv.shape), kv.device)
         if key not in index:
-            tile_view(kv, layout, "compact_kv")  # shape / dtype check
-            s_, d_ = _checked_slots(src, dst, kv.shape[0] * kv.shape[2])
-            s_, d_ = s_.to(kv.device), d_.to(kv.device)
-            index[key] = (element_index(s_, kv.shape, layout), element_index(d_, kv.shape, layout))
+            index[key] = _compaction_index(kv, src, dst, layout, "compact_kv")
         _copy_elements(kv, *index[key])
         touched += 1
     return touched
