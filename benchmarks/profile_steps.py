@@ -14,9 +14,13 @@ the other (never at once: two cores) and compare, e.g.::
     VLLM_CPU_OMP_THREADS_BIND=0,1 .venv/bin/python benchmarks/profile_steps.py ours
 
 ``--step-times`` replaces cProfile by a wall clock around each engine step and
-groups the steps that carry no prefill by batch size and drafted tokens per
-request: the mean step time of a drafted batch-16 step beside an undrafted one,
-without the profiler's overhead.
+groups the steps by batch size, drafted tokens per request and whether they carry
+a prefill: the mean step time of a drafted batch-16 step beside an undrafted one,
+without the profiler's overhead. ``--bench-pattern C`` runs the bench's own offline
+request pattern instead of one batch (C requests in flight, a new one submitted as
+one finishes, stopping at end of sequence); ``--engine-args`` passes extra ``LLM``
+arguments. This host's speed drifts by up to 20-40 % over minutes: compare
+configurations in interleaved pairs, never one run each.
 
 This is a profile, not a benchmark: one run each, not interleaved (``medusa-vllm
 bench`` measures speed).
@@ -106,13 +110,13 @@ def time_runner_parts(llm) -> dict[str, float]:
     return totals
 
 
-def time_steps(llm, run) -> dict[tuple[int, int], list[float]]:
+def time_steps(llm, run) -> dict[tuple[int, int, bool], list[float]]:
     """Run ``run()`` with a wall clock around each engine step; ``{(requests, drafted
-    tokens per request): [ms, ...]}`` over the steps that scheduled no prefill."""
+    tokens per request, any prefill scheduled): [ms, ...]}``."""
     core = llm.llm_engine.engine_core.engine_core  # in-process EngineCore
     schedule, step_fn = core.scheduler.schedule, core.step_fn
     last: list = []
-    times: dict[tuple[int, int], list[float]] = defaultdict(list)
+    times: dict[tuple[int, int, bool], list[float]] = defaultdict(list)
 
     def scheduled(*a, **k):
         out = schedule(*a, **k)
@@ -120,16 +124,17 @@ def time_steps(llm, run) -> dict[tuple[int, int], list[float]]:
         return out
 
     def timed():
+        last.clear()
         t0 = time.perf_counter()
         result = step_fn()
         ms = 1000 * (time.perf_counter() - t0)
-        if last:
+        if last and last[0].num_scheduled_tokens:
             so = last[0]
             spec = {r: len(t) for r, t in so.scheduled_spec_decode_tokens.items()}
-            if all(n == 1 + spec.get(r, 0) for r, n in so.num_scheduled_tokens.items()):
-                reqs = len(so.num_scheduled_tokens)
-                drafted = round(sum(spec.values()) / max(reqs, 1))
-                times[(reqs, drafted)].append(ms)
+            prefill = any(n != 1 + spec.get(r, 0) for r, n in so.num_scheduled_tokens.items())
+            reqs = len(so.num_scheduled_tokens)
+            drafted = round(sum(spec.values()) / max(reqs, 1))
+            times[(reqs, drafted, prefill)].append(ms)
         return result
 
     core.scheduler.schedule, core.step_fn = scheduled, timed
@@ -138,6 +143,16 @@ def time_steps(llm, run) -> dict[tuple[int, int], list[float]]:
     finally:
         core.scheduler.schedule, core.step_fn = schedule, step_fn
     return times
+
+
+def bench_pattern(llm, prompts: list[str], concurrency: int, num_requests: int, max_tokens: int):
+    """The bench's own offline request pattern (``medusa-vllm bench``): exactly
+    ``concurrency`` requests in flight, a new one submitted as one finishes, greedy,
+    stopping at end of sequence."""
+    from medusa_vllm.tools.bench.offline import _run_level
+
+    return _run_level(llm, prompts, concurrency, num_requests,
+                      {"temperature": 0.0, "max_tokens": max_tokens}, keep_tokens=False)
 
 
 def main() -> None:
@@ -152,8 +167,13 @@ def main() -> None:
                     help="ours with these extra medusa_tree options (JSON), e.g. "
                          "'{\"tree\": \"chain-1\", \"nodes_by_batch\": \"off\"}'")
     ap.add_argument("--dtype", default="float32", help="engine dtype (bfloat16 where the CPU has it)")
+    ap.add_argument("--engine-args", default="{}",
+                    help="extra LLM(...) arguments (JSON), e.g. '{\"async_scheduling\": false}'")
     ap.add_argument("--step-times", action="store_true",
                     help="time each engine step instead of profiling (see the module doc)")
+    ap.add_argument("--bench-pattern", type=int, default=0, metavar="C",
+                    help="with --step-times: the bench's request pattern instead of one batch "
+                         "(C requests in flight, --requests in all, stopping at end of sequence)")
     args = ap.parse_args()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
@@ -171,7 +191,10 @@ def main() -> None:
         spec.update(json.loads(args.spec))
     llm = LLM(**engine_kwargs(default_model_dir(), dtype=args.dtype, max_model_len=2048,
                               max_num_seqs=args.max_num_seqs,
-                              speculative_config=spec))
+                              speculative_config=spec,
+                              # the bench pattern reads vLLM's metrics, as the bench does
+                              disable_log_stats=not args.bench_pattern,
+                              **json.loads(args.engine_args)))
     tok = llm.get_tokenizer()
     chats = [chat_prompt(tok, [{"role": "user", "content": p}]) for p in EVERYDAY_PROMPTS]
     prompts = [chats[i % len(chats)] for i in range(args.requests)]
@@ -180,14 +203,23 @@ def main() -> None:
     if args.step_times:
         parts = time_runner_parts(llm)
         t0 = time.perf_counter()
-        times = time_steps(llm, lambda: llm.generate(prompts, sampling, use_tqdm=False))
+        if args.bench_pattern:
+            times = time_steps(llm, lambda: bench_pattern(llm, prompts, args.bench_pattern,
+                                                          args.requests, args.max_tokens))
+        else:
+            times = time_steps(llm, lambda: llm.generate(prompts, sampling, use_tqdm=False))
         print(f"{args.config} ({args.dtype}): {args.requests} requests x {args.max_tokens} "
-              f"tokens, max_num_seqs {args.max_num_seqs}: {time.perf_counter() - t0:.2f} s")
-        print("  requests  drafted/req  steps  mean ms  median ms")
-        for (reqs, drafted), ms in sorted(times.items()):
-            if len(ms) >= 3:
-                print(f"  {reqs:8d}  {drafted:11d}  {len(ms):5d}  {statistics.fmean(ms):7.1f}  "
-                      f"{statistics.median(ms):9.1f}")
+              f"tokens, max_num_seqs {args.max_num_seqs}"
+              f"{f', {args.bench_pattern} in flight' if args.bench_pattern else ''}: "
+              f"{time.perf_counter() - t0:.2f} s")
+        print("  requests  drafted/req  prefill  steps  mean ms  median ms  total s")
+        for (reqs, drafted, prefill), ms in sorted(times.items()):
+            print(f"  {reqs:8d}  {drafted:11d}  {'yes' if prefill else 'no':>7s}  {len(ms):5d}  "
+                  f"{statistics.fmean(ms):7.1f}  {statistics.median(ms):9.1f}  {sum(ms) / 1000:7.2f}")
+        for prefill in (False, True):
+            tot = [ms for (_, _, p), v in times.items() if p == prefill for ms in v]
+            print(f"  {'prefill' if prefill else 'decode-only'} steps: {len(tot)}, "
+                  f"{sum(tot) / 1000:.2f} s")
         nsteps = sum(len(ms) for ms in times.values())
         print(f"  runner parts, ms per step over all {nsteps} decode steps and any prefill:")
         for name, sec in parts.items():
