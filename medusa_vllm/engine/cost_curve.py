@@ -295,7 +295,7 @@ def _fit(cfg: MedusaTreeConfig, curves: CostCurves, num_heads: int) -> tuple[Eng
     per_rank, source = stats
     assert cfg.fit_max_nodes is not None
     fit = fit_engine_tree(per_rank, curves, cfg.fit_max_nodes, num_heads=num_heads,
-                          ngram_nodes=cfg.ngram_nodes)
+                          ngram_nodes=cfg.lookup_depth())
     return fit, source
 
 
@@ -430,4 +430,4 @@ def fit_tree_at_startup(runner: MedusaTreeRunnerMixin) -> EngineTreeFit | None:
     return EngineTreeFit(
         heads_tree=MedusaTree(result["tree"]), tree=runner.drafter.tree,
         nodes_by_batch={int(b): int(n) for b, n in result["nodes_by_batch"].items()},
-        ngram_nodes=cfg.ngram_nodes, lookup_nodes_by_batch=lookup_table)
+        ngram_nodes=cfg.lookup_depth(), lookup_nodes_by_batch=lookup_table)

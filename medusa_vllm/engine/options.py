@@ -53,7 +53,7 @@ Options (defaults in brackets):
   (``tree="auto"``, ``nodes_by_batch="auto"``), refit it while serving from the
   acceptance each tree node actually gets (:mod:`medusa_vllm.core.online_fit`):
   the heads' shipped statistics are a prior, the requests served decide.
-- ``ngram_nodes`` [0]: prompt lookup in the tree, up to that many tokens deep:
+- ``ngram_nodes`` [``"auto"``]: prompt lookup in the tree, up to that many tokens deep:
   for a request whose recent tokens match an n-gram earlier in its own prompt
   and output (vLLM's ``ngram`` method's matcher), the continuation takes the
   tree's top-1 chain and the heads' candidates move one rank down beside it,
@@ -61,7 +61,9 @@ Options (defaults in brackets):
   as usual. Each kind of request drafts its own number of nodes (with
   ``tree="auto"``, fitted and refitted per batch size). The tree gains the top-1
   chain down to that depth if it lacks it. At most the number of heads; 0 = off;
-  not with ``tree="beam:..."``.
+  not with ``tree="beam:..."``. ``"auto"`` = :data:`DEFAULT_NGRAM_NODES` (at most the
+  heads' depth) when the engine fits ``tree="auto"`` at start-up (the fit prices the
+  lookup chain and can leave it undrafted), else 0: an explicit tree drafts what it says.
 - ``ngram_min`` [2] / ``ngram_max`` [5]: the n-gram lengths matched (as vLLM's
   ``prompt_lookup_min`` / ``prompt_lookup_max``).
 - ``cost_curve`` [``$MEDUSA_VLLM_COST_CURVE``, else ``"auto"``]: how ``tree="auto"``
@@ -148,6 +150,9 @@ DEFAULT_VERIFY_TOKEN_BUDGET = 32
 # tree="auto": the engine fits a tree of at most this many heads nodes at start-up
 # (vLLM's num_speculative_tokens reserves them; each step drafts only what the fit picked)
 DEFAULT_FIT_MAX_NODES = 64
+# ngram_nodes="auto" with tree="auto" fitted at start-up: prompt lookup this deep (at most
+# the heads' depth); vLLM's n-gram speculator drafts 4 by default as well
+DEFAULT_NGRAM_NODES = 4
 COST_CURVE_MODES = ("auto", "remeasure", "off")
 COST_CURVE_ENV = "MEDUSA_VLLM_COST_CURVE"  # default of the cost_curve option
 logger = logging.getLogger("vllm.plugins.medusa_vllm")
@@ -164,7 +169,8 @@ _EXPECTED = {
     "posterior_threshold": "a number in the open interval (0, 1)",
     "posterior_alpha": "a number >= 0",
     "max_nodes": "an integer >= 1, or null for no cap",
-    "ngram_nodes": "an integer >= 0 (0: no prompt lookup), at most the number of heads",
+    "ngram_nodes": ('"auto" or an integer >= 0 (0: no prompt lookup), at most the number of '
+                    "heads"),
     "ngram_min": "an integer >= 1",
     "ngram_max": "an integer >= 1, at least ngram_min",
     "online_fit": "true or false",
@@ -205,7 +211,8 @@ Acceptance = Annotated[Literal[ACCEPTANCE_MODES], BeforeValidator(_lower)]  # ty
 PosteriorThreshold = Annotated[float, BeforeValidator(_finite), Field(gt=0.0, lt=1.0)]
 PosteriorAlpha = Annotated[float, BeforeValidator(_finite), Field(ge=0.0)]
 MaxNodes = Annotated[int, BeforeValidator(_no_bool), Field(ge=1)]
-NgramNodes = Annotated[int, BeforeValidator(_no_bool), Field(ge=0)]
+NgramNodes = Annotated[int, BeforeValidator(_no_bool), Field(ge=0)] | Annotated[
+    Literal["auto"], BeforeValidator(_lower)]
 NgramLength = Annotated[int, BeforeValidator(_no_bool), Field(ge=1)]
 CostCurveMode = Annotated[Literal[COST_CURVE_MODES], BeforeValidator(_lower)]  # type: ignore[valid-type]
 NodeCost = Annotated[float, BeforeValidator(_finite), Field(ge=0.0)]
@@ -298,7 +305,7 @@ class MedusaTreeConfig(BaseModel):
     posterior_alpha: PosteriorAlpha = DEFAULT_POSTERIOR_ALPHA
     max_nodes: MaxNodes | None = None
     nodes_by_batch: NodesByBatch = "auto"
-    ngram_nodes: NgramNodes = 0
+    ngram_nodes: NgramNodes = "auto"
     ngram_min: NgramLength = 2
     ngram_max: NgramLength = 5
     cost_curve: CostCurveMode = "auto"
@@ -496,6 +503,9 @@ class MedusaTreeConfig(BaseModel):
         the engine (``fit_max_nodes`` set, ``nodes_by_batch`` left as given), it is
         the fit's budget of heads nodes.
         """
+        if self.ngram_nodes == "auto":  # pinned first: the tree and the fit budget read it
+            return self.model_copy(update={"ngram_nodes": self.lookup_depth(num_heads)}).resolved(
+                num_heads, num_speculative_tokens)
         cap = num_speculative_tokens
         if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
             raise MedusaConfigError(
@@ -566,14 +576,15 @@ class MedusaTreeConfig(BaseModel):
             return None
         limits = [x for x in (self.max_nodes, cap) if x is not None]
         heads_nodes = max(min(limits) if limits else DEFAULT_FIT_MAX_NODES, fallback.num_nodes)
-        return heads_nodes + self.ngram_nodes
+        return heads_nodes + self.lookup_depth()
 
     def engine_tree(self, num_heads: int | None = None) -> MedusaTree:
         """The tree the engine drafts and verifies: :meth:`load_tree` (the heads'
         nodes) plus, with ``ngram_nodes``, the top-1 chain down to that depth where
         prompt-lookup continuations go (:func:`~medusa_vllm.core.tree.with_lookup_chain`)."""
         tree = self.load_tree(num_heads)
-        if not self.ngram_nodes:
+        depth = self.lookup_depth(num_heads)
+        if not depth:
             return tree
         if self.beam is not None:
             raise MedusaConfigError(
@@ -582,13 +593,25 @@ class MedusaTreeConfig(BaseModel):
                 f"or a static tree (e.g. tree='auto') with prompt lookup")
         if num_heads is None:
             num_heads = self.heads_info().num_heads
-        if self.ngram_nodes > num_heads:
+        if depth > num_heads:
             raise MedusaConfigError(
-                f"ngram_nodes: {self.ngram_nodes} is deeper than the {num_heads} Medusa heads in "
+                f"ngram_nodes: {depth} is deeper than the {num_heads} Medusa heads in "
                 f"{self.heads} (a tree is at most as deep as the heads); use ngram_nodes <= "
                 f"{num_heads}"
             )
-        return with_lookup_chain(tree, self.ngram_nodes, num_heads)
+        return with_lookup_chain(tree, depth, num_heads)
+
+    def lookup_depth(self, num_heads: int | None = None) -> int:
+        """``ngram_nodes`` as a depth: as given, or for ``"auto"``
+        :data:`DEFAULT_NGRAM_NODES` (at most ``num_heads``, read from the heads when
+        ``None``) where the engine fits ``tree="auto"`` at start-up, else 0."""
+        if self.ngram_nodes != "auto":
+            return self.ngram_nodes
+        if self.tree != "auto" or self._no_fit_reason() is not None:
+            return 0
+        if num_heads is None:
+            num_heads = self.heads_info().num_heads
+        return min(DEFAULT_NGRAM_NODES, num_heads)
 
     @property
     def beam(self) -> tuple[int, int | None] | None:

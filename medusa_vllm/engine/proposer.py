@@ -97,7 +97,7 @@ class MedusaTreeProposer:
         self.tree: MedusaTree = self.config.engine_tree()
         # prompt lookup (ngram_nodes): a request whose lookup found a continuation
         # puts it on the top-1 chain, the heads' candidates one rank down beside it
-        self.lookup_depth: int = self.config.ngram_nodes
+        self.lookup_depth: int = self.config.lookup_depth()
         self._under_chain = torch.tensor(under_lookup_chain(self.tree.medusa_choices),
                                          dtype=torch.bool)
         # BFS prefix that holds the top-1 chain down to depth d (index d)

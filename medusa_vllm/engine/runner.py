@@ -92,9 +92,9 @@ class MedusaTreeRunnerMixin(_RunnerBase):
         self._adopt_drafter_tree()
         cfg = self.medusa_config
         self._ngram = (
-            NgramLookup(cfg.ngram_min, cfg.ngram_max, cfg.ngram_nodes, self.max_model_len,
+            NgramLookup(cfg.ngram_min, cfg.ngram_max, cfg.lookup_depth(), self.max_model_len,
                         self.scheduler_config.max_num_seqs)
-            if cfg.ngram_nodes else None
+            if cfg.lookup_depth() else None
         )
         self._last_node: torch.Tensor | None = None
         self._tree_batch: TreeBatch | None = None

@@ -82,6 +82,8 @@ def _config(heads, **options):
 def test_shapes_timed_are_b_requests_of_one_plus_n_tokens_with_the_tree_published(
         stats_heads, fake_clock):
     runner = FakeRunner(_config(stats_heads), fake_clock)
+    query_len = runner.uniform_decode_query_len  # 1 + the fit's budget (64 + lookup chain)
+    assert query_len == 1 + 64 + 3
     points = [MeasurementPoint(4, "vanilla", 0), MeasurementPoint(4, "chain", 2),
               MeasurementPoint(4, "tree", 8), MeasurementPoint(4, "draft", 3)]
     curves = cc.measure_cost_curves(runner, points, context=100, repeats=2)
@@ -98,7 +100,7 @@ def test_shapes_timed_are_b_requests_of_one_plus_n_tokens_with_the_tree_publishe
     assert curves.chain[4][2] == pytest.approx(16.2 / 10.4)
     assert curves.tree[4][8] == pytest.approx(18.6 / 10.4)
     assert curves.draft[4][3] == 0.0  # the heads are timed with the same (frozen) clock
-    assert runner._tree_batch is None and runner.uniform_decode_query_len == 65  # restored
+    assert runner._tree_batch is None and runner.uniform_decode_query_len == query_len  # restored
 
 
 def test_time_bound_drops_the_largest_batch_sizes_first(stats_heads, fake_clock):
@@ -160,13 +162,17 @@ def test_heads_without_statistics_fall_back_with_a_warning(heads_dir, caplog):
 
 
 def test_reserve_and_the_ngram_branch_budget(stats_heads):
-    assert _config(stats_heads).num_speculative_tokens == 64
-    assert _config(stats_heads, max_nodes=8).num_speculative_tokens == 8
+    # ngram_nodes="auto" (the default) with tree="auto": a lookup chain as deep as the 3 heads
+    assert _config(stats_heads).num_speculative_tokens == 64 + 3
+    assert _config(stats_heads, ngram_nodes=0).num_speculative_tokens == 64
+    assert _config(stats_heads, max_nodes=8, ngram_nodes=0).num_speculative_tokens == 8
     assert _config(stats_heads, max_nodes=8, ngram_nodes=2).num_speculative_tokens == 10
+    assert _config(stats_heads, max_nodes=8).ngram_nodes == 3
     # vLLM's num_speculative_tokens is the fit's budget, even above the fallback's 1 node
     budget = MedusaTreeConfig.from_dict({"heads": str(stats_heads)}).resolved(
         num_speculative_tokens=16)
-    assert budget.fit_max_nodes == 16 and budget.tree == [[0]]
+    # (heads nodes; the lookup chain comes on top, as with an explicit ngram_nodes)
+    assert budget.fit_max_nodes == 16 + 3 and budget.tree == [[0]]
     with pytest.raises(ValueError, match="MEDUSA_VLLM_COST_CURVE"):
         import os
 

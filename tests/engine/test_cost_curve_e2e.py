@@ -96,10 +96,12 @@ def test_first_start_measures_and_caches_second_start_reads_the_cache(setup):
     # the engine drafts and verifies what the fit picks from the curve it cached
     curves = CostCurves.from_dict(json.loads(files[0].read_text())["curves"])
     assert curves.batch_sizes == [1, 4, 8], curves  # max_num_seqs=8 in these engines
-    fit = fit_engine_tree(PER_RANK, curves, DEFAULT_FIT_MAX_NODES, num_heads=3)
+    # ngram_nodes="auto" (default): prompt lookup as deep as the 3 heads, on top of the budget
+    fit = fit_engine_tree(PER_RANK, curves, DEFAULT_FIT_MAX_NODES + 3, num_heads=3, ngram_nodes=3)
     assert rank0["tree"] == rank0["runner_tree"] == fit.tree.to_list()
     assert rank0["nodes_by_batch"] == {str(b): n for b, n in fit.nodes_by_batch.items()}
-    assert rank0["num_spec_tokens"] == DEFAULT_FIT_MAX_NODES  # reserved, the tree fits in it
+    assert rank0["lookup_nodes_by_batch"] == {str(b): n for b, n in fit.lookup_nodes_by_batch.items()}
+    assert rank0["num_spec_tokens"] == DEFAULT_FIT_MAX_NODES + 3  # reserved, the tree fits in it
     assert ours.metrics["num_drafts"] > 0 or max(fit.nodes_by_batch.values()) == 0
 
     again, lines = _auto(setup, "second")

@@ -305,10 +305,33 @@ def test_prompt_lookup_options(heads_dir):
     assert off.engine_tree() == off.load_tree() and off.num_speculative_tokens == 2
 
 
+def test_prompt_lookup_is_on_where_the_engine_fits_the_tree(heads_dir, monkeypatch):
+    """ngram_nodes="auto" (the default): a lookup chain as deep as DEFAULT_NGRAM_NODES
+    allows within the heads' depth where the engine fits tree="auto" at start-up (the
+    fit prices it), none with an explicit tree or without a fit."""
+    monkeypatch.delenv("MEDUSA_VLLM_COST_CURVE", raising=False)
+    plain = MedusaTreeConfig.from_dict({"heads": heads_dir})
+    assert plain.ngram_nodes == "auto"
+    assert plain.lookup_depth() == 0  # these heads ship no acceptance statistics: no fit
+    (heads_dir / "medusa_tree.json").write_text(json.dumps(
+        {"medusa_choices": [[0]], "per_rank_accuracy": [[0.8, 0.1], [0.7, 0.1], [0.6, 0.1]]}))
+    fitted = MedusaTreeConfig.from_dict({"heads": heads_dir})
+    assert fitted.lookup_depth() == 3  # DEFAULT_NGRAM_NODES = 4, but only 3 heads
+    assert fitted.lookup_depth(num_heads=5) == 4
+    res = fitted.resolved()
+    assert res.ngram_nodes == 3 and res.fit_max_nodes == 64 + 3
+    assert MedusaTreeConfig.from_dict(res.to_dict()) == res
+    for options in ({"tree": "chain-2"}, {"tree": "beam:2"}, {"cost_curve": "off"}):
+        cfg = MedusaTreeConfig.from_dict({"heads": heads_dir, **options})
+        assert cfg.lookup_depth() == 0 and cfg.resolved().ngram_nodes == 0, options
+    assert MedusaTreeConfig.from_dict({"heads": heads_dir, "ngram_nodes": "AUTO"}).ngram_nodes == "auto"
+
+
 @pytest.mark.parametrize(
     "options, needle",
     [
         ({"ngram_nodes": -1}, "ngram_nodes"),
+        ({"ngram_nodes": "sometimes"}, "ngram_nodes"),
         ({"ngram_nodes": True}, "ngram_nodes"),
         ({"ngram_min": 0}, "ngram_min"),
         ({"ngram_min": 4, "ngram_max": 3}, r"ngram_max: expected an integer >= ngram_min \(4\)"),
