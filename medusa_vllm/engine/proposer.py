@@ -230,13 +230,20 @@ class MedusaTreeProposer:
                 sizes[j] = n
         if not hits:
             return sizes
+        # a fitted lookup table drafts only at batch sizes where the heads' table drafts:
+        # the curve prices steps where every request drafts alike, and where the heads'
+        # nodes were priced out (batch 16, 64) steps with a few lookup drafts ran slower
+        # than plain decoding (session 20: c=16 0.78x, c=64 0.82x vanilla once the refit
+        # had turned them on)
+        table = self.online_fit.table if self.online_fit is not None else self.nodes_by_batch
+        heads_draft = nodes_for_batch(table, batch_size, self.tree.num_nodes) > 0
         if self.lookup_fit is not None:
             for j, m in zip(hits, self.lookup_fit.sizes(batch_size, len(hits))):
-                sizes[j] = m
+                sizes[j] = m if heads_draft else 0
         elif self.lookup_nodes_by_batch is not None:
             m = nodes_for_batch(self.lookup_nodes_by_batch, batch_size, self.tree.num_nodes)
             for j in hits:
-                sizes[j] = m
+                sizes[j] = m if heads_draft else 0
         else:  # as many nodes as the others, and at least the chain its continuation fills
             for j in hits:
                 sizes[j] = max(n, self._chain_prefix[int(reach[j])]) if n else 0

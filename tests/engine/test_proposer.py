@@ -241,9 +241,13 @@ def test_requests_with_a_lookup_draft_by_their_own_table(setup):
     assert [len(g) for g in p.propose_tree(hidden, [True] * 4, ngram)] == [0, 0, 0, 0]
     # the start-up fit's table for requests with a lookup continuation
     p.lookup_nodes_by_batch = {1: 3, 4: 2}
+    assert [len(g) for g in p.propose_tree(hidden[:3], [True] * 3, ngram[:3], req_ids=list("abc"))] \
+        == [3, 1, 3]  # batch 3: 3 lookup nodes (capped by batch 4's tokens), the others 1
+    assert p._looked_up == {"a": True, "b": False, "c": True}
+    # where the heads' table drafts nothing (batch 4), neither do the lookup rows
     assert [len(g) for g in p.propose_tree(hidden, [True] * 4, ngram, req_ids=list("abcd"))] \
-        == [2, 0, 2, 0]
-    assert p._looked_up == {"a": True, "b": False, "c": True, "d": False}
+        == [0, 0, 0, 0]
+    assert p._looked_up == {"a": False, "b": False, "c": False, "d": False}
     p.forget("a")
     assert "a" not in p._looked_up
 
