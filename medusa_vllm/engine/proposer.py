@@ -221,7 +221,9 @@ class MedusaTreeProposer:
         plain = [j for j, lk in enumerate(looked) if not lk]
         hits = [j for j, lk in enumerate(looked) if lk]
         sizes = [0] * len(looked)
-        n = nodes_for_batch(self.nodes_by_batch, batch_size, self.tree.num_nodes)
+        # the heads' table: online_fit's refit of nodes_by_batch where there is one
+        table = self.online_fit.table if self.online_fit is not None else self.nodes_by_batch
+        n = nodes_for_batch(table, batch_size, self.tree.num_nodes)
         if self.online_fit is not None:  # the refitted table, and its probes
             for j, m in zip(plain, self.online_fit.sizes(batch_size, len(plain)) if plain else []):
                 sizes[j] = m
@@ -235,8 +237,7 @@ class MedusaTreeProposer:
         # nodes were priced out (batch 16, 64) steps with a few lookup drafts ran slower
         # than plain decoding (session 20: c=16 0.78x, c=64 0.82x vanilla once the refit
         # had turned them on)
-        table = self.online_fit.table if self.online_fit is not None else self.nodes_by_batch
-        heads_draft = nodes_for_batch(table, batch_size, self.tree.num_nodes) > 0
+        heads_draft = n > 0
         if self.lookup_fit is not None:
             for j, m in zip(hits, self.lookup_fit.sizes(batch_size, len(hits))):
                 sizes[j] = m if heads_draft else 0

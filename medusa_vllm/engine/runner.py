@@ -91,10 +91,11 @@ class MedusaTreeRunnerMixin(_RunnerBase):
             )
         self._adopt_drafter_tree()
         cfg = self.medusa_config
+        depth = cfg.lookup_depth()
         self._ngram = (
-            NgramLookup(cfg.ngram_min, cfg.ngram_max, cfg.lookup_depth(), self.max_model_len,
+            NgramLookup(cfg.ngram_min, cfg.ngram_max, depth, self.max_model_len,
                         self.scheduler_config.max_num_seqs)
-            if cfg.lookup_depth() else None
+            if depth else None
         )
         self._last_node: torch.Tensor | None = None
         self._tree_batch: TreeBatch | None = None
